@@ -1,0 +1,217 @@
+"""One description of every component's tensors, shared by all three stages.
+
+The exporter takes input/output names and dynamic axes from here, the engine
+builder its optimization-profile inputs, the runtime its feeds.  Names are the
+ones of Black Forest Labs' published FLUX ONNX files and never get translated.
+
+Units, fixed at every boundary:
+- ``timestep`` is the flow-matching sigma, float32 in [0, 1] (the transformer
+  multiplies by 1000 internally, as diffusers' and BFL's models do);
+- ``guidance`` is the guidance scale itself (for example 3.5), float32;
+- ``img_ids`` / ``txt_ids`` are float32 position ids;
+- ``latent`` into the VAE decoder is already unscaled
+  (``latent / scaling_factor + shift_factor``), which the runtime does on the host.
+
+Named dynamic axes: ``B`` batch, ``S`` text length, ``N`` image tokens
+(``(H/16) * (W/16)``), ``h``/``w`` latent height/width (``H/8``, ``W/8``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ACT = "act"  # the floating dtype of the graph's precision
+DTYPES = ("int32", "float32", ACT)
+PRECISIONS = ("fp32", "fp16", "bf16")
+COMPONENTS = ("clip", "t5", "transformer", "vae_decoder", "vae_encoder")
+VARIANTS = ("dev", "schnell")
+# numpy / ONNX names of each precision's floating dtype
+PRECISION_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "int32", "float32" or ACT
+    shape: tuple[int | str, ...]  # int: fixed size; str: a named dynamic axis or an expression of one
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"tensor {self.name!r}: dtype {self.dtype!r} is not one of {DTYPES}")
+        for d in self.shape:
+            if isinstance(d, int) and d <= 0:
+                raise ValueError(f"tensor {self.name!r}: fixed dimension {d} must be positive")
+
+    def resolved_dtype(self, precision: str) -> str:
+        """numpy dtype name of this tensor in a graph of ``precision``."""
+        return PRECISION_DTYPE[precision] if self.dtype == ACT else self.dtype
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def __post_init__(self) -> None:
+        if self.name not in COMPONENTS:
+            raise ValueError(f"component {self.name!r} is not one of {COMPONENTS}")
+        names = [t.name for t in self.inputs + self.outputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"component {self.name!r}: duplicate tensor names in {names}")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"component {self.name!r} has no input {name!r}; inputs are {self.input_names}")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes that the four networks' tensors depend on, read from a checkpoint's configs."""
+
+    variant: str  # "dev" (guidance-distilled: has a guidance embedder) or "schnell"
+    clip_hidden_size: int = 768
+    clip_max_length: int = 77
+    t5_d_model: int = 4096
+    t5_max_length: int = 512
+    in_channels: int = 64  # packed latent channels: latent_channels * 2 * 2
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    latent_channels: int = 16
+    vae_scale_factor: int = 8
+    image_channels: int = 3
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant {self.variant!r} is not one of {VARIANTS}")
+        for name in ("clip_hidden_size", "clip_max_length", "t5_d_model", "t5_max_length", "in_channels",
+                     "joint_attention_dim", "pooled_projection_dim", "latent_channels", "vae_scale_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelDims.{name} must be a positive int, got {value!r}")
+        if self.in_channels != 4 * self.latent_channels:
+            raise ValueError(
+                f"transformer in_channels {self.in_channels} must be 4 x VAE latent_channels "
+                f"({self.latent_channels}): latents are packed in 2x2 patches"
+            )
+        if self.pooled_projection_dim != self.clip_hidden_size:
+            raise ValueError(
+                f"transformer pooled_projection_dim {self.pooled_projection_dim} must equal CLIP hidden_size "
+                f"{self.clip_hidden_size}"
+            )
+        if self.joint_attention_dim != self.t5_d_model:
+            raise ValueError(
+                f"transformer joint_attention_dim {self.joint_attention_dim} must equal T5 d_model {self.t5_d_model}"
+            )
+
+    @property
+    def guidance(self) -> bool:
+        return self.variant == "dev"
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelDims":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"ModelDims: unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+
+def clip_spec(d: ModelDims) -> ComponentSpec:
+    return ComponentSpec(
+        "clip",
+        inputs=(TensorSpec("input_ids", "int32", ("B", d.clip_max_length)),),
+        outputs=(
+            TensorSpec("text_embeddings", ACT, ("B", d.clip_max_length, d.clip_hidden_size)),
+            TensorSpec("pooled_embeddings", ACT, ("B", d.clip_hidden_size)),
+        ),
+    )
+
+
+def t5_spec(d: ModelDims) -> ComponentSpec:
+    return ComponentSpec(
+        "t5",
+        inputs=(TensorSpec("input_ids", "int32", ("B", "S")),),
+        outputs=(TensorSpec("text_embeddings", ACT, ("B", "S", d.t5_d_model)),),
+    )
+
+
+def transformer_spec(d: ModelDims) -> ComponentSpec:
+    inputs = [
+        TensorSpec("hidden_states", ACT, ("B", "N", d.in_channels)),  # packed latents
+        TensorSpec("encoder_hidden_states", ACT, ("B", "S", d.joint_attention_dim)),  # T5 embeddings
+        TensorSpec("pooled_projections", ACT, ("B", d.pooled_projection_dim)),  # CLIP pooled
+        TensorSpec("timestep", "float32", ("B",)),  # sigma in [0, 1]
+        TensorSpec("img_ids", "float32", ("N", 3)),
+        TensorSpec("txt_ids", "float32", ("S", 3)),
+    ]
+    if d.guidance:
+        inputs.append(TensorSpec("guidance", "float32", ("B",)))  # guidance scale, e.g. 3.5
+    return ComponentSpec(
+        "transformer",
+        inputs=tuple(inputs),
+        outputs=(TensorSpec("latent", ACT, ("B", "N", d.in_channels)),),  # velocity prediction
+    )
+
+
+def vae_decoder_spec(d: ModelDims) -> ComponentSpec:
+    f = d.vae_scale_factor
+    return ComponentSpec(
+        "vae_decoder",
+        inputs=(TensorSpec("latent", ACT, ("B", d.latent_channels, "h", "w")),),
+        outputs=(TensorSpec("images", ACT, ("B", d.image_channels, f"{f}*h", f"{f}*w")),),  # in [-1, 1]
+    )
+
+
+def vae_encoder_spec(d: ModelDims) -> ComponentSpec:
+    f = d.vae_scale_factor
+    return ComponentSpec(
+        "vae_encoder",
+        inputs=(TensorSpec("images", ACT, ("B", d.image_channels, "H", "W")),),  # in [-1, 1]
+        outputs=(TensorSpec("latent", ACT, ("B", d.latent_channels, f"H/{f}", f"W/{f}")),),  # posterior mean
+    )
+
+
+SPEC_BUILDERS = {
+    "clip": clip_spec,
+    "t5": t5_spec,
+    "transformer": transformer_spec,
+    "vae_decoder": vae_decoder_spec,
+    "vae_encoder": vae_encoder_spec,
+}
+
+
+def component_spec(name: str, dims: ModelDims) -> ComponentSpec:
+    try:
+        return SPEC_BUILDERS[name](dims)
+    except KeyError:
+        raise ValueError(f"unknown component {name!r}; known components are {list(SPEC_BUILDERS)}") from None
+
+
+def component_precision(name: str, precision: str) -> str:
+    """The precision a component's graph actually runs in when ``precision`` is asked for.
+
+    The FLUX VAE overflows in fp16, so an fp16 export keeps it in fp32; T5 stays fp16
+    with its feed-forward output projections in fp32 (see the exporter), as transformers does.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if name.startswith("vae") and precision == "fp16":
+        return "fp32"
+    return precision
