@@ -1,0 +1,284 @@
+"""Export a FLUX.1 checkpoint's networks to ONNX, into a self-contained export folder.
+
+Folder layout (everything later stages need, nothing else):
+    manifest.json                 variant, precision, dims, per-graph records, source fingerprint
+    clip.onnx t5.onnx transformer.onnx vae_decoder.onnx vae_encoder.onnx   (+ NAME.onnx.data over 2 GB)
+    tokenizer/tokenizer.json      CLIP tokenizer (tokenizers JSON, converted by transformers)
+    tokenizer_2/tokenizer.json    T5 tokenizer
+    scheduler/scheduler_config.json
+    vae/config.json               scaling_factor, shift_factor, ...
+
+Every file is written under a temporary name and renamed; the manifest is rewritten last,
+so an interrupted export leaves the folder as it was plus complete graphs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fluxrt.components import COMPONENTS, PRECISIONS, ComponentSpec, ModelDims, component_precision, component_spec
+from fluxrt.errors import ExportError
+from fluxrt.export import graphs
+from fluxrt.export.checkpoint import TORCH_DTYPES, Checkpoint
+from fluxrt.export.memory import PeakMemory
+
+MANIFEST = "manifest.json"
+FORMAT = "fluxrt-export/1"
+OPSET = 20
+EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph itself
+# example sizes for tracing: none is 1 (torch.export would specialise it) and no two are equal
+EXAMPLE = dict(B=2, S=7, h=6, w=10)
+USER_COMPONENTS = ("clip", "t5", "transformer", "vae")  # "vae" exports vae_decoder and vae_encoder
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    components: tuple[str, ...]
+    precision: str
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        unknown = [c for c in self.components if c not in USER_COMPONENTS]
+        if unknown or not self.components:
+            raise ValueError(f"components {list(self.components)}: each must be one of {list(USER_COMPONENTS)}")
+
+    @property
+    def graphs(self) -> list[str]:
+        out = []
+        for c in self.components:
+            out += ["vae_decoder", "vae_encoder"] if c == "vae" else [c]
+        return [c for c in COMPONENTS if c in out]
+
+
+def log(msg: str) -> None:
+    print(f"[fluxrt export] {msg}", file=sys.stderr, flush=True)
+
+
+def example_inputs(spec: ComponentSpec, dims: ModelDims, precision: str) -> tuple[torch.Tensor, ...]:
+    sizes = dict(EXAMPLE, N=(EXAMPLE["h"] // 2) * (EXAMPLE["w"] // 2),
+                 H=EXAMPLE["h"] * dims.vae_scale_factor, W=EXAMPLE["w"] * dims.vae_scale_factor)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for t in spec.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
+        if t.dtype == "int32":
+            out.append(torch.randint(0, 10, shape, generator=g, dtype=torch.int32))
+        else:
+            dtype = TORCH_DTYPES[precision] if t.dtype == "act" else torch.float32
+            out.append(torch.rand(shape, generator=g).to(dtype))
+    return tuple(out)
+
+
+def dynamic_shapes(spec: ComponentSpec, dims: ModelDims) -> dict:
+    from torch.export import Dim
+
+    bounds = {"S": (1, dims.t5_max_length)}
+    axes: dict[str, object] = {}
+    f = dims.vae_scale_factor
+    for t in spec.inputs:
+        for d in t.shape:
+            if isinstance(d, str) and d not in axes and d not in ("H", "W"):
+                lo, hi = bounds.get(d, (1, 2**16))
+                axes[d] = Dim(d, min=lo, max=hi)
+    if any("H" in t.shape for t in spec.inputs):  # the encoder takes pixels: multiples of the VAE factor
+        axes["H"] = f * Dim("h", min=1, max=2**12)
+        axes["W"] = f * Dim("w", min=1, max=2**12)
+    return {t.name: {i: axes[d] for i, d in t.dynamic_axes().items()} for t in spec.inputs}
+
+
+def load_graph_module(name: str, ckpt: Checkpoint, precision: str) -> torch.nn.Module:
+    dtype = TORCH_DTYPES[precision]
+    if name == "clip":
+        return graphs.ClipGraph(ckpt.load_clip(dtype))
+    if name == "t5":
+        model = ckpt.load_t5(torch.float32 if dtype == torch.float16 else dtype)
+        if dtype == torch.float16:
+            # T5 v1.1 overflows fp16 in its feed-forward output projections: keep those in fp32, as
+            # transformers' T5 does (_keep_in_fp32_modules = ["wo"]); the rest runs in fp16.
+            model.half()
+            for m in model.modules():
+                if hasattr(m, "wo"):
+                    m.wo.float()
+        return graphs.T5Graph(model)
+    if name == "transformer":
+        return graphs.TransformerGraph(ckpt.load_transformer(dtype), guidance=ckpt.dims().guidance)
+    vae = ckpt.load_vae(dtype)
+    return graphs.VaeDecoderGraph(vae) if name == "vae_decoder" else graphs.VaeEncoderGraph(vae)
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path) -> dict:
+    """Trace one component and write ``out_dir/NAME.onnx`` (+ ``.data``) atomically; return its record."""
+    dims = ckpt.dims()
+    spec = component_spec(name, dims)
+    graph_precision = component_precision(name, precision)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        log(f"{name}: loading weights ({graph_precision})")
+        module = load_graph_module(name, ckpt, graph_precision).eval()
+        nbytes = param_bytes(module)
+        log(f"{name}: {nbytes / 2**20:.1f} MiB of weights loaded in {time.perf_counter() - t0:.1f}s; tracing")
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module, example_inputs(spec, dims, graph_precision), dynamo=True, opset_version=OPSET,
+                input_names=spec.input_names, output_names=spec.output_names,
+                dynamic_shapes=dynamic_shapes(spec, dims), verbose=False,
+            )
+        log(f"{name}: traced in {time.perf_counter() - t1:.1f}s; writing")
+        external = nbytes > EXTERNAL_DATA_BYTES
+        path = out_dir / f"{name}.onnx"
+        write_program(program, path, external)
+        del program, module
+    check_graph(path, spec, graph_precision)
+    record = dict(
+        file=path.name, data_file=f"{path.name}.data" if external else None, precision=graph_precision,
+        sha256=file_sha256(path), weights_bytes=nbytes, export_seconds=round(time.perf_counter() - t0, 2),
+        peak_rss_bytes=mem.peak_bytes, inputs=spec.input_names, outputs=spec.output_names,
+    )
+    log(f"{name}: done in {record['export_seconds']}s, peak host memory {mem.peak_bytes / 2**30:.2f} GiB")
+    return record
+
+
+def write_program(program, path: Path, external: bool) -> None:
+    """Save to a staging folder beside ``path``, then move the data file and finally the graph."""
+    staging = path.parent / f".staging-{path.stem}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        program.save(str(staging / path.name), external_data=external)
+        if external:
+            os.replace(staging / f"{path.name}.data", path.parent / f"{path.name}.data")
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_graph(path: Path, spec: ComponentSpec, precision: str) -> None:
+    """The written graph has the spec's names and dtypes, and no float64 (TensorRT has none)."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(path), load_external_data=False)
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    if got_in != spec.input_names or got_out != spec.output_names:
+        raise ExportError(f"{path}: inputs {got_in} / outputs {got_out}, expected {spec.input_names} / "
+                          f"{spec.output_names}")
+    for value, t in zip(list(model.graph.input) + list(model.graph.output), spec.inputs + spec.outputs):
+        want = onnx.helper.np_dtype_to_tensor_dtype(np_dtype(t.resolved_dtype(precision)))
+        if value.type.tensor_type.elem_type != want:
+            raise ExportError(f"{path}: tensor {t.name!r} has ONNX dtype {value.type.tensor_type.elem_type}, "
+                              f"expected {want} ({t.resolved_dtype(precision)})")
+    doubles = [n.name for n in model.graph.node
+               if n.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.DOUBLE for a in n.attribute)]
+    doubles += [i.name for i in model.graph.initializer if i.data_type == TensorProto.DOUBLE]
+    if doubles:
+        raise ExportError(f"{path}: float64 tensors {doubles[:5]} would not build in TensorRT")
+
+
+def np_dtype(name: str):
+    import numpy as np
+
+    if name == "bfloat16":
+        import ml_dtypes  # onnx depends on it
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def copy_side_files(ckpt: Checkpoint, out_dir: Path) -> None:
+    """Tokenizers (as tokenizers JSON), scheduler config and VAE config."""
+    from fluxrt.export.tokenizers_tiny import write_runtime_tokenizer
+
+    for sub, kind in (("tokenizer", "clip"), ("tokenizer_2", "t5")):
+        (out_dir / sub).mkdir(exist_ok=True)
+        write_runtime_tokenizer(ckpt.root / sub, out_dir / sub / "tokenizer.json", kind)
+    for sub, config in (("scheduler", ckpt.config("scheduler")), ("vae", ckpt.vae_config())):
+        (out_dir / sub).mkdir(exist_ok=True)
+        name = "scheduler_config.json" if sub == "scheduler" else "config.json"
+        clean = {k: v for k, v in config.items() if not k.startswith("_")} if sub == "vae" else config
+        atomic_write_text(out_dir / sub / name, json.dumps(clean, indent=2, default=list))
+
+
+def read_manifest(out_dir: Path) -> dict | None:
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path} is not readable JSON ({e})") from None
+    if data.get("format") != FORMAT:
+        raise ExportError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
+    return data
+
+
+def library_versions() -> dict:
+    import diffusers
+    import onnx
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__, "python": sys.version.split()[0]}
+
+
+def export_checkpoint(ckpt: Checkpoint, out_dir: str | Path, request: ExportRequest) -> dict:
+    """Export the requested components; a folder already holding another checkpoint's or
+    precision's graphs is refused rather than mixed."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dims = ckpt.dims()
+    fingerprint = ckpt.fingerprint()
+    manifest = read_manifest(out_dir) or {}
+    if manifest and (manifest["source"]["fingerprint"] != fingerprint or manifest["precision"] != request.precision):
+        raise ExportError(
+            f"{out_dir} already holds a {manifest['precision']} export of {manifest['source']['path']} "
+            f"(fingerprint {manifest['source']['fingerprint'][:12]}); asked for {request.precision} from "
+            f"{ckpt.root} ({fingerprint[:12]}): use another folder"
+        )
+    copy_side_files(ckpt, out_dir)
+    records = dict(manifest.get("components", {}))
+    for name in request.graphs:
+        records[name] = export_graph(name, ckpt, request.precision, out_dir)
+        manifest = dict(
+            format=FORMAT, variant=dims.variant, precision=request.precision, dims=dims.to_json(),
+            source=dict(path=str(ckpt.root.resolve()), fingerprint=fingerprint,
+                        transformer_file=str(ckpt.transformer_file) if ckpt.transformer_file else None,
+                        vae_file=str(ckpt.vae_file) if ckpt.vae_file else None),
+            units=dict(timestep="sigma in [0, 1], float32", guidance="guidance scale, float32",
+                       vae_decoder_latent="latent / scaling_factor + shift_factor"),
+            shapes=dict(batch="dynamic", text_length=f"1..{dims.t5_max_length} (T5), {dims.clip_max_length} (CLIP)",
+                        image=f"multiples of {2 * dims.vae_scale_factor} px"),
+            opset=OPSET, versions=library_versions(), components=records,
+        )
+        atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest

@@ -1,0 +1,237 @@
+"""The FLUX.1 text-to-image pipeline over any runners: tokenize, encode, Euler loop, decode.
+
+Host code only (numpy, or cupy when the runners live on a GPU); no torch.  The call takes the
+keyword names diffusers' ``FluxPipeline`` uses for the same things.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from fluxrt.components import PRECISION_DTYPE
+from fluxrt.errors import InvalidInputError, NumericError
+from fluxrt.runtime import sampling
+from fluxrt.runtime.artifacts import ExportFolder
+from fluxrt.runtime.runners import Array, OrtRunner, Runner, array_module
+from fluxrt.runtime.tokenizer import PromptTokenizer
+
+STAGES = ("clip", "t5", "transformer", "vae_decoder")
+DEFAULTS = {  # the variant's published settings
+    "dev": dict(num_inference_steps=28, guidance_scale=3.5, max_sequence_length=512),
+    "schnell": dict(num_inference_steps=4, guidance_scale=None, max_sequence_length=256),
+}
+MAX_STEPS = 1000
+MAX_SEED = 2**64 - 1
+
+
+class GuidanceIgnoredWarning(UserWarning):
+    """A guidance scale was given for FLUX.1-schnell, which has no guidance input."""
+
+
+@dataclass
+class FluxPipelineOutput:
+    images: Any  # list of PIL images, or float32 [B, H, W, 3] in [0, 1] for output_type="np"
+    settings: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+def make_runner(folder: ExportFolder, name: str, backend: str) -> Runner:
+    spec, precision = folder.spec(name), folder.graph_precision(name)
+    if backend in ("ort-cpu", "ort-cuda"):
+        return OrtRunner(spec, precision, folder.graph_path(name), backend=backend)
+    if backend == "torch":
+        from fluxrt.export.torch_runner import TorchRunner  # export extra: the reference backend
+
+        return TorchRunner.from_export_folder(folder, name)
+    raise InvalidInputError(f"backend {backend!r} for {name} is not one of ['ort-cpu', 'ort-cuda', 'torch']")
+
+
+class FluxPipeline:
+    def __init__(self, folder: ExportFolder, runners: Mapping[str, Runner]):
+        missing = [s for s in STAGES if s not in runners]
+        if missing:
+            raise InvalidInputError(f"FluxPipeline needs runners for {list(STAGES)}; missing {missing}")
+        self.folder = folder
+        self.dims = folder.dims
+        self.variant = folder.variant
+        self.runners = {k: r.activate() for k, r in runners.items()}
+        self.scheduler_config = folder.scheduler_config()
+        vae = folder.vae_config()
+        self.scaling_factor = float(vae.get("scaling_factor", 0.3611))
+        self.shift_factor = float(vae.get("shift_factor", 0.1159) or 0.0)
+        self.clip_tokenizer = PromptTokenizer.from_file(folder.tokenizer_path("clip"), "clip")
+        self.t5_tokenizer = PromptTokenizer.from_file(folder.tokenizer_path("t5"), "t5")
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str | Mapping[str, str] = "ort-cpu") -> "FluxPipeline":
+        """``backend``: one name for every stage, or a mapping stage -> name for a mixed setup."""
+        folder = ExportFolder.open(path)
+        choice = {s: backend for s in STAGES} if isinstance(backend, str) else dict(backend)
+        unknown = sorted(set(choice) - set(STAGES))
+        if unknown:
+            raise InvalidInputError(f"backend mapping names unknown stages {unknown}; stages are {list(STAGES)}")
+        default = "ort-cpu"
+        return cls(folder, {s: make_runner(folder, s, choice.get(s, default)) for s in STAGES})
+
+    # ---- parameters ----------------------------------------------------------------------------
+    def resolve(self, prompt, height, width, num_inference_steps, guidance_scale, max_sequence_length,
+                num_images_per_prompt, seed, latents) -> dict:
+        d = DEFAULTS[self.variant]
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else None
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InvalidInputError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        height = 1024 if height is None else height
+        width = 1024 if width is None else width
+        multiple = 2 * self.dims.vae_scale_factor
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
+                raise InvalidInputError(f"{name} must be a positive multiple of {multiple} pixels, got {v!r}")
+        steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+            raise InvalidInputError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
+        if self.variant == "schnell":
+            if guidance_scale is not None:
+                warnings.warn("FLUX.1-schnell has no guidance input: guidance_scale "
+                              f"{guidance_scale!r} is ignored", GuidanceIgnoredWarning, stacklevel=3)
+            guidance = None
+        else:
+            guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
+            if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating, np.integer)) \
+                    or not np.isfinite(guidance):
+                raise InvalidInputError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+            guidance = float(guidance)
+        max_len = d["max_sequence_length"] if max_sequence_length is None else max_sequence_length
+        if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) \
+                or not 1 <= max_len <= self.dims.t5_max_length:
+            raise InvalidInputError(f"max_sequence_length must be an integer in [1, {self.dims.t5_max_length}], "
+                                    f"got {max_sequence_length!r}")
+        n = num_images_per_prompt
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InvalidInputError(f"num_images_per_prompt must be a positive integer, got {n!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                                 or not 0 <= seed <= MAX_SEED):
+            raise InvalidInputError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
+        return dict(prompts=prompts, height=int(height), width=int(width), num_inference_steps=int(steps),
+                    guidance_scale=guidance, max_sequence_length=int(max_len), num_images_per_prompt=int(n),
+                    seed=seed)
+
+    def check_latents(self, latents: Array, batch: int, height: int, width: int) -> Array:
+        h, w = sampling.latent_size(height, width, self.dims.vae_scale_factor)
+        want = (batch, (h // 2) * (w // 2), self.dims.in_channels)
+        if tuple(latents.shape) != want:
+            raise InvalidInputError(f"latents have shape {tuple(latents.shape)}, expected {want} (diffusers' packed "
+                                    f"layout for batch {batch} at {height}x{width})")
+        if str(latents.dtype) not in ("float32", "float16", "bfloat16", "float64"):
+            raise InvalidInputError(f"latents have dtype {latents.dtype}, expected a floating dtype")
+        return latents.astype(np.float32)
+
+    # ---- stages --------------------------------------------------------------------------------
+    def run(self, stage: str, feed: dict) -> dict:
+        runner = self.runners[stage]
+        xp = array_module(next(iter(feed.values())))
+        feed = {k: self.to_device(runner, v) for k, v in feed.items()}
+        out = runner.infer(feed)
+        for name, value in out.items():
+            if not bool(array_module(value).isfinite(value.astype(np.float32)).all()):
+                raise NumericError(f"stage {stage} ({runner.backend}, {runner.precision}) produced NaN or Inf in "
+                                   f"{name!r}; at {runner.precision} this usually means an overflow: "
+                                   f"try bf16 or fp32")
+        del xp
+        return out
+
+    @staticmethod
+    def to_device(runner: Runner, x: Array) -> Array:
+        if runner.device == "cuda" and array_module(x) is np:
+            import cupy
+
+            return cupy.asarray(x)
+        if runner.device == "cpu" and array_module(x) is not np:
+            return x.get()
+        return x
+
+    def cast(self, stage: str, x: Array, name: str) -> Array:
+        return x.astype(self.runners[stage].input_dtype(name), copy=False)
+
+    def encode_prompts(self, prompts: list[str], max_len: int) -> tuple[Array, Array]:
+        clip_ids = self.clip_tokenizer.encode(prompts, self.dims.clip_max_length)  # [B, 77] int32
+        t5_ids = self.t5_tokenizer.encode(prompts, max_len)  # [B, S] int32
+        pooled = self.run("clip", {"input_ids": clip_ids})["pooled_embeddings"]  # [B, 768]
+        text = self.run("t5", {"input_ids": t5_ids})["text_embeddings"]  # [B, S, 4096]
+        return pooled, text
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 max_sequence_length: int | None = None, num_images_per_prompt: int = 1,
+                 latents: Array | None = None, output_type: str = "pil", seed: int | None = None,
+                 callback: Callable[[int, int], None] | None = None) -> FluxPipelineOutput:
+        if output_type not in ("pil", "np"):
+            raise InvalidInputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        p = self.resolve(prompt, height, width, num_inference_steps, guidance_scale, max_sequence_length,
+                         num_images_per_prompt, seed, latents)
+        n, batch = p["num_images_per_prompt"], len(p["prompts"]) * p["num_images_per_prompt"]
+        pooled, text = self.encode_prompts(p["prompts"], p["max_sequence_length"])
+        xp = np if self.runners["transformer"].device == "cpu" else array_module(pooled)
+        pooled, text = xp.repeat(pooled, n, axis=0), xp.repeat(text, n, axis=0)  # prompt-major, as diffusers
+        if latents is None:
+            seed = p["seed"] if p["seed"] is not None else int(np.random.SeedSequence().entropy % MAX_SEED)
+            p["seed"] = seed
+            noise = sampling.initial_noise(seed, batch, p["height"], p["width"], self.dims.latent_channels,
+                                           self.dims.vae_scale_factor)  # [B, 16, h, w]
+            latents = sampling.pack_latents(noise)  # [B, N, 64]
+        else:
+            latents = self.check_latents(latents, batch, p["height"], p["width"])
+        latents = self.to_device(self.runners["transformer"], latents)
+        image = self.denoise(latents, pooled, text, p, callback)
+        return FluxPipelineOutput(images=self.postprocess(image, output_type), settings=p)
+
+    def denoise(self, latents: Array, pooled: Array, text: Array, p: dict, callback) -> Array:
+        h, w = sampling.latent_size(p["height"], p["width"], self.dims.vae_scale_factor)
+        seq_len = latents.shape[1]
+        sigmas = sampling.get_sigmas(p["num_inference_steps"], seq_len, self.scheduler_config)  # [steps + 1]
+        batch = latents.shape[0]
+        feed = {
+            "encoder_hidden_states": self.cast("transformer", text, "encoder_hidden_states"),
+            "pooled_projections": self.cast("transformer", pooled, "pooled_projections"),
+            "img_ids": sampling.image_ids(p["height"], p["width"], self.dims.vae_scale_factor),
+            "txt_ids": sampling.text_ids(text.shape[1]),
+        }
+        if self.dims.guidance:
+            feed["guidance"] = np.full((batch,), p["guidance_scale"], dtype=np.float32)
+        steps = p["num_inference_steps"]
+        for i in range(steps):
+            feed["hidden_states"] = self.cast("transformer", latents, "hidden_states")
+            feed["timestep"] = np.full((batch,), sigmas[i], dtype=np.float32)
+            velocity = self.run("transformer", feed)["latent"]  # [B, N, 64]
+            latents = sampling.euler_step(latents, velocity, float(sigmas[i]), float(sigmas[i + 1]))
+            if callback is not None:
+                callback(i + 1, steps)
+        latents = sampling.unpack_latents(latents, p["height"], p["width"], self.dims.vae_scale_factor)
+        latents = sampling.decode_latents_scale(latents, self.scaling_factor, self.shift_factor)  # [B, 16, h, w]
+        return self.run("vae_decoder", {"latent": self.cast("vae_decoder", latents, "latent")})["images"]
+
+    @staticmethod
+    def postprocess(images: Array, output_type: str):
+        if array_module(images) is not np:
+            images = images.get()
+        uint8 = sampling.to_uint8_images(images.astype(np.float32))  # [B, H, W, 3]
+        if output_type == "np":
+            return np.clip(images.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        from PIL import Image
+
+        return [Image.fromarray(x) for x in uint8]
+
+
+def progress_bar(prefix: str) -> Callable[[int, int], None]:
+    def show(i: int, total: int) -> None:
+        print(f"\r{prefix} step {i}/{total}", end="\n" if i == total else "", file=sys.stderr, flush=True)
+
+    return show
+
+
+__all__ = ["FluxPipeline", "FluxPipelineOutput", "GuidanceIgnoredWarning", "PRECISION_DTYPE"]

@@ -1,0 +1,190 @@
+"""One runner interface for every backend.
+
+A runner executes one component's graph.  Its shape follows Polygraphy's: ``activate()``
+loads the backend's session or engine, ``infer(feed) -> dict`` checks the feed against the
+component's tensor spec before running, ``last_inference_time`` says how long the last call
+took.  The denoise loop in ``pipeline.py`` runs over any mix of runners.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from fluxrt.components import ComponentSpec
+from fluxrt.errors import EngineError, InvalidInputError
+
+Array = Any  # numpy.ndarray, or a device array (cupy.ndarray) on GPU backends
+
+
+def array_module(x: Array):
+    """numpy or cupy, whichever owns ``x``."""
+    mod = type(x).__module__.split(".")[0]
+    if mod == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+class Runner(ABC):
+    """Runs one component.  ``precision`` is the graph's activation precision (fp32/fp16/bf16)."""
+
+    backend: str = "abstract"
+    device: str = "cpu"  # where infer() wants its inputs and leaves its outputs: "cpu" or "cuda"
+
+    def __init__(self, spec: ComponentSpec, precision: str):
+        self.spec = spec
+        self.precision = precision
+        self.last_inference_time: float | None = None
+        self._active = False
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def activate(self) -> "Runner":
+        with self._lock:
+            if not self._active:
+                self._activate()
+                self._active = True
+        return self
+
+    def deactivate(self) -> None:
+        with self._lock:
+            if self._active:
+                self._deactivate()
+                self._active = False
+
+    def input_dtype(self, name: str) -> str:
+        return self.spec.input(name).resolved_dtype(self.precision)
+
+    def check_feed(self, feed: Mapping[str, Array]) -> None:
+        missing = [n for n in self.spec.input_names if n not in feed]
+        extra = [n for n in feed if n not in self.spec.input_names]
+        if missing or extra:
+            raise InvalidInputError(
+                f"{self.name} ({self.backend}): feed has inputs {sorted(feed)}, expected {self.spec.input_names}"
+            )
+        for t in self.spec.inputs:
+            x = feed[t.name]
+            want = self.input_dtype(t.name)
+            if str(x.dtype) != want:
+                raise InvalidInputError(f"{self.name} ({self.backend}): input {t.name!r} has dtype {x.dtype}, "
+                                        f"expected {want}")
+            if len(x.shape) != len(t.shape) or any(
+                isinstance(d, int) and d != s for d, s in zip(t.shape, x.shape)
+            ):
+                raise InvalidInputError(f"{self.name} ({self.backend}): input {t.name!r} has shape "
+                                        f"{tuple(x.shape)}, expected {t.shape}")
+
+    def infer(self, feed: Mapping[str, Array]) -> dict[str, Array]:
+        if not self._active:
+            raise EngineError(f"{self.name} ({self.backend}): runner used before activate()")
+        self.check_feed(feed)
+        start = time.perf_counter()
+        out = self._infer(feed)
+        self.last_inference_time = time.perf_counter() - start
+        return out
+
+    @abstractmethod
+    def _activate(self) -> None: ...
+
+    def _deactivate(self) -> None:
+        pass
+
+    @abstractmethod
+    def _infer(self, feed: Mapping[str, Array]) -> dict[str, Array]: ...
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, {self.precision}, {self.device})"
+
+
+ORT_PROVIDERS = {"ort-cpu": ["CPUExecutionProvider"],
+                 "ort-cuda": [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]}
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime.  On ``ort-cuda`` inputs and outputs are CuPy arrays bound to device memory
+    through I/O binding, so the loop never copies through the host."""
+
+    def __init__(self, spec: ComponentSpec, precision: str, onnx_path: str | Path, backend: str = "ort-cpu",
+                 session_options: Any = None):
+        super().__init__(spec, precision)
+        if backend not in ORT_PROVIDERS:
+            raise ValueError(f"OrtRunner backend {backend!r} is not one of {list(ORT_PROVIDERS)}")
+        self.backend = backend
+        self.device = "cuda" if backend == "ort-cuda" else "cpu"
+        self.onnx_path = Path(onnx_path)
+        self.session_options = session_options
+        self.session = None
+
+    def _activate(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise EngineError("ONNX Runtime is not installed: pip install 'fluxrt[ort]' (or 'fluxrt[ort-gpu]')") from None
+        if not self.onnx_path.is_file():
+            raise EngineError(f"{self.name}: ONNX file {self.onnx_path} is missing")
+        if self.backend == "ort-cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise EngineError(f"{self.name}: backend ort-cuda needs onnxruntime-gpu with CUDA; this onnxruntime "
+                              f"offers {ort.get_available_providers()}")
+        options = self.session_options or ort.SessionOptions()
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=ORT_PROVIDERS[self.backend])
+        except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs
+            raise EngineError(f"{self.name}: ONNX Runtime could not load {self.onnx_path}: {e}") from None
+        got = [i.name for i in self.session.get_inputs()]
+        if got != self.spec.input_names:
+            raise EngineError(f"{self.name}: {self.onnx_path} has inputs {got}, expected {self.spec.input_names} "
+                              f"(is it the {self.name} graph?)")
+
+    def _deactivate(self) -> None:
+        self.session = None
+
+    def _infer(self, feed: Mapping[str, Array]) -> dict[str, Array]:
+        if self.device == "cpu":
+            outs = self.session.run(self.spec.output_names, {k: np.ascontiguousarray(v) for k, v in feed.items()})
+            return dict(zip(self.spec.output_names, outs))
+        return self._infer_cuda(feed)
+
+    def _infer_cuda(self, feed: Mapping[str, Array]) -> dict[str, Array]:
+        import cupy
+
+        binding = self.session.io_binding()
+        for name, x in feed.items():
+            x = cupy.ascontiguousarray(x)
+            binding.bind_input(name, "cuda", x.device.id, np_dtype(x.dtype), list(x.shape), x.data.ptr)
+        for name in self.spec.output_names:
+            binding.bind_output(name, "cuda")
+        cupy.cuda.get_current_stream().synchronize()
+        self.session.run_with_iobinding(binding)
+        return {name: ortvalue_to_cupy(v) for name, v in zip(self.spec.output_names, binding.get_outputs())}
+
+
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",
+             "tensor(int64)": "int64", "tensor(bfloat16)": "bfloat16"}
+
+
+def np_dtype(dtype) -> Any:
+    return np.dtype(dtype).type
+
+
+def ortvalue_to_cupy(value) -> Array:
+    """Wrap an ORT-owned CUDA buffer as a cupy array without copying; the OrtValue stays alive
+    through the memory object's owner reference.  cupy has no bfloat16: such outputs come back
+    as uint16 bit patterns (see ``dtypes.py``)."""
+    import cupy
+
+    name = ORT_TYPES[value.data_type()]
+    dtype = np.dtype("uint16" if name == "bfloat16" else name)
+    shape = value.shape()
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    mem = cupy.cuda.UnownedMemory(value.data_ptr(), nbytes, value)
+    return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
