@@ -107,6 +107,18 @@ def check_keys(state: dict, expected: set[str], what: str, optional: set[str] = 
         raise CheckpointError(f"{what}: wrong key set: {'; '.join(parts)}")
 
 
+def match_prefix(state: dict, expected: set[str], prefix: str) -> dict:
+    """transformers 4 wrote CLIP keys under ``text_model.``, transformers 5 modules have none (or the
+    reverse): rename the file's keys to the module's convention."""
+    has = any(k.startswith(prefix) for k in state)
+    wants = any(k.startswith(prefix) for k in expected)
+    if has and not wants:
+        return {k.removeprefix(prefix): v for k, v in state.items()}
+    if wants and not has:
+        return {prefix + k: v for k, v in state.items()}
+    return state
+
+
 def module_on_meta(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     with torch.device("meta"):
         return factory()
@@ -223,13 +235,16 @@ class Checkpoint:
         config = CLIPTextConfig(**self.config("text_encoder"))
         state = read_state_dict(weight_files(self.root / "text_encoder", TRANSFORMERS_WEIGHTS), dtype)
         model = module_on_meta(lambda: CLIPTextModel(config))
-        # position_ids is a non-persistent buffer in recent transformers, persistent in older files
-        state.pop("text_model.embeddings.position_ids", None)
-        optional = {"text_model.embeddings.position_ids"}
-        model = assign_weights(model, state, f"CLIP text encoder {self.root / 'text_encoder'}", optional)
-        model.text_model.embeddings.register_buffer(
-            "position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0), persistent=False
-        )
+        state = match_prefix(state, set(model.state_dict()), "text_model.")
+        # position_ids: a buffer that older files carry and newer ones do not
+        ids = [k for k in model.state_dict() if k.endswith("position_ids")]
+        for k in ids:
+            state.pop(k, None)
+        model = assign_weights(model, state, f"CLIP text encoder {self.root / 'text_encoder'}", set(ids))
+        for name, module in model.named_modules():
+            if "position_ids" in dict(module.named_buffers(recurse=False)):
+                module.register_buffer("position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0),
+                                       persistent=False)
         return model
 
     def load_t5(self, dtype: torch.dtype) -> torch.nn.Module:

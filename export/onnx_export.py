@@ -33,6 +33,7 @@ from fluxrt.export.memory import PeakMemory
 MANIFEST = "manifest.json"
 FORMAT = "fluxrt-export/1"
 OPSET = 20
+OPSET_BF16 = 22  # Conv, InstanceNormalization and others accept bfloat16 only from opset 22
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph itself
 # example sizes for tracing: none is 1 (torch.export would specialise it) and no two are equal
 EXAMPLE = dict(B=2, S=7, h=6, w=10)
@@ -115,6 +116,10 @@ def load_graph_module(name: str, ckpt: Checkpoint, precision: str) -> torch.nn.M
     return graphs.VaeDecoderGraph(vae) if name == "vae_decoder" else graphs.VaeEncoderGraph(vae)
 
 
+def opset_for(precision: str) -> int:
+    return OPSET_BF16 if precision == "bf16" else OPSET
+
+
 def param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -133,7 +138,7 @@ def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path) -> 
         t1 = time.perf_counter()
         with torch.no_grad():
             program = torch.onnx.export(
-                module, example_inputs(spec, dims, graph_precision), dynamo=True, opset_version=OPSET,
+                module, example_inputs(spec, dims, graph_precision), dynamo=True, opset_version=opset_for(graph_precision),
                 input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_shapes=dynamic_shapes(spec, dims), verbose=False,
             )
@@ -278,7 +283,7 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | Path, request: ExportRequ
                        vae_decoder_latent="latent / scaling_factor + shift_factor"),
             shapes=dict(batch="dynamic", text_length=f"1..{dims.t5_max_length} (T5), {dims.clip_max_length} (CLIP)",
                         image=f"multiples of {2 * dims.vae_scale_factor} px"),
-            opset=OPSET, versions=library_versions(), components=records,
+            opset=opset_for(request.precision), versions=library_versions(), components=records,
         )
         atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
     return manifest

@@ -83,8 +83,11 @@ def write_tiny_checkpoint(out: str | Path, variant: str = "dev", seed: int = 0) 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipe = build_pipeline(variant, seed, staging / "_tokenizers")
-        shutil.rmtree(staging / "_tokenizers")
         pipe.save_pretrained(staging / "model", safe_serialization=True)
+        # save_pretrained rewrites tokenizers as tokenizer.json; put back the files real FLUX folders carry
+        for sub, trained in (("tokenizer", "clip"), ("tokenizer_2", "t5")):
+            shutil.rmtree(staging / "model" / sub)
+            shutil.move(staging / "_tokenizers" / trained, staging / "model" / sub)
         # shard the transformer too, so the index path is the one the tiny model exercises
         shutil.rmtree(staging / "model" / "transformer")
         pipe.transformer.save_pretrained(staging / "model" / "transformer", max_shard_size="200KB")

@@ -46,8 +46,7 @@ class TorchRunner(Runner):
 
 def to_torch(x: Array, device: torch.device) -> torch.Tensor:
     if str(x.dtype) == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(x).view(np.uint16).astype(np.int32) << 16).view(
-            torch.float32).to(torch.bfloat16).to(device)
+        return torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device=device, dtype=torch.bfloat16)
     return torch.as_tensor(x, device=device)
 
 

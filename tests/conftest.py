@@ -1,0 +1,34 @@
+"""Shared fixtures: the built-in tiny checkpoints (dev and schnell) and their fp32 exports,
+written once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    from fluxrt.export.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {v: write_tiny_checkpoint(root / v, variant=v, seed=0 if v == "dev" else 1) for v in ("dev", "schnell")}
+
+
+@pytest.fixture(scope="session")
+def fp32_exports(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    from fluxrt.export.checkpoint import Checkpoint
+    from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
+
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for variant, path in tiny_checkpoints.items():
+        export_checkpoint(Checkpoint.open(path), root / variant,
+                          ExportRequest(("clip", "t5", "transformer", "vae"), "fp32"))
+        out[variant] = root / variant
+    return out

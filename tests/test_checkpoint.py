@@ -1,0 +1,140 @@
+"""The tiny checkpoint is a real diffusers FLUX folder; our loader reads it, BFL single files
+of it, and reports broken files by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fluxrt.errors import CheckpointError
+from fluxrt.export import bfl
+from fluxrt.export.checkpoint import Checkpoint
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_diffusers_loads_and_generates(variant, tiny_checkpoints):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_checkpoints[variant], local_files_only=True)
+    assert pipe.transformer.config.guidance_embeds == (variant == "dev")
+    image = pipe("a red fox in the snow", height=64, width=48, num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 48, 3) and np.isfinite(image).all()
+    assert image.std() > 1e-3  # random weights still give a non-constant image
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_variant_comes_from_weights(variant, tiny_checkpoints):
+    assert Checkpoint.open(tiny_checkpoints[variant]).dims().variant == variant
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_loader_equals_diffusers(variant, tiny_checkpoints):
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    root = tiny_checkpoints[variant]
+    ckpt = Checkpoint.open(root)
+    pairs = [
+        (ckpt.load_transformer(torch.float32), FluxTransformer2DModel.from_pretrained(root, subfolder="transformer")),
+        (ckpt.load_vae(torch.float32), AutoencoderKL.from_pretrained(root, subfolder="vae")),
+        (ckpt.load_clip(torch.float32), CLIPTextModel.from_pretrained(root, subfolder="text_encoder")),
+        (ckpt.load_t5(torch.float32), T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2")),
+    ]
+    for ours, theirs in pairs:
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert set(a) == set(b)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def write_bfl_files(root, out_dir):
+    ckpt = Checkpoint.open(root)
+    tr = bfl.transformer_diffusers_to_bfl(ckpt.load_transformer(torch.float32).state_dict())
+    ae = bfl.vae_diffusers_to_bfl(ckpt.load_vae(torch.float32).state_dict())
+    save_file({k: v.contiguous() for k, v in tr.items()}, out_dir / "flux1-tiny.safetensors")
+    save_file({k: v.contiguous() for k, v in ae.items()}, out_dir / "ae.safetensors")
+    return out_dir / "flux1-tiny.safetensors", out_dir / "ae.safetensors"
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_bfl_single_files_load_back_to_same_weights(variant, tiny_checkpoints, tmp_path):
+    root = tiny_checkpoints[variant]
+    tr_file, ae_file = write_bfl_files(root, tmp_path)
+    plain = Checkpoint.open(root)
+    single = Checkpoint.open(root, transformer_file=tr_file, vae_file=ae_file)
+    assert single.dims() == plain.dims()  # variant told from the file's guidance weights
+    for load in ("load_transformer", "load_vae"):
+        a = getattr(plain, load)(torch.float32).state_dict()
+        b = getattr(single, load)(torch.float32).state_dict()
+        assert set(a) == set(b)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_missing_shard_is_named(tiny_checkpoints, tmp_path):
+    root = shutil.copytree(tiny_checkpoints["dev"], tmp_path / "ckpt")
+    index = json.loads((root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (root / "transformer" / shard).unlink()
+    with pytest.raises(CheckpointError, match=f"missing: \\['{shard}'\\]"):
+        Checkpoint.open(root).load_transformer(torch.float32)
+
+
+def test_wrong_key_set_is_reported(tiny_checkpoints, tmp_path):
+    root = shutil.copytree(tiny_checkpoints["dev"], tmp_path / "ckpt")
+    path = root / "vae" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    state["decoder.bogus.weight"] = torch.zeros(1)
+    del state["decoder.conv_out.weight"]
+    save_file(state, path)
+    with pytest.raises(CheckpointError, match=r"wrong key set: 1 missing \(e.g. \['decoder.conv_out.weight'\]\); "
+                                              r"1 unexpected \(e.g. \['decoder.bogus.weight'\]\)"):
+        Checkpoint.open(root).load_vae(torch.float32)
+
+
+def test_unreadable_files_are_named(tiny_checkpoints, tmp_path):
+    root = shutil.copytree(tiny_checkpoints["dev"], tmp_path / "ckpt")
+    weights = root / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with pytest.raises(CheckpointError, match=f"{weights}.*(truncated|not a safetensors)"):
+        Checkpoint.open(root).load_clip(torch.float32)
+    weights.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match=f"{weights} is not a safetensors file"):
+        Checkpoint.open(root).load_clip(torch.float32)
+    (root / "transformer" / "config.json").write_text("{ not json")
+    with pytest.raises(CheckpointError, match="transformer config: .*config.json is not readable JSON"):
+        Checkpoint.open(root)
+
+
+def test_missing_folder_and_index(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Checkpoint.open(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="model_index.json is missing"):
+        Checkpoint.open(tmp_path / "empty")
+
+
+def test_bfl_file_of_wrong_kind(tiny_checkpoints, tmp_path):
+    tr_file, ae_file = write_bfl_files(tiny_checkpoints["dev"], tmp_path)
+    with pytest.raises(CheckpointError, match="holds a BFL vae checkpoint, expected the transformer"):
+        Checkpoint.open(tiny_checkpoints["dev"], transformer_file=ae_file)
+
+
+def test_cli_tiny_model(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fluxrt.cli", "tiny-model", str(tmp_path / "m"), "--variant", "schnell",
+                        "--seed", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert Checkpoint.open(tmp_path / "m").dims().variant == "schnell"
+    r = subprocess.run([sys.executable, "-m", "fluxrt.cli", "tiny-model", str(tmp_path / "m")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr

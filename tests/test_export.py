@@ -1,0 +1,165 @@
+"""Exported graphs equal the torch models: ONNX Runtime (CPU) against the checkpoint's own
+torch modules, at two or more sizes of every dynamic axis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+
+from fluxrt.components import component_spec
+from fluxrt.errors import CheckpointError, ExportError
+from fluxrt.export.checkpoint import Checkpoint
+from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
+
+VARIANTS = ("dev", "schnell")
+# (batch, text length, image height px, image width px): both sizes differ on every axis, one non-square
+SHAPES = [(1, 5, 64, 64), (3, 12, 48, 80)]
+FP32_TOL = dict(rtol=1e-4, atol=1e-4)  # fp32 graph vs fp32 eager: reordering of sums only
+
+
+def rand(shape, seed, dtype=np.float32):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def feeds(component: str, dims, batch: int, text: int, height: int, width: int, seed: int = 0) -> dict:
+    h, w = height // dims.vae_scale_factor, width // dims.vae_scale_factor
+    n = (h // 2) * (w // 2)
+    rng = np.random.default_rng(seed)
+    if component == "clip":
+        return {"input_ids": rng.integers(0, 200, (batch, dims.clip_max_length)).astype(np.int32)}
+    if component == "t5":
+        return {"input_ids": rng.integers(0, 200, (batch, text)).astype(np.int32)}
+    if component == "vae_decoder":
+        return {"latent": rand((batch, dims.latent_channels, h, w), seed)}
+    if component == "vae_encoder":
+        return {"images": np.tanh(rand((batch, 3, height, width), seed))}
+    ids = np.zeros((h // 2, w // 2, 3), np.float32)
+    ids[..., 1] += np.arange(h // 2)[:, None]
+    ids[..., 2] += np.arange(w // 2)[None, :]
+    feed = {
+        "hidden_states": rand((batch, n, dims.in_channels), seed),
+        "encoder_hidden_states": rand((batch, text, dims.joint_attention_dim), seed + 1),
+        "pooled_projections": rand((batch, dims.pooled_projection_dim), seed + 2),
+        "timestep": rng.uniform(0, 1, batch).astype(np.float32),
+        "img_ids": ids.reshape(-1, 3),
+        "txt_ids": np.zeros((text, 3), np.float32),
+    }
+    if dims.guidance:
+        feed["guidance"] = rng.uniform(1, 5, batch).astype(np.float32)
+    return feed
+
+
+def torch_reference(ckpt: Checkpoint, component: str, feed: dict) -> list[np.ndarray]:
+    """The checkpoint's unmodified diffusers/transformers modules, called the way diffusers' FluxPipeline calls them."""
+    t = {k: torch.from_numpy(v) for k, v in feed.items()}
+    with torch.no_grad():
+        if component == "clip":
+            out = ckpt.load_clip(torch.float32)(input_ids=t["input_ids"].long())
+            return [out.last_hidden_state.numpy(), out.pooler_output.numpy()]
+        if component == "t5":
+            return [ckpt.load_t5(torch.float32)(input_ids=t["input_ids"].long()).last_hidden_state.numpy()]
+        if component == "transformer":
+            model = ckpt.load_transformer(torch.float32)
+            out = model(hidden_states=t["hidden_states"], encoder_hidden_states=t["encoder_hidden_states"],
+                        pooled_projections=t["pooled_projections"], timestep=t["timestep"], img_ids=t["img_ids"],
+                        txt_ids=t["txt_ids"], guidance=t.get("guidance"), return_dict=False)[0]
+            return [out.numpy()]
+        vae = ckpt.load_vae(torch.float32)
+        if component == "vae_decoder":
+            return [vae.decode(t["latent"]).sample.numpy()]
+        return [vae.encode(t["images"]).latent_dist.mode().numpy()]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("component", ["clip", "t5", "transformer", "vae_decoder", "vae_encoder"])
+def test_fp32_graph_matches_torch(variant, component, tiny_checkpoints, fp32_exports):
+    ckpt = Checkpoint.open(tiny_checkpoints[variant])
+    dims = ckpt.dims()
+    session = ort.InferenceSession(str(fp32_exports[variant] / f"{component}.onnx"), providers=["CPUExecutionProvider"])
+    for i, shape in enumerate(SHAPES):
+        feed = feeds(component, dims, *shape, seed=i)
+        got = session.run(None, feed)
+        want = torch_reference(ckpt, component, feed)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            assert np.isfinite(g).all()
+            np.testing.assert_allclose(g, w, err_msg=f"{variant} {component} at {shape}", **FP32_TOL)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_graph_io_follows_spec(variant, fp32_exports, tiny_checkpoints):
+    dims = Checkpoint.open(tiny_checkpoints[variant]).dims()
+    manifest = json.loads((fp32_exports[variant] / "manifest.json").read_text())
+    assert manifest["variant"] == variant and manifest["precision"] == "fp32"
+    for name in ("clip", "t5", "transformer", "vae_decoder", "vae_encoder"):
+        spec = component_spec(name, dims)
+        model = onnx.load(str(fp32_exports[variant] / f"{name}.onnx"), load_external_data=False)
+        assert [i.name for i in model.graph.input] == spec.input_names
+        assert [o.name for o in model.graph.output] == spec.output_names
+        for value, t in zip(model.graph.input, spec.inputs):
+            got = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            assert [isinstance(g, str) for g in got] == [isinstance(d, str) for d in t.shape], (name, t.name, got)
+    assert ("guidance" in component_spec("transformer", dims).input_names) == (variant == "dev")
+    for sub in ("tokenizer/tokenizer.json", "tokenizer_2/tokenizer.json", "scheduler/scheduler_config.json",
+                "vae/config.json"):
+        assert (fp32_exports[variant] / sub).is_file(), sub
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_exports(precision, tiny_checkpoints, tmp_path):
+    """fp16/bf16 graphs carry the right I/O dtypes and stay finite and close to the fp32 model.
+    The VAE stays fp32 at fp16 (it overflows in fp16); bf16 runs everywhere in bf16."""
+    ckpt = Checkpoint.open(tiny_checkpoints["dev"])
+    manifest = export_checkpoint(ckpt, tmp_path, ExportRequest(("transformer", "vae", "t5"), precision))
+    expected_vae = "fp32" if precision == "fp16" else "bf16"
+    assert manifest["components"]["vae_decoder"]["precision"] == expected_vae
+    assert manifest["components"]["transformer"]["precision"] == precision
+    model = onnx.load(str(tmp_path / "transformer.onnx"))
+    elem = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[precision]
+    assert model.graph.input[0].type.tensor_type.elem_type == elem
+    assert model.graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # timestep stays float32
+    dims = ckpt.dims()
+    feed = feeds("transformer", dims, 2, 6, 64, 48)
+    want = torch_reference(ckpt, "transformer", feed)[0]
+    half_dtype = np.float16 if precision == "fp16" else ml_dtypes.bfloat16
+    half = {k: v.astype(half_dtype) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections")
+            else v for k, v in feed.items()}
+    if precision == "fp16":
+        got = ort.InferenceSession(str(tmp_path / "transformer.onnx")).run(None, half)[0]
+    else:  # ONNX Runtime's CPU kernels have no bfloat16: ONNX's reference evaluator does
+        got = ReferenceEvaluator(str(tmp_path / "transformer.onnx")).run(None, half)[0]
+    got = got.astype(np.float32)
+    assert np.isfinite(got).all()
+    # half-precision rounding through 4 blocks: 3% (fp16) / 8% (bf16, 8-bit mantissa) of the output range
+    bound = {"fp16": 0.03, "bf16": 0.08}[precision] * np.abs(want).max()
+    assert np.abs(got - want).max() < bound
+
+
+def test_export_refuses_mixing_sources(tiny_checkpoints, fp32_exports):
+    ckpt = Checkpoint.open(tiny_checkpoints["schnell"])
+    with pytest.raises(ExportError, match="already holds a fp32 export of .*use another folder"):
+        export_checkpoint(ckpt, fp32_exports["dev"], ExportRequest(("clip",), "fp32"))
+
+
+def test_export_request_validation():
+    with pytest.raises(ValueError, match="each must be one of"):
+        ExportRequest(("unet",), "fp32")
+    with pytest.raises(ValueError, match="precision 'int8' is not one of"):
+        ExportRequest(("clip",), "int8")
+
+
+def test_cli_export_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fluxrt.cli", "export", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "checkpoint folder" in r.stderr and "does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
