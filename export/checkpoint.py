@@ -271,8 +271,10 @@ class Checkpoint:
         from fluxrt.export import bfl
 
         state = self._bfl_state(self.transformer_file, "transformer", load)
-        converted, config = bfl.transformer_bfl_to_diffusers(state)
-        return converted, config
+        try:
+            return bfl.transformer_bfl_to_diffusers(state)
+        except ValueError as e:
+            raise CheckpointError(f"transformer {self.transformer_file}: {e}") from None
 
     def _bfl_vae(self, load: bool = False) -> tuple[dict, dict]:
         from fluxrt.export import bfl

@@ -17,7 +17,7 @@ from onnx.reference import ReferenceEvaluator
 
 from fluxrt.components import component_spec
 from fluxrt.errors import CheckpointError, ExportError
-from fluxrt.export.checkpoint import Checkpoint
+from fluxrt.export.checkpoint import TORCH_DTYPES, Checkpoint
 from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
 
 VARIANTS = ("dev", "schnell")
@@ -35,9 +35,9 @@ def feeds(component: str, dims, batch: int, text: int, height: int, width: int, 
     n = (h // 2) * (w // 2)
     rng = np.random.default_rng(seed)
     if component == "clip":
-        return {"input_ids": rng.integers(0, 200, (batch, dims.clip_max_length)).astype(np.int32)}
+        return {"input_ids": rng.integers(0, 150, (batch, dims.clip_max_length)).astype(np.int32)}
     if component == "t5":
-        return {"input_ids": rng.integers(0, 200, (batch, text)).astype(np.int32)}
+        return {"input_ids": rng.integers(0, 150, (batch, text)).astype(np.int32)}
     if component == "vae_decoder":
         return {"latent": rand((batch, dims.latent_channels, h, w), seed)}
     if component == "vae_encoder":
@@ -129,7 +129,7 @@ def test_half_precision_exports(precision, tiny_checkpoints, tmp_path):
     assert model.graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # timestep stays float32
     dims = ckpt.dims()
     feed = feeds("transformer", dims, 2, 6, 64, 48)
-    want = torch_reference(ckpt, "transformer", feed)[0]
+    want = half_precision_reference(ckpt, feed, TORCH_DTYPES[precision])
     half_dtype = np.float16 if precision == "fp16" else ml_dtypes.bfloat16
     half = {k: v.astype(half_dtype) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections")
             else v for k, v in feed.items()}
@@ -139,9 +139,21 @@ def test_half_precision_exports(precision, tiny_checkpoints, tmp_path):
         got = ReferenceEvaluator(str(tmp_path / "transformer.onnx")).run(None, half)[0]
     got = got.astype(np.float32)
     assert np.isfinite(got).all()
-    # half-precision rounding through 4 blocks: 3% (fp16) / 8% (bf16, 8-bit mantissa) of the output range
-    bound = {"fp16": 0.03, "bf16": 0.08}[precision] * np.abs(want).max()
-    assert np.abs(got - want).max() < bound
+    # same-precision torch model, a few roundings apart: 3% of the output range (measured: bf16 0.9%, fp16 2.4%
+    # as ONNX Runtime's CPU fp16 kernels round differently from torch's)
+    assert np.abs(got - want).max() < 0.03 * np.abs(want).max()
+
+
+def half_precision_reference(ckpt: Checkpoint, feed: dict, dtype: torch.dtype) -> np.ndarray:
+    """diffusers' transformer in ``dtype``, fed as diffusers' pipeline feeds it (everything cast to the model
+    dtype, timestep and guidance included)."""
+    model = ckpt.load_transformer(dtype)
+    t = {k: torch.from_numpy(v) for k, v in feed.items()}
+    with torch.no_grad():
+        out = model(hidden_states=t["hidden_states"].to(dtype), encoder_hidden_states=t["encoder_hidden_states"].to(dtype),
+                    pooled_projections=t["pooled_projections"].to(dtype), timestep=t["timestep"].to(dtype),
+                    img_ids=t["img_ids"], txt_ids=t["txt_ids"], guidance=t["guidance"].to(dtype), return_dict=False)[0]
+    return out.float().numpy()
 
 
 def test_export_refuses_mixing_sources(tiny_checkpoints, fp32_exports):
