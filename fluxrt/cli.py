@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from fluxrt.errors import FluxRTError
@@ -44,15 +45,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from fluxrt.runtime import FluxPipeline
     from fluxrt.runtime.pipeline import progress_bar
 
-    if args.engines:
-        raise UsageError("--engines: TensorRT engine folders are not supported by this build yet; use --onnx")
-    pipe = FluxPipeline.load(args.onnx, backend=args.backend)
+    pipe = FluxPipeline.load(args.engines or args.onnx, backend=args.backend)
     out = pipe(prompt=args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length,
                num_images_per_prompt=args.num_images, seed=args.seed, output_type="pil",
                callback=progress_bar("fluxrt generate:"))
-    settings = dict(out.settings, prompt=args.prompt, backend=args.backend, model=str(args.onnx),
-                    variant=pipe.variant, precision=pipe.folder.precision)
+    settings = dict(out.settings, prompt=args.prompt, model=str(args.engines or args.onnx),
+                    variant=pipe.variant, precision=pipe.folder.precision,
+                    backends={k: r.backend for k, r in pipe.runners.items()})
     settings.pop("prompts", None)
     paths = output_paths(args.out, len(out.images))
     for i, (image, path) in enumerate(zip(out.images, paths)):
@@ -61,6 +61,48 @@ def cmd_generate(args: argparse.Namespace) -> None:
             info.add_text(f"fluxrt:{key}", json.dumps(value) if not isinstance(value, str) else value)
         write_png(image, path, info)
         print(f"wrote {path}")
+
+
+def parse_range(text: str, what: str) -> tuple[int, int, int]:
+    """``"512,1024,1536"`` -> (512, 1024, 1536); one number means min = opt = max."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--{what} must be MIN,OPT,MAX integers, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise UsageError(f"--{what} must be MIN,OPT,MAX integers, got {text!r}")
+    return values
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from fluxrt.engines.folder import STAGES, BuildSettings, build_folder
+    from fluxrt.engines.profiles import ShapeEnvelope
+    from fluxrt.engines.trt import import_trt
+    from fluxrt.runtime.artifacts import ExportFolder
+
+    export = ExportFolder.open(args.onnx_dir)
+    max_text = 512 if export.variant == "dev" else 256
+    text = parse_range(args.text_length, "text-length") if args.text_length else (1, max_text, max_text)
+    components = tuple(c.strip() for c in args.components.split(",")) if args.components else STAGES
+    try:
+        envelope = ShapeEnvelope(batch=parse_range(args.batch, "batch"), text_length=text,
+                                 image_side=parse_range(args.image_side, "image-side"))
+        settings = BuildSettings(
+            precision=args.precision, envelope=envelope, optimization_level=args.optimization_level,
+            workspace_bytes=int(args.workspace_gib * 2**30) if args.workspace_gib else None,
+            timing_cache=str(args.timing_cache) if args.timing_cache else None,
+            compute_capabilities=tuple(args.compute_capability.split(",")) if args.compute_capability else None,
+            components=components)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    trt = import_trt(args.library)
+    start = time.perf_counter()
+    actions = build_folder(export.root, args.out, settings, trt_module=trt)
+    summary = ", ".join(f"{k} {v}" for k, v in actions.items())
+    print(f"{args.out}: {summary} ({args.precision}, {trt.__name__} {trt.__version__}) in "
+          f"{time.perf_counter() - start:.1f}s")
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
@@ -104,6 +146,25 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--vae", type=Path, help="Black Forest Labs single-file autoencoder (ae.safetensors)")
     e.set_defaults(func=cmd_export)
 
+    b = sub.add_parser("build", help="build TensorRT plans from an export folder")
+    b.add_argument("onnx_dir", type=Path, help="export folder written by fluxrt export")
+    b.add_argument("--out", type=Path, required=True, help="engine folder to write or update")
+    b.add_argument("--precision", choices=("fp16", "bf16", "fp8"), required=True,
+                   help="fp16/bf16 need an export of that precision; fp8 calibrates the transformer from an "
+                        "fp16 or bf16 export")
+    b.add_argument("--batch", default="1,1,4", help="MIN,OPT,MAX batch (default 1,1,4)")
+    b.add_argument("--text-length", help="MIN,OPT,MAX T5 tokens (default 1,512,512 dev; 1,256,256 schnell)")
+    b.add_argument("--image-side", default="512,1024,1536", help="MIN,OPT,MAX image side in pixels, multiples "
+                                                                 "of 16 (default 512,1024,1536)")
+    b.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
+    b.add_argument("--workspace-gib", type=float, help="workspace memory limit in GiB (default: TensorRT's)")
+    b.add_argument("--timing-cache", type=Path, help="timing cache file to read and update (TensorRT only)")
+    b.add_argument("--compute-capability", help="TensorRT-RTX targets, e.g. SM89,SM120 (default: the library's)")
+    b.add_argument("--library", choices=("tensorrt", "tensorrt-rtx"), help="default: tensorrt if installed, "
+                                                                           "else tensorrt-rtx")
+    b.add_argument("--components", help="comma-separated subset of clip,t5,transformer,vae_decoder,vae_encoder")
+    b.set_defaults(func=cmd_build)
+
     g = sub.add_parser("generate", help="generate images from an export folder (or engine folder)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--onnx", type=Path, help="export folder written by fluxrt export")
@@ -117,7 +178,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-sequence-length", type=int, help="T5 tokens; default 512 (dev), 256 (schnell)")
     g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--backend", choices=("ort-cpu", "ort-cuda", "trt", "torch"), default="ort-cpu")
+    g.add_argument("--backend", choices=("ort-cpu", "ort-cuda", "trt", "torch"),
+                   help="default: trt for --engines, ort-cpu for --onnx")
     g.set_defaults(func=cmd_generate)
     return p
 

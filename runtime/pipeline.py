@@ -14,7 +14,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from fluxrt.components import PRECISION_DTYPE
 from fluxrt.errors import InvalidInputError, NumericError
 from fluxrt.runtime import sampling
 from fluxrt.runtime.artifacts import ExportFolder
@@ -22,6 +21,7 @@ from fluxrt.runtime.runners import Array, OrtRunner, Runner, array_module
 from fluxrt.runtime.tokenizer import PromptTokenizer
 
 STAGES = ("clip", "t5", "transformer", "vae_decoder")
+BACKENDS = ("ort-cpu", "ort-cuda", "torch", "trt")
 DEFAULTS = {  # the variant's published settings
     "dev": dict(num_inference_steps=28, guidance_scale=3.5, max_sequence_length=512),
     "schnell": dict(num_inference_steps=4, guidance_scale=None, max_sequence_length=256),
@@ -41,7 +41,17 @@ class FluxPipelineOutput:
     timings: dict = field(default_factory=dict)
 
 
-def make_runner(folder: ExportFolder, name: str, backend: str) -> Runner:
+def make_runner(folder, name: str, backend: str) -> Runner:
+    if backend == "trt":
+        if not hasattr(folder, "verify_plan"):
+            raise InvalidInputError(f"backend 'trt' for {name} needs an engine folder (fluxrt build), "
+                                    f"{folder.root} is an export folder")
+        from fluxrt.engines.runner import TrtRunner
+
+        return TrtRunner.from_engine_folder(folder, name)
+    if hasattr(folder, "verify_plan"):
+        raise InvalidInputError(f"engine folder {folder.root} holds TensorRT plans: backend for {name} must be "
+                                f"'trt', got {backend!r}")
     spec, precision = folder.spec(name), folder.graph_precision(name)
     if backend in ("ort-cpu", "ort-cuda"):
         return OrtRunner(spec, precision, folder.graph_path(name), backend=backend)
@@ -49,7 +59,16 @@ def make_runner(folder: ExportFolder, name: str, backend: str) -> Runner:
         from fluxrt.export.torch_runner import TorchRunner  # export extra: the reference backend
 
         return TorchRunner.from_export_folder(folder, name)
-    raise InvalidInputError(f"backend {backend!r} for {name} is not one of ['ort-cpu', 'ort-cuda', 'torch']")
+    raise InvalidInputError(f"backend {backend!r} for {name} is not one of {list(BACKENDS)}")
+
+
+def open_folder(path: str | Path):
+    """An export folder, or an engine folder (which has engines.json)."""
+    if (Path(path) / "engines.json").is_file():
+        from fluxrt.engines.folder import EngineFolder
+
+        return EngineFolder.open(path)
+    return ExportFolder.open(path)
 
 
 class FluxPipeline:
@@ -69,14 +88,17 @@ class FluxPipeline:
         self.t5_tokenizer = PromptTokenizer.from_file(folder.tokenizer_path("t5"), "t5")
 
     @classmethod
-    def load(cls, path: str | Path, backend: str | Mapping[str, str] = "ort-cpu") -> "FluxPipeline":
-        """``backend``: one name for every stage, or a mapping stage -> name for a mixed setup."""
-        folder = ExportFolder.open(path)
+    def load(cls, path: str | Path, backend: str | Mapping[str, str] | None = None) -> "FluxPipeline":
+        """``path``: an export folder (fluxrt export) or an engine folder (fluxrt build).
+        ``backend``: one name for every stage, or a mapping stage -> name for a mixed setup;
+        default ``ort-cpu`` for export folders, ``trt`` for engine folders."""
+        folder = open_folder(path)
+        default = "trt" if hasattr(folder, "verify_plan") else "ort-cpu"
+        backend = default if backend is None else backend
         choice = {s: backend for s in STAGES} if isinstance(backend, str) else dict(backend)
         unknown = sorted(set(choice) - set(STAGES))
         if unknown:
             raise InvalidInputError(f"backend mapping names unknown stages {unknown}; stages are {list(STAGES)}")
-        default = "ort-cpu"
         return cls(folder, {s: make_runner(folder, s, choice.get(s, default)) for s in STAGES})
 
     # ---- parameters ----------------------------------------------------------------------------
@@ -134,7 +156,6 @@ class FluxPipeline:
     # ---- stages --------------------------------------------------------------------------------
     def run(self, stage: str, feed: dict) -> dict:
         runner = self.runners[stage]
-        xp = array_module(next(iter(feed.values())))
         feed = {k: self.to_device(runner, v) for k, v in feed.items()}
         out = runner.infer(feed)
         for name, value in out.items():
@@ -142,7 +163,6 @@ class FluxPipeline:
                 raise NumericError(f"stage {stage} ({runner.backend}, {runner.precision}) produced NaN or Inf in "
                                    f"{name!r}; at {runner.precision} this usually means an overflow: "
                                    f"try bf16 or fp32")
-        del xp
         return out
 
     @staticmethod
@@ -234,4 +254,4 @@ def progress_bar(prefix: str) -> Callable[[int, int], None]:
     return show
 
 
-__all__ = ["FluxPipeline", "FluxPipelineOutput", "GuidanceIgnoredWarning", "PRECISION_DTYPE"]
+__all__ = ["FluxPipeline", "FluxPipelineOutput", "GuidanceIgnoredWarning"]
