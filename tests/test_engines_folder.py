@@ -1,0 +1,169 @@
+"""Engine folders built for real with TensorRT-RTX (or TensorRT) from the tiny model's exports:
+plans for every component and precision, their profiles, the cache, refusal of stale plans,
+and the runner against ONNX Runtime where a GPU and TensorRT exist."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from fluxrt.components import component_spec
+from fluxrt.engines.folder import BuildSettings, EngineFolder, build_folder, current_gpu, up_to_date
+from fluxrt.engines.profiles import ShapeEnvelope, profile_shapes
+from fluxrt.errors import EngineError
+from fluxrt.export.checkpoint import Checkpoint
+from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
+
+trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (fluxrt[trt-rtx]) is not installed")
+ENVELOPE = ShapeEnvelope(batch=(1, 2, 4), text_length=(1, 64, 128), image_side=(32, 64, 128))
+TARGETS = ("SM89", "SM120")
+DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+@pytest.fixture(scope="session")
+def half_exports(tiny_checkpoints, tmp_path_factory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("half")
+    ckpt = Checkpoint.open(tiny_checkpoints["dev"])
+    for precision in ("fp16", "bf16"):
+        export_checkpoint(ckpt, root / precision, ExportRequest(("clip", "t5", "transformer", "vae"), precision))
+    return {p: root / p for p in ("fp16", "bf16")}
+
+
+def settings(precision: str, **kw) -> BuildSettings:
+    return BuildSettings(precision=precision, envelope=ENVELOPE, compute_capabilities=TARGETS, **kw)
+
+
+@pytest.fixture(scope="session")
+def engine_dirs(half_exports, tmp_path_factory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("engines")
+    for precision in ("fp16", "bf16"):
+        actions = build_folder(half_exports[precision], root / precision, settings(precision), trt_module=trt,
+                               progress=False)
+        assert set(actions.values()) == {"built"}
+    return {p: root / p for p in ("fp16", "bf16")}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_plans_have_spec_io_and_profiles(precision, engine_dirs):
+    folder = EngineFolder.open(engine_dirs[precision])
+    assert folder.precision == precision and folder.variant == "dev"
+    for name in ("clip", "t5", "transformer", "vae_decoder"):
+        spec = component_spec(name, folder.dims)
+        meta = folder.sidecar(name)
+        assert meta["compute_capabilities"] == list(TARGETS)
+        assert meta["library"] == "tensorrt-rtx" and meta["onnx_sha256"] and meta["build_seconds"] > 0
+        inputs = {t["name"]: t for t in meta["io"]["inputs"]}
+        assert list(inputs) == spec.input_names
+        assert [t["name"] for t in meta["io"]["outputs"]] == spec.output_names
+        graph_precision = "fp32" if name == "vae_decoder" and precision == "fp16" else precision
+        for t in spec.inputs:
+            assert inputs[t.name]["dtype"] == t.resolved_dtype(graph_precision)
+        for input_name, (lo, opt, hi) in profile_shapes(spec, ENVELOPE, folder.dims).items():
+            assert inputs[input_name]["profile"] == [list(lo), list(opt), list(hi)]
+    transformer = {t["name"]: t for t in folder.sidecar("transformer")["io"]["inputs"]}
+    assert transformer["encoder_hidden_states"]["profile"][0][1] == 1  # text length stays dynamic: 1..128
+    assert transformer["encoder_hidden_states"]["profile"][2][1] == 128
+    assert transformer["hidden_states"]["profile"][2][:2] == [4, (128 // 16) ** 2]
+
+
+def test_second_build_is_a_noop_and_changes_rebuild_only_what_changed(half_exports, tmp_path):
+    out = tmp_path / "eng"
+    build_folder(half_exports["fp16"], out, settings("fp16"), trt_module=trt, progress=False)
+    plans = {p.name: p.stat().st_mtime_ns for p in out.glob("*.plan")}
+    start = time.perf_counter()
+    actions = build_folder(half_exports["fp16"], out, settings("fp16"), trt_module=trt, progress=False)
+    assert set(actions.values()) == {"kept"} and time.perf_counter() - start < 5
+    assert plans == {p.name: p.stat().st_mtime_ns for p in out.glob("*.plan")}
+
+    # a changed ONNX graph rebuilds exactly that component
+    changed = tmp_path / "export"
+    shutil.copytree(half_exports["fp16"], changed)
+    import onnx
+
+    model = onnx.load(str(changed / "t5.onnx"))
+    model.doc_string = "touched"
+    onnx.save(model, str(changed / "t5.onnx"))
+    actions = build_folder(changed, out, settings("fp16"), trt_module=trt, progress=False)
+    assert actions == {"clip": "kept", "t5": "built", "transformer": "kept", "vae_decoder": "kept"}
+
+    # a corrupted plan is rebuilt; other settings rebuild everything
+    (out / "clip.plan").write_bytes(b"garbage")
+    assert build_folder(changed, out, settings("fp16"), trt_module=trt, progress=False)["clip"] == "built"
+    actions = build_folder(changed, out, settings("fp16", optimization_level=2), trt_module=trt, progress=False)
+    assert set(actions.values()) == {"built"}
+
+
+def test_stale_or_foreign_plans_are_refused(engine_dirs, tmp_path):
+    out = shutil.copytree(engine_dirs["fp16"], tmp_path / "eng")
+    folder = EngineFolder.open(out)
+    lib = {"library": "tensorrt-rtx", "version": trt.__version__}
+    assert folder.verify_plan("t5", lib, None) == out / "t5.plan"
+    with pytest.raises(EngineError, match="was built with tensorrt-rtx .*; this machine has tensorrt 10.9.0: rebuild"):
+        folder.verify_plan("t5", {"library": "tensorrt", "version": "10.9.0"}, None)
+    with pytest.raises(EngineError, match=r"was built for \['SM89', 'SM120'\]; this GPU \(H100\) is SM90"):
+        folder.verify_plan("t5", lib, {"name": "H100", "compute_capability": "SM90"})
+    (out / "t5.plan").write_bytes((out / "t5.plan").read_bytes()[:-10])
+    with pytest.raises(EngineError, match="t5 plan .* does not match its sidecar: corrupted or replaced"):
+        folder.verify_plan("t5", lib, None)
+    (out / "clip.plan.json").write_text("{not json")
+    with pytest.raises(EngineError, match="clip plan sidecar .*clip.plan.json is not readable JSON"):
+        folder.verify_plan("clip", lib, None)
+    assert up_to_date(out, "clip", "x", settings("fp16"), lib) == "its sidecar is unreadable"
+
+
+def test_precision_must_match_the_export(fp32_exports, tmp_path):
+    with pytest.raises(EngineError, match="holds fp32 graphs; engines are strongly typed .* export with "
+                                          "--precision fp16"):
+        build_folder(fp32_exports["dev"], tmp_path / "e", settings("fp16"), trt_module=trt, progress=False)
+    with pytest.raises(EngineError, match="FP8 engines are built from an fp16 or bf16 export"):
+        build_folder(fp32_exports["dev"], tmp_path / "e", settings("fp8"), trt_module=trt, progress=False)
+    with pytest.raises(ValueError, match="engine precision 'int8' is not one of"):
+        settings("int8")
+
+
+def test_engine_folder_errors(tmp_path):
+    with pytest.raises(EngineError, match="engine folder .* does not exist"):
+        EngineFolder.open(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EngineError, match="engine folder index .*engines.json is missing"):
+        EngineFolder.open(tmp_path / "empty")
+
+
+def gpu_trt():
+    """The TensorRT module that can run plans here, or a skip with the reason."""
+    gpu = current_gpu()
+    if gpu is None:
+        pytest.skip("no CUDA GPU (cupy) on this machine: TensorRT plans cannot execute")
+    for name in ("tensorrt", "tensorrt_rtx_bindings"):
+        try:
+            return __import__(name), gpu
+        except ImportError:
+            continue
+    pytest.skip("no TensorRT module")
+
+
+@pytest.mark.trt
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_trt_runner_matches_onnx_runtime(precision, half_exports, tmp_path):
+    """Runs where a GPU and TensorRT exist: engine outputs vs ONNX Runtime's on the same graphs."""
+    module, gpu = gpu_trt()
+    import onnxruntime as ort
+
+    from fluxrt.engines.runner import TrtRunner
+
+    targets = None if module.__name__ == "tensorrt" else (gpu["compute_capability"],)
+    out = tmp_path / "eng"
+    build_folder(half_exports[precision], out, BuildSettings(precision=precision, envelope=ENVELOPE,
+                                                             compute_capabilities=targets), trt_module=module)
+    folder = EngineFolder.open(out)
+    rng = np.random.default_rng(0)
+    feed = {"input_ids": rng.integers(0, 150, (2, 33)).astype(np.int32)}
+    runner = TrtRunner.from_engine_folder(folder, "t5", module).activate()
+    got = runner.infer(feed)["text_embeddings"].get()
+    want = ort.InferenceSession(str(half_exports[precision] / "t5.onnx"),
+                                providers=ort.get_available_providers()).run(None, feed)[0]
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2, rtol=2e-2)
