@@ -10,16 +10,19 @@ Two export modes, chosen per export:
   [B, H, L, L] scores and ran 1.4x slower than torch eager on an H100.
 
 MultiHeadAttention wants a 3D query [B, S, H*D] (a 4D BNSH query is refused) and key/value as
-[B, L, H*D] or both BNSH [B, H, L, D]. All three go in as [B, L, H*D]: that is the layout its
-flash path takes without copies, and FLUX's projections arrive as [B, L, H, D] transposed to
-[B, H, L, D], so the transposes added here cancel against those in the graph.
+[B, L, H*D] or both BNSH [B, H, L, D] (meant for cross-attention over a cache). All three go in
+as [B, L, H*D], its plain self-attention layout. FLUX's projections arrive as [B, L, H, D]
+transposed to [B, H, L, D], so the transposes added here cancel against those: the exported
+transformer has no Transpose left around attention.
 
 Which aten op reaches the exporter: ``torch.export`` keeps ``aten.scaled_dot_product_attention``
-whole and the exporter does not decompose ops it has a translation for (seen for fp32 and fp16
-on CPU). The backend-specific variants appear only when a program was decomposed before
-translation (``_scaled_dot_product_flash_attention_for_cpu`` on CPU; ``_flash_attention``,
-``_efficient_attention``, ``_cudnn_attention`` or ``_fused_attention_overrideable`` on CUDA);
-they are all translated the same way so the table holds wherever the export runs.
+whole, and the exporter does not decompose ops it has a translation for. Seen for fp32 and fp16
+on CPU (torch 2.13) and for bf16 and fp16 on an H100 (torch 2.11). The backend-specific ops
+appear only in a program decomposed before translation: ``run_decompositions()`` turned it into
+``_scaled_dot_product_cudnn_attention`` on the H100, and into plain softmax math on CPU. Those
+ops (``_flash_attention_for_cpu``, ``_flash_attention``, ``_efficient_attention``,
+``_cudnn_attention``, ``_fused_attention_overrideable``) are translated the same way, so the
+table holds wherever and however the export runs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 from fluxrt.errors import ExportError
 
 MSFT_DOMAIN = "com.microsoft"
+ATTENTION_MODES = ("portable", "ort")  # portable: standard ops (TensorRT, any runtime); ort: fused, ONNX Runtime only
 
 
 def _unsupported(op_name: str, attn_mask, dropout_p: float, is_causal: bool, enable_gqa: bool = False) -> None:
@@ -156,6 +160,13 @@ def ort_attention_table() -> dict:
         aten._scaled_dot_product_cudnn_attention.default: sdpa_cudnn,
         aten._scaled_dot_product_fused_attention_overrideable.default: sdpa_overrideable,
     }
+
+
+def translation_table(attention: str) -> dict | None:
+    """The exporter's ``custom_translation_table`` for an attention mode (None: torch's own)."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention mode {attention!r} is not one of {ATTENTION_MODES}")
+    return ort_attention_table() if attention == "ort" else None
 
 
 def count_attention_nodes(onnx_path: str | Path) -> dict[str, int]:

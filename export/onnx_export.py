@@ -27,6 +27,7 @@ import torch
 from fluxrt.components import COMPONENTS, PRECISIONS, ComponentSpec, ModelDims, component_precision, component_spec
 from fluxrt.errors import ExportError
 from fluxrt.export import graphs
+from fluxrt.export.attention import ATTENTION_MODES, translation_table
 from fluxrt.export.checkpoint import TORCH_DTYPES, Checkpoint
 from fluxrt.export.memory import PeakMemory
 
@@ -44,8 +45,11 @@ USER_COMPONENTS = ("clip", "t5", "transformer", "vae")  # "vae" exports vae_deco
 class ExportRequest:
     components: tuple[str, ...]
     precision: str
+    attention: str = "portable"  # "ort": fused com.microsoft.MultiHeadAttention, ONNX Runtime only
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_MODES}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         unknown = [c for c in self.components if c not in USER_COMPONENTS]
@@ -124,7 +128,7 @@ def param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path) -> dict:
+def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, attention: str = "portable") -> dict:
     """Trace one component and write ``out_dir/NAME.onnx`` (+ ``.data``) atomically; return its record."""
     dims = ckpt.dims()
     spec = component_spec(name, dims)
@@ -141,6 +145,7 @@ def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path) -> 
                 module, example_inputs(spec, dims, graph_precision), dynamo=True, opset_version=opset_for(graph_precision),
                 input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_shapes=dynamic_shapes(spec, dims), verbose=False,
+                custom_translation_table=translation_table(attention) if name == "transformer" else None,
             )
         log(f"{name}: traced in {time.perf_counter() - t1:.1f}s; writing")
         external = nbytes > EXTERNAL_DATA_BYTES
@@ -152,6 +157,7 @@ def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path) -> 
         file=path.name, data_file=f"{path.name}.data" if external else None, precision=graph_precision,
         sha256=file_sha256(path), weights_bytes=nbytes, export_seconds=round(time.perf_counter() - t0, 2),
         peak_rss_bytes=mem.peak_bytes, inputs=spec.input_names, outputs=spec.output_names,
+        attention=attention if name == "transformer" else "portable",
     )
     log(f"{name}: done in {record['export_seconds']}s, peak host memory {mem.peak_bytes / 2**30:.2f} GiB")
     return record
@@ -273,7 +279,7 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | Path, request: ExportRequ
     copy_side_files(ckpt, out_dir)
     records = dict(manifest.get("components", {}))
     for name in request.graphs:
-        records[name] = export_graph(name, ckpt, request.precision, out_dir)
+        records[name] = export_graph(name, ckpt, request.precision, out_dir, request.attention)
         manifest = dict(
             format=FORMAT, variant=dims.variant, precision=request.precision, dims=dims.to_json(),
             source=dict(path=str(ckpt.root.resolve()), fingerprint=fingerprint,

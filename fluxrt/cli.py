@@ -27,7 +27,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     try:
         request = ExportRequest(components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
-                                precision=args.precision)
+                                precision=args.precision, attention=args.attention)
     except ValueError as e:
         raise UsageError(str(e)) from None
     ckpt = Checkpoint.open(args.checkpoint, transformer_file=args.transformer, vae_file=args.vae)
@@ -142,6 +142,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     e.add_argument("--components", default="clip,t5,transformer,vae",
                    help="comma-separated subset of clip,t5,transformer,vae (default: all)")
+    e.add_argument("--attention", choices=("portable", "ort"), default="portable",
+                   help="portable: standard ONNX ops (TensorRT fuses them); ort: fused com.microsoft."
+                        "MultiHeadAttention for ONNX Runtime only")
     e.add_argument("--transformer", type=Path, help="Black Forest Labs single-file transformer (flux1-*.safetensors)")
     e.add_argument("--vae", type=Path, help="Black Forest Labs single-file autoencoder (ae.safetensors)")
     e.set_defaults(func=cmd_export)

@@ -11,13 +11,11 @@ on cupy arrays; the functions that create arrays (ids, noise) return host numpy 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
 from fluxrt.errors import InvalidInputError
-
-Array = Any  # numpy.ndarray or cupy.ndarray
+from fluxrt.runtime.runners import Array, array_module
 
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 # options of diffusers' scheduler that FLUX's configs leave unset or false; each changes the schedule
@@ -28,11 +26,6 @@ UNSUPPORTED_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_
 SUPPORTED_OPTIONS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
                      "base_image_seq_len", "max_image_seq_len", "shift_terminal", "time_shift_type")
 TIME_SHIFT_TYPES = ("exponential", "linear")
-
-
-def array_namespace(x: Array):
-    """numpy for numpy arrays, cupy for cupy arrays."""
-    return x.__array_namespace__() if hasattr(x, "__array_namespace__") else np
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -104,6 +97,9 @@ def get_sigmas(num_steps: int, image_seq_len: int, scheduler_config: dict) -> np
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
     sigmas = shifted(sigmas, int(image_seq_len), scheduler_config)
     if scheduler_config.get("shift_terminal"):
+        if num_steps < 2:
+            raise InvalidInputError(f"scheduler shift_terminal {scheduler_config['shift_terminal']!r} needs at least "
+                                    f"2 steps (diffusers' schedule is NaN for 1), got num_inference_steps=1")
         sigmas = stretch_to_terminal(sigmas, scheduler_config["shift_terminal"])
     return np.append(sigmas.astype(np.float32), np.float32(0.0))
 
@@ -149,9 +145,10 @@ def unpack_latents(packed: Array, height: int, width: int, vae_scale_factor: int
     """[B, N, C*4] -> [B, C, h, w] for an image of ``height`` x ``width`` pixels."""
     h, w = latent_size(height, width, vae_scale_factor)
     n = (h // 2) * (w // 2)
-    if packed.ndim != 3 or packed.shape[1] != n or packed.shape[2] % 4:
-        raise InvalidInputError(f"packed latents have shape {tuple(packed.shape)}; a {height}x{width} image needs "
-                                f"[B, {n}, 4*C]")
+    if packed.ndim != 3 or packed.shape[2] % 4:
+        raise InvalidInputError(f"packed latents have shape {tuple(packed.shape)}, expected [B, N, 4*C]")
+    if packed.shape[1] != n:
+        raise InvalidInputError(f"packed latents have {packed.shape[1]} tokens, a {height}x{width} image needs {n}")
     b, _, c4 = packed.shape
     x = packed.reshape(b, h // 2, w // 2, c4 // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)  # [B, C, h/2, 2, w/2, 2]
     return x.reshape(b, c4 // 4, h, w)
@@ -201,6 +198,6 @@ def to_uint8_images(images: Array) -> Array:
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise InvalidInputError(f"images have shape {tuple(images.shape)}, expected [B, 3, H, W]")
-    xp = array_namespace(images)
+    xp = array_module(images)
     x = xp.clip(images * 0.5 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)  # [B, H, W, 3]
     return (x * 255).round().astype(np.uint8)

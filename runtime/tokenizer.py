@@ -4,7 +4,7 @@ Ids equal those of transformers' tokenizers called the way diffusers' ``FluxPipe
 them (``padding="max_length", max_length=..., truncation=True``, special tokens added): CLIP gets
 ``<|startoftext|> ... <|endoftext|>`` padded with ``<|endoftext|>``, T5 gets ``... </s>`` padded
 with ``<pad>``.  Padding and truncation are done here, whatever the JSON file says about them.
-Truncation is never silent: it raises a :class:`PromptTruncatedWarning` with the count dropped.
+Truncation is never silent: it warns with a :class:`PromptTruncatedWarning` giving the count dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from fluxrt.errors import ExportError, InvalidInputError
 
@@ -28,14 +29,14 @@ class PromptTruncatedWarning(UserWarning):
 @dataclass(frozen=True)
 class PromptTokenizer:
     kind: str  # "clip" or "t5"
-    tokenizer: object  # tokenizers.Tokenizer, with padding and truncation off
+    tokenizer: Tokenizer  # padding and truncation off
     pad_id: int
+    leading: int  # special tokens the post-processor puts before the prompt's tokens (CLIP 1, T5 0)
+    trailing: int  # and after them (CLIP and T5: 1, the end-of-text token)
 
     @classmethod
     def from_file(cls, path: str | Path, kind: str) -> "PromptTokenizer":
         """Load a tokenizers-library JSON file written by ``fluxrt export``."""
-        from tokenizers import Tokenizer
-
         if kind not in PAD_TOKENS:
             raise ValueError(f"tokenizer kind {kind!r} is not one of {list(PAD_TOKENS)}")
         path = Path(path)
@@ -50,30 +51,34 @@ class PromptTokenizer:
             raise ExportError(f"{kind} tokenizer file {path} has no padding token {PAD_TOKENS[kind]!r}")
         tok.no_padding()
         tok.no_truncation()
-        return cls(kind, tok, pad_id)
+        tok.encode_special_tokens = False  # special tokens written in a prompt are matched, as transformers does
+        mask = tok.encode("a").special_tokens_mask  # the post-processor's template around one word
+        if all(mask):
+            raise ExportError(f"{kind} tokenizer file {path} encodes the word 'a' to special tokens only")
+        return cls(kind, tok, pad_id, leading=mask.index(0), trailing=mask[::-1].index(0))
 
     def encode(self, prompts: list[str], max_length: int) -> np.ndarray:
         """int32 ids [len(prompts), max_length], truncated and padded like transformers."""
-        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
-            raise InvalidInputError(f"{self.kind} max_length must be an integer of at least 2 (room for the "
+        least = max(self.leading + self.trailing, 1)
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < least:
+            raise InvalidInputError(f"{self.kind} max_length must be an integer of at least {least} (room for the "
                                     f"special tokens), got {max_length!r}")
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise InvalidInputError(f"prompts must be a list of strings, got {prompts!r}")
         out = np.full((len(prompts), max_length), self.pad_id, dtype=np.int32)  # [B, max_length]
         for row, encoding in enumerate(self.tokenizer.encode_batch(list(prompts))):
-            out[row, :min(len(encoding.ids), max_length)] = self.truncate(encoding, max_length, row)
+            ids = self.truncate(encoding.ids, max_length, row)
+            out[row, :len(ids)] = ids
         return out
 
-    def truncate(self, encoding, max_length: int, row: int) -> list[int]:
-        """The ids of one encoding cut to ``max_length`` the way tokenizers' truncation cuts them:
-        content tokens are dropped from the end, the special tokens around them are kept."""
-        ids = encoding.ids
+    def truncate(self, ids: list[int], max_length: int, row: int) -> list[int]:
+        """``ids`` cut to ``max_length`` as tokenizers' truncation cuts them (transformers' ``truncation=True``):
+        the prompt's last tokens are dropped, the special tokens around them kept."""
         if len(ids) <= max_length:
             return ids
         dropped = len(ids) - max_length
-        warnings.warn(f"{ENCODER_NAMES[self.kind]} prompt {row} has {len(ids)} tokens but the encoder takes "
-                      f"{max_length}: the last {dropped} tokens before the end-of-text token were dropped",
-                      PromptTruncatedWarning, stacklevel=3)
-        keep = [i for i, special in enumerate(encoding.special_tokens_mask) if not special]
-        cut = set(keep[len(keep) - dropped:])
-        return [t for i, t in enumerate(ids) if i not in cut]
+        warnings.warn(f"{self.kind} prompt {row} has {len(ids)} tokens; the limit is {max_length}, so the last "
+                      f"{dropped} were dropped (the {ENCODER_NAMES[self.kind]} encoder reads {max_length} tokens, "
+                      f"end-of-text included)", PromptTruncatedWarning, stacklevel=3)
+        end = len(ids) - self.trailing
+        return ids[:end - dropped] + ids[end:]

@@ -49,7 +49,7 @@ def test_euler_loop_equals_scheduler_step():
 
     scheduler = FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
     sigmas = sampling.get_sigmas(7, 1024, DEV_SCHEDULER)
-    scheduler.set_timesteps(sigmas=sigmas[:-1].tolist(), mu=sampling.calculate_shift(1024))
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 7, 7), mu=sampling.calculate_shift(1024))
     rng = np.random.default_rng(0)
     ours = theirs = rng.standard_normal((2, 16, 64)).astype(np.float32)
     theirs = torch.from_numpy(theirs)

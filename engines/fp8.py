@@ -1,0 +1,480 @@
+"""FP8 (E4M3) post-training quantization of an exported component, from the export folder alone.
+
+1. Capture: the runtime's own ``FluxPipeline`` samples the calibration prompts over the folder's
+   graphs; a recording runner stands in for the component's runner and keeps every feed it is
+   given (transformer: one per denoising step; T5: one per prompt).
+2. Select: the linears to quantize, by torch module path.  The exporter (``torch.onnx``, dynamo)
+   tags every node with the name scopes of the module it came from; a MatMul/Gemm of a
+   ``torch.nn.Linear`` with a constant weight whose path matches the component's rule is taken.
+   Transformer: the linears of the double and single blocks (attention projections, MLPs) except
+   the AdaLN modulation linears; the embedders (``x_embedder``, ``context_embedder``,
+   ``time_text_embed``) and the final ``norm_out`` / ``proj_out`` keep the graph's precision, and
+   so do the attention score and value products, which are not linears.
+3. Quantize: NVIDIA ModelOpt's ONNX PTQ (``quantize_mode="fp8"``) over the captured feeds: one
+   activation scale per tensor (``amax / 448``), one weight scale per output channel, and a
+   QuantizeLinear/DequantizeLinear pair with a FLOAT8E4M3FN zero point on both inputs of each
+   selected linear.  TensorRT fuses each pair into an FP8 GEMM.
+4. Write: the quantized MatMul/Gemm nodes are renamed to their module path, the graph is checked
+   to keep the component's input and output names and dtypes, and it is written under a
+   temporary name and renamed (``NAME.onnx.data`` beside it over 2 GB), with a provenance
+   sidecar ``NAME.onnx.json`` holding the returned record.
+
+Calibration runs every prompt through the whole sampling loop, so for a real model it is meant
+for a GPU (``backend="ort-cuda"``); on CPU keep it to the tiny model.  Needs the ``fp8`` extra
+(``nvidia-modelopt`` without its ``[onnx]`` extra, which would pull onnxruntime-gpu; see the
+report / requirements for the exact list).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from fluxrt.errors import EngineError, ExportError
+from fluxrt.runtime.runners import Array, Runner, array_module
+
+PROMPTS_FILE = "calibration_prompts.txt"
+BACKENDS = ("ort-cpu", "ort-cuda")
+CALIBRATION_METHODS = ("max", "entropy")
+LINEAR_CLASS = "torch.nn.modules.linear.Linear"
+EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph itself (as the exporter)
+# Every pipeline stage runs during calibration, so the folder needs them all.
+PIPELINE_GRAPHS = ("clip", "t5", "transformer", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class QuantRule:
+    """Which linears of a component get FP8: ``include`` matches module paths, ``exclude`` maps a
+    pattern to the reason it stays in the graph's precision."""
+
+    include: str
+    outside: str  # the reason a linear that ``include`` does not match stays unquantized
+    exclude: tuple[tuple[str, str], ...] = ()
+
+    def reason_to_skip(self, path: str) -> str | None:
+        if not re.search(self.include, path):
+            return self.outside
+        for pattern, reason in self.exclude:
+            if re.search(pattern, path):
+                return reason
+        return None
+
+
+RULES = {
+    "transformer": QuantRule(
+        include=r"^model\.(transformer_blocks|single_transformer_blocks)\.\d+\.",
+        outside="outside the blocks (embedder or final projection)",
+        exclude=((r"\.norm1(_context)?\.linear$|\.norm\.linear$",
+                  "AdaLN modulation: a GEMV over the batch, no FP8 gain and precision-sensitive"),),
+    ),
+    "t5": QuantRule(
+        include=r"^model\.encoder\.block\.\d+\.",
+        outside="outside the encoder blocks",
+        exclude=((r"\.DenseReluDense\.wo$",
+                  "feed-forward output projection: T5 v1.1's outlier activations (kept fp32 even in fp16 exports)"),),
+    ),
+}
+
+
+def check_positive_int(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"Fp8Settings.{name} must be a positive integer{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+
+
+@dataclass(frozen=True)
+class Fp8Settings:
+    """How calibration samples are made.  ``None`` means the variant's published default, which
+    :meth:`resolve` fills in and the record stores."""
+
+    num_prompts: int = 64  # the first N prompts (of the bundled file unless prompts are given)
+    num_inference_steps: int | None = None  # None: 28 for dev, 4 for schnell
+    height: int = 1024
+    width: int = 1024
+    max_sequence_length: int | None = None  # T5 tokens; None: 512 for dev, 256 for schnell
+    guidance_scale: float | None = None  # dev only; None: 3.5
+    seed: int = 0  # prompt i starts from the noise of seed + i
+    backend: str = "ort-cpu"  # the runtime backend that runs the sampling loop: ort-cpu or ort-cuda
+    calibration_method: str = "max"  # activation range: max (amax over all samples) or entropy
+
+    def __post_init__(self) -> None:
+        check_positive_int("num_prompts", self.num_prompts)
+        check_positive_int("num_inference_steps", self.num_inference_steps, allow_none=True)
+        check_positive_int("max_sequence_length", self.max_sequence_length, allow_none=True)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            check_positive_int(name, value)
+            if value % 16:
+                raise ValueError(f"Fp8Settings.{name} must be a multiple of 16 pixels, got {value}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"Fp8Settings.seed must be a non-negative integer, got {self.seed!r}")
+        if self.guidance_scale is not None and (
+                isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float))
+                or not np.isfinite(self.guidance_scale)):
+            raise ValueError(f"Fp8Settings.guidance_scale must be a finite number or None, got {self.guidance_scale!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"Fp8Settings.backend {self.backend!r} is not one of {list(BACKENDS)}")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ValueError(f"Fp8Settings.calibration_method {self.calibration_method!r} is not one of "
+                             f"{list(CALIBRATION_METHODS)}")
+
+    def resolve(self, variant: str) -> dict:
+        """These settings with the variant's defaults filled in."""
+        from fluxrt.runtime.pipeline import DEFAULTS
+
+        d = DEFAULTS[variant]
+        if variant == "schnell" and self.guidance_scale is not None:
+            raise ValueError(f"Fp8Settings.guidance_scale {self.guidance_scale!r}: FLUX.1-schnell has no guidance input")
+        out = asdict(self)
+        for key in ("num_inference_steps", "max_sequence_length", "guidance_scale"):
+            if out[key] is None:
+                out[key] = d[key]
+        return out
+
+
+def bundled_prompts() -> list[str]:
+    """The prompts shipped in ``engines/calibration_prompts.txt``, in file order."""
+    text = resources.files("fluxrt.engines").joinpath(PROMPTS_FILE).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def pick_prompts(prompts: Sequence[str] | None, count: int) -> list[str]:
+    source = "the bundled prompts" if prompts is None else "the given prompts"
+    pool = bundled_prompts() if prompts is None else list(prompts)
+    if isinstance(prompts, str) or not all(isinstance(p, str) and p.strip() for p in pool):
+        raise ValueError(f"prompts must be a list of non-empty strings, got {prompts!r}")
+    if count > len(pool):
+        raise ValueError(f"Fp8Settings.num_prompts is {count}, but {source} hold only {len(pool)}")
+    return pool[:count]
+
+
+# ---------------------------------------------------------------- capture
+
+def host_copy(x: Array) -> np.ndarray:
+    return np.array(x, copy=True) if array_module(x) is np else x.get()
+
+
+class RecordingRunner(Runner):
+    """Runs ``inner`` and keeps a host copy of every feed, the calibration samples.
+
+    An input given as the same array as in the previous call (the text embeddings, the ids,
+    across the steps of one prompt) shares the previous copy instead of being copied again.
+    """
+
+    def __init__(self, inner: Runner):
+        super().__init__(inner.spec, inner.precision)
+        self.inner = inner
+        self.backend = inner.backend
+        self.device = inner.device
+        self.feeds: list[dict[str, np.ndarray]] = []
+        self._previous: dict[str, tuple[Array, np.ndarray]] = {}  # name -> (array given, its copy)
+
+    def _activate(self) -> None:
+        self.inner.activate()
+
+    def _deactivate(self) -> None:
+        self.inner.deactivate()
+
+    def input_dtype(self, name: str) -> str:
+        return self.inner.input_dtype(name)
+
+    def _infer(self, feed: Mapping[str, Array]) -> dict[str, Array]:
+        sample = {}
+        for name, x in feed.items():
+            given, copy = self._previous.get(name, (None, None))
+            sample[name] = copy if x is given else host_copy(x)
+            self._previous[name] = (x, sample[name])
+        self.feeds.append(sample)
+        return self.inner.infer(feed)
+
+
+def open_export(export_dir: Path, component: str):
+    """The export folder, with every graph the sampling loop needs; errors as EngineError."""
+    from fluxrt.runtime.artifacts import ExportFolder
+
+    what = f"FP8 calibration of {component}"
+    if not export_dir.is_dir():
+        raise EngineError(f"{what}: export folder {export_dir} does not exist")
+    try:
+        folder = ExportFolder.open(export_dir)
+        for name in dict.fromkeys((component,) + PIPELINE_GRAPHS):
+            folder.graph_path(name)
+    except ExportError as e:
+        raise EngineError(f"{what}: {e}") from None
+    return folder
+
+
+def capture_feeds(export_dir: str | Path, prompts: Sequence[str], settings: Fp8Settings,
+                  component: str = "transformer") -> list[dict[str, np.ndarray]]:
+    """Run the sampling loop on ``prompts`` and return ``component``'s feeds, in call order."""
+    from fluxrt.runtime.pipeline import FluxPipeline
+
+    check_component(component)
+    folder = open_export(Path(export_dir), component)
+    p = settings.resolve(folder.variant)
+    pipe = FluxPipeline.load(folder.root, backend=settings.backend)
+    recorder = RecordingRunner(pipe.runners[component]).activate()
+    pipe.runners[component] = recorder
+    for i, prompt in enumerate(prompts):
+        if component == "t5":  # the denoising loop adds nothing to T5's inputs
+            pipe.encode_prompts([prompt], p["max_sequence_length"])
+        else:
+            pipe(prompt, height=p["height"], width=p["width"], num_inference_steps=p["num_inference_steps"],
+                 guidance_scale=p["guidance_scale"], max_sequence_length=p["max_sequence_length"],
+                 seed=p["seed"] + i, output_type="np")
+    return recorder.feeds
+
+
+def check_component(component: str) -> None:
+    if component not in RULES:
+        raise ValueError(f"FP8 quantization of component {component!r} is not supported; "
+                         f"supported components are {list(RULES)}")
+
+
+# ---------------------------------------------------------------- selection
+
+def module_origin(node) -> tuple[str, str] | None:
+    """(module path, module class) of the torch module a node was exported from, if tagged."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    try:
+        scopes = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
+        classes = ast.literal_eval(meta["pkg.torch.onnx.class_hierarchy"])
+    except (KeyError, ValueError, SyntaxError):
+        return None
+    if len(scopes) < 2 or len(classes) < 2:
+        return None
+    return scopes[-2], classes[-2]  # the last scope is the aten op inside the module
+
+
+def select_linears(model, component: str, what: str) -> tuple[dict[str, str], dict[str, str]]:
+    """``({node name: module path} to quantize, {module path: reason} left out)``."""
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    selected, excluded, tagged = {}, {}, 0
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        origin = module_origin(node)
+        if origin is None:
+            continue
+        tagged += 1
+        path, cls = origin
+        if cls != LINEAR_CLASS or node.input[1] not in constants:
+            continue  # attention products and other matmuls of activations
+        reason = RULES[component].reason_to_skip(path)
+        if reason is None:
+            selected[node.name] = path
+        else:
+            excluded[path] = reason
+    if not tagged:
+        raise EngineError(f"{what}: no MatMul/Gemm node carries torch.onnx's module-scope metadata, so the linears "
+                          f"cannot be told apart; re-export the graph with fluxrt export")
+    if not selected:
+        raise EngineError(f"{what}: no linear matches the {component} rule {RULES[component].include!r}")
+    if len(set(selected.values())) != len(selected):
+        raise EngineError(f"{what}: several MatMul/Gemm nodes come from one linear; cannot name them by module")
+    return selected, excluded
+
+
+# ---------------------------------------------------------------- quantization
+
+def import_modelopt():
+    try:
+        import modelopt
+        from modelopt.onnx.quantization import quantize
+    except ImportError as e:
+        raise EngineError(f"FP8 quantization needs NVIDIA ModelOpt's ONNX quantizer, which could not be imported "
+                          f"({e}); install the fp8 extra (nvidia-modelopt and its ONNX dependencies)") from None
+    return modelopt.__version__, quantize
+
+
+def calibration_reader(feeds: list[dict[str, np.ndarray]]):
+    """The captured feeds as an ONNX Runtime ``CalibrationDataReader``, which ModelOpt calibrates from."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class CapturedFeeds(CalibrationDataReader):
+        def __init__(self):
+            self.index = 0
+
+        def get_next(self) -> dict | None:
+            if self.index >= len(feeds):
+                return None
+            self.index += 1
+            return feeds[self.index - 1]
+
+        def get_first(self) -> dict:
+            return feeds[0]
+
+        def rewind(self) -> None:
+            self.index = 0
+
+    return CapturedFeeds()
+
+
+def stage_source(source: Path, data_file: str | None, staging: Path) -> Path:
+    """Copy the source graph (and its data file) into ``staging``: ModelOpt rewrites the graph it
+    is given in place (shape inference) and writes intermediate files beside it, and the export
+    folder must stay as it is.  A link would let it write through."""
+    for name in [source.name] + ([data_file] if data_file else []):
+        shutil.copyfile(source.parent / name, staging / name)
+    return staging / source.name
+
+
+def run_modelopt(quantize, source: Path, out: Path, feeds, selected: dict[str, str], method: str,
+                 backend: str, external: bool) -> None:
+    eps = ["cuda:0", "cpu"] if backend == "ort-cuda" else ["cpu"]
+    quantize(
+        str(source), quantize_mode="fp8", calibration_data_reader=calibration_reader(feeds),
+        calibration_method=method, calibration_eps=eps, op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_quantize=[f"^{re.escape(n)}$" for n in selected], disable_mha_qdq=True,
+        high_precision_dtype="fp32",  # "fp32" leaves every tensor in the graph's own dtype (no conversion)
+        use_external_data_format=external, output_path=str(out), log_level="WARNING",
+    )
+
+
+def producer_ops(model) -> dict[str, str]:
+    return {o: n.op_type for n in model.graph.node for o in n.output}
+
+
+def quantized_linears(model, selected: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Module paths of the selected linears whose two inputs are dequantized, and of those that are not."""
+    made_by = producer_ops(model)
+    nodes = {n.name: n for n in model.graph.node}
+    done, missed = [], []
+    for name, path in selected.items():
+        node = nodes.get(name)
+        ok = node is not None and all(made_by.get(i) == "DequantizeLinear" for i in node.input[:2])
+        (done if ok else missed).append(path)
+    return done, missed
+
+
+def check_same_io(source, model, what: str) -> None:
+    def io(m):
+        return [(v.name, v.type.tensor_type.elem_type) for v in list(m.graph.input) + list(m.graph.output)]
+
+    if io(model) != io(source):
+        raise EngineError(f"{what}: the quantized graph's inputs/outputs {io(model)} differ from the source's "
+                          f"{io(source)}")
+
+
+def initializer_bytes(model) -> int:
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def write_graph(model, out_onnx: Path, staging: Path) -> str | None:
+    """Save into ``staging`` under the final names, then move the data file and last the graph;
+    return the data file's name, if any."""
+    import onnx
+
+    external = initializer_bytes(model) > EXTERNAL_DATA_BYTES
+    data_name = f"{out_onnx.name}.data" if external else None
+    final = staging / "final"
+    final.mkdir()
+    onnx.save_model(model, str(final / out_onnx.name), save_as_external_data=external,
+                    all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    if data_name:
+        os.replace(final / data_name, out_onnx.parent / data_name)
+    os.replace(final / out_onnx.name, out_onnx)
+    return data_name
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def log(msg: str) -> None:
+    print(f"[fluxrt fp8] {msg}", file=sys.stderr, flush=True)
+
+
+def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: str = "transformer",
+                  prompts: Sequence[str] | None = None, settings: Fp8Settings = Fp8Settings()) -> dict:
+    """Calibrate ``component`` of an export folder on ``prompts`` (default: the bundled ones) and
+    write its FP8 Q/DQ graph to ``out_onnx``; return the record also written to ``out_onnx.json``."""
+    import onnx
+    import onnxruntime
+
+    start = time.perf_counter()
+    check_component(component)
+    if not isinstance(settings, Fp8Settings):
+        raise ValueError(f"settings must be an Fp8Settings, got {type(settings).__name__}")
+    export_dir, out_onnx = Path(export_dir), Path(out_onnx)
+    folder = open_export(export_dir, component)
+    source, record = folder.graph_path(component), folder.record(component)
+    what = f"FP8 calibration of {component}: {source}"
+    if not out_onnx.parent.is_dir():
+        raise EngineError(f"{what}: output folder {out_onnx.parent} does not exist")
+    if out_onnx.resolve() == source.resolve():
+        raise EngineError(f"{what}: the output {out_onnx} is the source graph itself; write it elsewhere")
+    resolved = settings.resolve(folder.variant)
+    chosen = pick_prompts(prompts, settings.num_prompts)
+    modelopt_version, quantize = import_modelopt()
+    source_model = onnx.load(str(source), load_external_data=False)
+    selected, excluded = select_linears(source_model, component, what)
+
+    log(f"{component}: sampling {len(chosen)} prompts ({resolved['num_inference_steps']} steps, "
+        f"{resolved['height']}x{resolved['width']}) on {settings.backend}")
+    feeds = capture_feeds(export_dir, chosen, settings, component)
+    captured = time.perf_counter()
+    log(f"{component}: {len(feeds)} samples in {captured - start:.1f}s; quantizing {len(selected)} linears")
+
+    staging = out_onnx.parent / f".staging-{out_onnx.stem}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        staged = stage_source(source, record.get("data_file"), staging)
+        quantized_path = staging / "quantized.onnx"
+        run_modelopt(quantize, staged, quantized_path, feeds, selected, settings.calibration_method,
+                     settings.backend, external=record.get("data_file") is not None)
+        model = onnx.load(str(quantized_path))
+        check_same_io(source_model, model, what)
+        done, missed = quantized_linears(model, selected)
+        if not done:
+            raise EngineError(f"{what}: ModelOpt quantized none of the {len(selected)} selected linears")
+        for node in model.graph.node:
+            if node.name in selected:
+                node.name = selected[node.name]
+        data_file = write_graph(model, out_onnx, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    quantized_at = time.perf_counter()
+
+    excluded.update({path: "left out by ModelOpt (GEMV or unsupported pattern)" for path in missed})
+    out = dict(
+        component=component, file=str(out_onnx), data_file=data_file,
+        source=dict(export_dir=str(export_dir), file=source.name, sha256=record.get("sha256"),
+                    precision=record.get("precision"), variant=folder.variant,
+                    fingerprint=folder.manifest.get("source", {}).get("fingerprint")),
+        quantization=dict(mode="fp8", dtype="FLOAT8E4M3FN", activations="per tensor, scale = amax / 448",
+                          weights="per output channel, scale = amax / 448",
+                          calibration_method=settings.calibration_method),
+        settings=resolved, prompts=chosen,
+        prompts_sha256=hashlib.sha256("\n".join(chosen).encode()).hexdigest(),
+        num_samples=len(feeds), quantized=sorted(done), excluded=dict(sorted(excluded.items())),
+        library=dict(name="nvidia-modelopt", version=modelopt_version),
+        versions=dict(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__, numpy=np.__version__),
+        seconds=dict(capture=round(captured - start, 2), quantize=round(quantized_at - captured, 2),
+                     total=round(time.perf_counter() - start, 2)),
+    )
+    atomic_write_text(out_onnx.with_name(f"{out_onnx.name}.json"), json.dumps(out, indent=2))
+    log(f"{component}: {len(done)} linears in FP8, {len(excluded)} kept; wrote {out_onnx} "
+        f"in {out['seconds']['total']:.1f}s")
+    return out
+
+
+__all__ = ["Fp8Settings", "RULES", "RecordingRunner", "bundled_prompts", "calibrate_fp8", "capture_feeds"]
