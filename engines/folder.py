@@ -8,8 +8,9 @@ export folder and kept up to date.
 
 A plan is rebuilt when its sidecar, its bytes, its ONNX graph or its build settings do not
 match; a plan is never used (``verify_plan``) unless all of them, the library and the GPU match.
-Every file is written under a temporary name and renamed; a per-component lock file keeps two
-builds into one folder from interleaving.
+Every file is written under a temporary name and renamed; a per-component lock file (and one for
+the side files and engines.json) keeps two builds into one folder from interleaving, and whoever
+holds a lock deletes the temporaries a killed build left under it.
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ def read_json(path: Path, what: str) -> dict:
         raise EngineError(f"{what} {path} is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EngineError(f"{what} {path} is not readable JSON ({e})") from None
+
+
+def remove_leftovers(out_dir: Path, *patterns: str) -> None:
+    """Delete temporaries that a killed build left behind; call it holding the lock their writers hold."""
+    for pattern in patterns:
+        for path in out_dir.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -194,14 +205,17 @@ def check_export(export_dir: Path, manifest: dict, settings: BuildSettings) -> N
 
 
 def copy_side_files(export_dir: Path, out_dir: Path) -> None:
+    """Called holding the folder lock: two builds must not swap the same folders at once."""
+    remove_leftovers(out_dir, *(f".{sub}.tmp-*" for sub in SIDE_FILES), ".export_manifest.json.tmp*")
     for sub in SIDE_FILES:
         staging = out_dir / f".{sub}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(export_dir / sub, staging)
         shutil.rmtree(out_dir / sub, ignore_errors=True)
         os.replace(staging, out_dir / sub)
-    shutil.copyfile(export_dir / "manifest.json", out_dir / ".export_manifest.json.tmp")
-    os.replace(out_dir / ".export_manifest.json.tmp", out_dir / "export_manifest.json")
+    tmp = out_dir / f".export_manifest.json.tmp-{os.getpid()}"
+    shutil.copyfile(export_dir / "manifest.json", tmp)
+    os.replace(tmp, out_dir / "export_manifest.json")
 
 
 def build_folder(export_dir: str | Path, out_dir: str | Path, settings: BuildSettings,
@@ -216,11 +230,13 @@ def build_folder(export_dir: str | Path, out_dir: str | Path, settings: BuildSet
     lib = library_info(trt)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    copy_side_files(export.root, out_dir)
+    with locked(out_dir / ".folder.lock"):
+        copy_side_files(export.root, out_dir)
     actions = {}
     for name in settings.components:
         plan, sidecar = plan_paths(out_dir, name)
         with locked(out_dir / f".{name}.lock"):
+            remove_leftovers(out_dir, f".{name}.plan.*.tmp", f".{name}.plan.json.tmp-*")
             onnx_path = source_graph(export.root, manifest, name, settings, out_dir, progress)
             onnx_sha = graph_sha256(onnx_path)
             reason = up_to_date(out_dir, name, onnx_sha, settings, lib)
@@ -241,12 +257,14 @@ def build_folder(export_dir: str | Path, out_dir: str | Path, settings: BuildSet
             # the plan is already in place: a sidecar that is written last is what marks it as complete
             atomic_write_json(sidecar, meta)
             actions[name] = "built"
-    atomic_write_json(out_dir / "engines.json", {
-        "format": FORMAT, "precision": settings.precision, "variant": export.variant, "dims": export.dims.to_json(),
-        "envelope": asdict(settings.envelope), "export": {"path": str(export.root.resolve()),
-                                                          "source": manifest["source"]},
-        "components": sorted(set(settings.components) | set(existing_components(out_dir))),
-    })
+    with locked(out_dir / ".folder.lock"):
+        remove_leftovers(out_dir, ".engines.json.tmp-*")
+        atomic_write_json(out_dir / "engines.json", {
+            "format": FORMAT, "precision": settings.precision, "variant": export.variant, "dims": export.dims.to_json(),
+            "envelope": asdict(settings.envelope), "export": {"path": str(export.root.resolve()),
+                                                              "source": manifest["source"]},
+            "components": sorted(set(settings.components) | set(existing_components(out_dir))),
+        })
     return actions
 
 
@@ -268,9 +286,16 @@ class EngineFolder:
         if not root.is_dir():
             raise EngineError(f"engine folder {root} does not exist")
         meta = read_json(root / "engines.json", "engine folder index")
-        if meta.get("format") != FORMAT:
-            raise EngineError(f"{root / 'engines.json'}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        return cls(root, meta, ModelDims.from_json(meta["dims"]))
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise EngineError(f"{root / 'engines.json'}: format {got!r}, expected {FORMAT!r}")
+        try:
+            folder = cls(root, meta, ModelDims.from_json(meta["dims"]))
+            _ = folder.envelope, folder.precision  # parsed here, not at first use
+        except (KeyError, TypeError, ValueError) as e:
+            raise EngineError(f"{root / 'engines.json'} is incomplete or malformed ({type(e).__name__}: {e}); "
+                              f"run fluxrt build again") from None
+        return folder
 
     @property
     def variant(self) -> str:
@@ -289,7 +314,10 @@ class EngineFolder:
         return component_spec(name, self.dims)
 
     def sidecar(self, name: str) -> dict:
-        return read_json(plan_paths(self.root, name)[1], f"{name} plan sidecar")
+        meta = read_json(plan_paths(self.root, name)[1], f"{name} plan sidecar")
+        if not isinstance(meta, dict):
+            raise EngineError(f"{name} plan sidecar {plan_paths(self.root, name)[1]} must hold a JSON object")
+        return meta
 
     def graph_precision(self, name: str) -> str:
         return self.sidecar(name)["precision"]
@@ -303,6 +331,16 @@ class EngineFolder:
     def vae_config(self) -> dict:
         return read_json(self.root / "vae" / "config.json", "VAE config")
 
+    def export_graph_sha(self, name: str) -> str | None:
+        """:func:`graph_sha256` of the export's graph, from export_manifest.json's file hash, where that
+        determines it: not for a graph with an external data file, nor for the FP8 transformer (built
+        from its Q/DQ graph)."""
+        manifest = read_json(self.root / "export_manifest.json", "export manifest copy")
+        record = ((manifest.get("components") if isinstance(manifest, dict) else None) or {}).get(name) or {}
+        if not record.get("sha256") or record.get("data_file") or (self.precision == "fp8" and name == "transformer"):
+            return None
+        return hashlib.sha256(record["sha256"].encode()).hexdigest()
+
     def verify_plan(self, name: str, lib: dict, gpu: dict | None) -> Path:
         """The plan's path, if its sidecar matches its bytes, this library and this GPU."""
         plan, _ = plan_paths(self.root, name)
@@ -312,6 +350,16 @@ class EngineFolder:
         if meta.get("plan_sha256") != sha256_file(plan):
             raise EngineError(f"{name} plan {plan} does not match its sidecar: corrupted or replaced; rebuild it "
                               f"with fluxrt build")
+        built_for = ((meta.get("settings") or {}).get("envelope"), meta.get("engine_precision"))
+        if built_for != (self.meta["envelope"], self.precision):
+            raise EngineError(f"{name} plan {plan} was built as {built_for[1]} for envelope {built_for[0]}, but "
+                              f"engines.json says {self.precision} for {self.meta['envelope']}: the folder mixes two "
+                              f"builds (an interrupted fluxrt build?); run fluxrt build again")
+        want_onnx = self.export_graph_sha(name)
+        if want_onnx is not None and meta.get("onnx_sha256") != want_onnx:
+            raise EngineError(f"{name} plan {plan} was built from another {name} graph than the export this folder "
+                              f"records (export_manifest.json): the folder mixes two exports (an interrupted "
+                              f"fluxrt build?); run fluxrt build again")
         if (meta.get("library"), meta.get("version")) != (lib["library"], lib["version"]):
             raise EngineError(f"{name} plan {plan} was built with {meta.get('library')} {meta.get('version')}; "
                               f"this machine has {lib['library']} {lib['version']}: rebuild it")

@@ -10,11 +10,12 @@
    the AdaLN modulation linears; the embedders (``x_embedder``, ``context_embedder``,
    ``time_text_embed``) and the final ``norm_out`` / ``proj_out`` keep the graph's precision, and
    so do the attention score and value products, which are not linears.
-3. Quantize: NVIDIA ModelOpt's ONNX PTQ (``quantize_mode="fp8"``) over the captured feeds: one
-   activation scale per tensor (``amax / 448``), one weight scale per output channel, and a
+3. Quantize: NVIDIA ModelOpt's ONNX PTQ (``quantize_mode="fp8"``, max calibration) over the
+   captured feeds: one activation scale per tensor, one weight scale per output channel, and a
    QuantizeLinear/DequantizeLinear pair with a FLOAT8E4M3FN zero point on both inputs of each
-   selected linear.  TensorRT fuses each pair into an FP8 GEMM.
-4. Write: the quantized MatMul/Gemm nodes are renamed to their module path, the graph is checked
+   selected linear; the scales are then normalized to ``amax / 448`` (see
+   :func:`rescale_to_fp8_range`).  TensorRT fuses each pair into an FP8 GEMM.
+4. Write: every linear's MatMul/Gemm node is renamed to its module path, the graph is checked
    to keep the component's input and output names and dtypes, and it is written under a
    temporary name and renamed (``NAME.onnx.data`` beside it over 2 GB), with a provenance
    sidecar ``NAME.onnx.json`` holding the returned record.
@@ -35,6 +36,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -47,7 +49,6 @@ from fluxrt.runtime.runners import Array, Runner, array_module
 
 PROMPTS_FILE = "calibration_prompts.txt"
 BACKENDS = ("ort-cpu", "ort-cuda")
-CALIBRATION_METHODS = ("max", "entropy")
 LINEAR_CLASS = "torch.nn.modules.linear.Linear"
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph itself (as the exporter)
 # Every pipeline stage runs during calibration, so the folder needs them all.
@@ -91,7 +92,7 @@ RULES = {
 def check_positive_int(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Fp8Settings.{name} must be a positive integer{' or None' if allow_none else ''}, "
                          f"got {value!r}")
 
@@ -109,7 +110,6 @@ class Fp8Settings:
     guidance_scale: float | None = None  # dev only; None: 3.5
     seed: int = 0  # prompt i starts from the noise of seed + i
     backend: str = "ort-cpu"  # the runtime backend that runs the sampling loop: ort-cpu or ort-cuda
-    calibration_method: str = "max"  # activation range: max (amax over all samples) or entropy
 
     def __post_init__(self) -> None:
         check_positive_int("num_prompts", self.num_prompts)
@@ -120,7 +120,7 @@ class Fp8Settings:
             check_positive_int(name, value)
             if value % 16:
                 raise ValueError(f"Fp8Settings.{name} must be a multiple of 16 pixels, got {value}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Fp8Settings.seed must be a non-negative integer, got {self.seed!r}")
         if self.guidance_scale is not None and (
                 isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float))
@@ -128,9 +128,6 @@ class Fp8Settings:
             raise ValueError(f"Fp8Settings.guidance_scale must be a finite number or None, got {self.guidance_scale!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"Fp8Settings.backend {self.backend!r} is not one of {list(BACKENDS)}")
-        if self.calibration_method not in CALIBRATION_METHODS:
-            raise ValueError(f"Fp8Settings.calibration_method {self.calibration_method!r} is not one of "
-                             f"{list(CALIBRATION_METHODS)}")
 
     def resolve(self, variant: str) -> dict:
         """These settings with the variant's defaults filled in."""
@@ -222,6 +219,7 @@ def capture_feeds(export_dir: str | Path, prompts: Sequence[str], settings: Fp8S
                   component: str = "transformer") -> list[dict[str, np.ndarray]]:
     """Run the sampling loop on ``prompts`` and return ``component``'s feeds, in call order."""
     from fluxrt.runtime.pipeline import FluxPipeline
+    from fluxrt.runtime.tokenizer import PromptTruncatedWarning
 
     check_component(component)
     folder = open_export(Path(export_dir), component)
@@ -229,13 +227,17 @@ def capture_feeds(export_dir: str | Path, prompts: Sequence[str], settings: Fp8S
     pipe = FluxPipeline.load(folder.root, backend=settings.backend)
     recorder = RecordingRunner(pipe.runners[component]).activate()
     pipe.runners[component] = recorder
-    for i, prompt in enumerate(prompts):
-        if component == "t5":  # the denoising loop adds nothing to T5's inputs
-            pipe.encode_prompts([prompt], p["max_sequence_length"])
-        else:
-            pipe(prompt, height=p["height"], width=p["width"], num_inference_steps=p["num_inference_steps"],
-                 guidance_scale=p["guidance_scale"], max_sequence_length=p["max_sequence_length"],
-                 seed=p["seed"] + i, output_type="np")
+    with warnings.catch_warnings():
+        # long prompts cut at a short max_sequence_length are still valid samples: that is what
+        # the model sees at that length
+        warnings.simplefilter("ignore", PromptTruncatedWarning)
+        for i, prompt in enumerate(prompts):
+            if component == "t5":  # the denoising loop adds nothing to T5's inputs
+                pipe.encode_prompts([prompt], p["max_sequence_length"])
+            else:
+                pipe(prompt, height=p["height"], width=p["width"], num_inference_steps=p["num_inference_steps"],
+                     guidance_scale=p["guidance_scale"], max_sequence_length=p["max_sequence_length"],
+                     seed=p["seed"] + i, output_type="np")
     return recorder.feeds
 
 
@@ -260,33 +262,39 @@ def module_origin(node) -> tuple[str, str] | None:
     return scopes[-2], classes[-2]  # the last scope is the aten op inside the module
 
 
-def select_linears(model, component: str, what: str) -> tuple[dict[str, str], dict[str, str]]:
-    """``({node name: module path} to quantize, {module path: reason} left out)``."""
+def find_linears(model, what: str) -> dict[str, str]:
+    """``{node name: module path}`` of every MatMul/Gemm that is a torch Linear with a constant weight
+    (not the attention products, which multiply two activations)."""
     constants = {i.name for i in model.graph.initializer}
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    selected, excluded, tagged = {}, {}, 0
+    linears, tagged = {}, 0
     for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm"):
-            continue
-        origin = module_origin(node)
+        origin = module_origin(node) if node.op_type in ("MatMul", "Gemm") else None
         if origin is None:
             continue
         tagged += 1
         path, cls = origin
-        if cls != LINEAR_CLASS or node.input[1] not in constants:
-            continue  # attention products and other matmuls of activations
-        reason = RULES[component].reason_to_skip(path)
-        if reason is None:
-            selected[node.name] = path
-        else:
-            excluded[path] = reason
+        if cls == LINEAR_CLASS and node.input[1] in constants:
+            linears[node.name] = path
     if not tagged:
         raise EngineError(f"{what}: no MatMul/Gemm node carries torch.onnx's module-scope metadata, so the linears "
                           f"cannot be told apart; re-export the graph with fluxrt export")
+    if len(set(linears.values())) != len(linears):
+        raise EngineError(f"{what}: several MatMul/Gemm nodes come from one linear; cannot name them by module")
+    return linears
+
+
+def select_linears(linears: dict[str, str], component: str, what: str) -> tuple[dict[str, str], dict[str, str]]:
+    """``({node name: module path} to quantize, {module path: reason} left out)``."""
+    selected, excluded = {}, {}
+    for name, path in linears.items():
+        reason = RULES[component].reason_to_skip(path)
+        if reason is None:
+            selected[name] = path
+        else:
+            excluded[path] = reason
     if not selected:
         raise EngineError(f"{what}: no linear matches the {component} rule {RULES[component].include!r}")
-    if len(set(selected.values())) != len(selected):
-        raise EngineError(f"{what}: several MatMul/Gemm nodes come from one linear; cannot name them by module")
     return selected, excluded
 
 
@@ -334,12 +342,13 @@ def stage_source(source: Path, data_file: str | None, staging: Path) -> Path:
     return staging / source.name
 
 
-def run_modelopt(quantize, source: Path, out: Path, feeds, selected: dict[str, str], method: str,
-                 backend: str, external: bool) -> None:
+def run_modelopt(quantize, source: Path, out: Path, feeds, selected: dict[str, str], backend: str,
+                 external: bool) -> None:
     eps = ["cuda:0", "cpu"] if backend == "ort-cuda" else ["cpu"]
     quantize(
         str(source), quantize_mode="fp8", calibration_data_reader=calibration_reader(feeds),
-        calibration_method=method, calibration_eps=eps, op_types_to_quantize=["MatMul", "Gemm"],
+        calibration_method="max",  # ModelOpt makes FP8 scales from INT8 ones, which is exact only for max
+        calibration_eps=eps, op_types_to_quantize=["MatMul", "Gemm"],
         nodes_to_quantize=[f"^{re.escape(n)}$" for n in selected], disable_mha_qdq=True,
         high_precision_dtype="fp32",  # "fp32" leaves every tensor in the graph's own dtype (no conversion)
         use_external_data_format=external, output_path=str(out), log_level="WARNING",
@@ -360,6 +369,50 @@ def quantized_linears(model, selected: dict[str, str]) -> tuple[list[str], list[
         ok = node is not None and all(made_by.get(i) == "DequantizeLinear" for i in node.input[:2])
         (done if ok else missed).append(path)
     return done, missed
+
+
+def rescale_to_fp8_range(model, what: str) -> float:
+    """Make every Q/DQ scale ``amax / 448``; return the factor applied.
+
+    ModelOpt's ONNX FP8 path calibrates INT8 scales (``amax / 127``) and converts them as
+    ``s * 448 / 127``, which is ``amax / 36``: FP8 codes then span +-36 of E4M3's +-448 and the
+    subnormal floor sits 12x higher (its issue #215, kept as intended upstream).  The factor is
+    measured on the weights, whose amax is known here, and must agree across all of them; a
+    ModelOpt that already gives ``amax / 448`` gets factor 1.
+    """
+    from onnx import numpy_helper
+
+    tensors = {t.name: t for t in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    missing = sorted({n.input[1] for n in qdq if n.input[1] not in tensors})
+    if missing:
+        raise EngineError(f"{what}: Q/DQ scales {missing[:3]} are not initializers")
+    ratios = []
+    for n in qdq:
+        if n.op_type != "QuantizeLinear" or n.input[0] not in tensors:
+            continue
+        w = np.abs(numpy_helper.to_array(tensors[n.input[0]]).astype(np.float32))
+        scale = numpy_helper.to_array(tensors[n.input[1]]).astype(np.float32)
+        if scale.ndim:  # per channel along ``axis``
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1) % w.ndim
+            w = w.max(axis=tuple(i for i in range(w.ndim) if i != axis))
+        else:
+            w = w.max()
+        used = w > 0
+        ratios.append((w[used] / 448 / scale[used]).ravel())
+    if not ratios:
+        raise EngineError(f"{what}: no quantized weight to measure the FP8 scale convention on")
+    ratios = np.concatenate(ratios)
+    factor = float(np.median(ratios))
+    if not np.allclose(ratios, factor, rtol=1e-2):
+        raise EngineError(f"{what}: ModelOpt's weight scales are not one multiple of amax / 448 "
+                          f"(ratios {ratios.min():.4g}..{ratios.max():.4g}); cannot normalize them")
+    if abs(factor - 1) > 1e-3:
+        for name in sorted({n.input[1] for n in qdq}):
+            t = tensors[name]
+            value = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array((value.astype(np.float32) * factor).astype(value.dtype), name))
+    return factor
 
 
 def check_same_io(source, model, what: str) -> None:
@@ -425,10 +478,12 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
     chosen = pick_prompts(prompts, settings.num_prompts)
     modelopt_version, quantize = import_modelopt()
     source_model = onnx.load(str(source), load_external_data=False)
-    selected, excluded = select_linears(source_model, component, what)
+    linears = find_linears(source_model, what)
+    selected, excluded = select_linears(linears, component, what)
 
-    log(f"{component}: sampling {len(chosen)} prompts ({resolved['num_inference_steps']} steps, "
-        f"{resolved['height']}x{resolved['width']}) on {settings.backend}")
+    loop = (f"{resolved['num_inference_steps']} steps at {resolved['height']}x{resolved['width']}"
+            if component == "transformer" else f"{resolved['max_sequence_length']} tokens")
+    log(f"{component}: sampling {len(chosen)} prompts ({loop}) on {settings.backend}")
     feeds = capture_feeds(export_dir, chosen, settings, component)
     captured = time.perf_counter()
     log(f"{component}: {len(feeds)} samples in {captured - start:.1f}s; quantizing {len(selected)} linears")
@@ -439,16 +494,16 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
     try:
         staged = stage_source(source, record.get("data_file"), staging)
         quantized_path = staging / "quantized.onnx"
-        run_modelopt(quantize, staged, quantized_path, feeds, selected, settings.calibration_method,
-                     settings.backend, external=record.get("data_file") is not None)
+        run_modelopt(quantize, staged, quantized_path, feeds, selected, settings.backend,
+                     external=record.get("data_file") is not None)
         model = onnx.load(str(quantized_path))
         check_same_io(source_model, model, what)
         done, missed = quantized_linears(model, selected)
         if not done:
             raise EngineError(f"{what}: ModelOpt quantized none of the {len(selected)} selected linears")
-        for node in model.graph.node:
-            if node.name in selected:
-                node.name = selected[node.name]
+        factor = rescale_to_fp8_range(model, what)
+        for node in model.graph.node:  # every linear, quantized or not, by its module path
+            node.name = linears.get(node.name, node.name)
         data_file = write_graph(model, out_onnx, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -460,9 +515,10 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
         source=dict(export_dir=str(export_dir), file=source.name, sha256=record.get("sha256"),
                     precision=record.get("precision"), variant=folder.variant,
                     fingerprint=folder.manifest.get("source", {}).get("fingerprint")),
-        quantization=dict(mode="fp8", dtype="FLOAT8E4M3FN", activations="per tensor, scale = amax / 448",
-                          weights="per output channel, scale = amax / 448",
-                          calibration_method=settings.calibration_method),
+        quantization=dict(mode="fp8", dtype="FLOAT8E4M3FN",
+                          activations="per tensor, scale = max |x| over all samples / 448",
+                          weights="per output channel, scale = max |w| / 448",
+                          modelopt_scale_factor=factor),  # applied to ModelOpt's scales; see rescale_to_fp8_range
         settings=resolved, prompts=chosen,
         prompts_sha256=hashlib.sha256("\n".join(chosen).encode()).hexdigest(),
         num_samples=len(feeds), quantized=sorted(done), excluded=dict(sorted(excluded.items())),

@@ -45,6 +45,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from fluxrt.runtime import FluxPipeline
     from fluxrt.runtime.pipeline import progress_bar
 
+    if args.out.suffix.lower() != ".png":  # reported before any work
+        raise UsageError(f"--out must name a .png file, got {args.out}")
     pipe = FluxPipeline.load(args.engines or args.onnx, backend=args.backend)
     out = pipe(prompt=args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length,
@@ -106,8 +108,6 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out must name a .png file, got {out}")
     if n == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except FluxRTError as e:
         print(f"fluxrt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an output that cannot be written, a folder that cannot be read
+        print(f"fluxrt {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"fluxrt {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ keyword names diffusers' ``FluxPipeline`` uses for the same things.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -14,8 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from fluxrt.errors import InvalidInputError, NumericError
-from fluxrt.runtime import sampling
+from fluxrt.errors import ExportError, InvalidInputError, NumericError
+from fluxrt.runtime import dtypes, sampling
 from fluxrt.runtime.artifacts import ExportFolder
 from fluxrt.runtime.runners import Array, OrtRunner, Runner, array_module
 from fluxrt.runtime.tokenizer import PromptTokenizer
@@ -54,12 +55,28 @@ def make_runner(folder, name: str, backend: str) -> Runner:
                                 f"'trt', got {backend!r}")
     spec, precision = folder.spec(name), folder.graph_precision(name)
     if backend in ("ort-cpu", "ort-cuda"):
-        return OrtRunner(spec, precision, folder.graph_path(name), backend=backend)
+        return OrtRunner(spec, precision, verified_graph(folder, name), backend=backend)
     if backend == "torch":
         from fluxrt.export.torch_runner import TorchRunner  # export extra: the reference backend
 
         return TorchRunner.from_export_folder(folder, name)
     raise InvalidInputError(f"backend {backend!r} for {name} is not one of {list(BACKENDS)}")
+
+
+def verified_graph(folder: ExportFolder, name: str) -> Path:
+    """The graph's path, if its bytes are the ones the export manifest recorded: a graph swapped
+    with another component's (CLIP and T5 share their input names), replaced or truncated is refused."""
+    path = folder.graph_path(name)
+    want = folder.record(name).get("sha256")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**24), b""):
+            h.update(chunk)
+    if want and h.hexdigest() != want:
+        raise ExportError(f"{name} graph {path} is not the file the export manifest recorded (sha256 "
+                          f"{h.hexdigest()[:12]}..., expected {want[:12]}...): swapped, replaced or corrupted; "
+                          f"export again")
+    return path
 
 
 def open_folder(path: str | Path):
@@ -68,7 +85,21 @@ def open_folder(path: str | Path):
         from fluxrt.engines.folder import EngineFolder
 
         return EngineFolder.open(path)
+    if Path(path).is_dir() and not (Path(path) / "manifest.json").is_file():
+        raise ExportError(f"{path} is neither an export folder (no manifest.json, see fluxrt export) nor an engine "
+                          f"folder (no engines.json, see fluxrt build)")
     return ExportFolder.open(path)
+
+
+def check_envelope(envelope, batch: int, height: int, width: int, text_length: int) -> None:
+    """Raise unless a call fits the shape envelope an engine folder was built for (before any stage runs)."""
+    for name, value, (lo, _, hi), unit in (
+            ("height", height, envelope.image_side, " pixels"), ("width", width, envelope.image_side, " pixels"),
+            ("batch (prompts x num_images_per_prompt)", batch, envelope.batch, ""),
+            ("max_sequence_length", text_length, envelope.text_length, " tokens")):
+        if not lo <= value <= hi:
+            raise InvalidInputError(f"{name} {value} is outside the engines' range {lo}..{hi}{unit} (the envelope "
+                                    f"they were built for; rebuild with fluxrt build for other sizes)")
 
 
 class FluxPipeline:
@@ -125,8 +156,9 @@ class FluxPipeline:
         else:
             guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
             if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating, np.integer)) \
-                    or not np.isfinite(guidance):
-                raise InvalidInputError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+                    or not abs(guidance) <= float(np.finfo(np.float32).max):  # the transformer takes float32
+                raise InvalidInputError(f"guidance_scale must be a finite number, got {guidance_scale!r} (float32: "
+                                        f"magnitude at most 3.4e38)")
             guidance = float(guidance)
         max_len = d["max_sequence_length"] if max_sequence_length is None else max_sequence_length
         if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) \
@@ -139,6 +171,9 @@ class FluxPipeline:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
                                  or not 0 <= seed <= MAX_SEED):
             raise InvalidInputError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
+        envelope = getattr(self.folder, "envelope", None)  # engine folders: the shapes the plans accept
+        if envelope is not None:
+            check_envelope(envelope, len(prompts) * n, height, width, max_len)
         return dict(prompts=prompts, height=int(height), width=int(width), num_inference_steps=int(steps),
                     guidance_scale=guidance, max_sequence_length=int(max_len), num_images_per_prompt=int(n),
                     seed=seed)
@@ -146,12 +181,18 @@ class FluxPipeline:
     def check_latents(self, latents: Array, batch: int, height: int, width: int) -> Array:
         h, w = sampling.latent_size(height, width, self.dims.vae_scale_factor)
         want = (batch, (h // 2) * (w // 2), self.dims.in_channels)
+        if not hasattr(latents, "shape") or not hasattr(latents, "dtype"):
+            raise InvalidInputError(f"latents must be a numpy (or cupy) array of shape {want}, got "
+                                    f"{type(latents).__name__}")
         if tuple(latents.shape) != want:
             raise InvalidInputError(f"latents have shape {tuple(latents.shape)}, expected {want} (diffusers' packed "
                                     f"layout for batch {batch} at {height}x{width})")
         if str(latents.dtype) not in ("float32", "float16", "bfloat16", "float64"):
             raise InvalidInputError(f"latents have dtype {latents.dtype}, expected a floating dtype")
-        return latents.astype(np.float32)
+        latents = latents.astype(np.float32)
+        if not bool(array_module(latents).isfinite(latents).all()):
+            raise InvalidInputError("latents contain NaN or Inf")
+        return latents
 
     # ---- stages --------------------------------------------------------------------------------
     def run(self, stage: str, feed: dict) -> dict:
@@ -159,7 +200,7 @@ class FluxPipeline:
         feed = {k: self.to_device(runner, v) for k, v in feed.items()}
         out = runner.infer(feed)
         for name, value in out.items():
-            if not bool(array_module(value).isfinite(value.astype(np.float32)).all()):
+            if str(value.dtype) != "int32" and not bool(array_module(value).isfinite(dtypes.to_float32(value)).all()):
                 raise NumericError(f"stage {stage} ({runner.backend}, {runner.precision}) produced NaN or Inf in "
                                    f"{name!r}; at {runner.precision} this usually means an overflow: "
                                    f"try bf16 or fp32")
@@ -176,7 +217,7 @@ class FluxPipeline:
         return x
 
     def cast(self, stage: str, x: Array, name: str) -> Array:
-        return x.astype(self.runners[stage].input_dtype(name), copy=False)
+        return dtypes.cast(x, self.runners[stage].input_dtype(name))
 
     def encode_prompts(self, prompts: list[str], max_len: int) -> tuple[Array, Array]:
         clip_ids = self.clip_tokenizer.encode(prompts, self.dims.clip_max_length)  # [B, 77] int32
@@ -195,6 +236,8 @@ class FluxPipeline:
         p = self.resolve(prompt, height, width, num_inference_steps, guidance_scale, max_sequence_length,
                          num_images_per_prompt, seed, latents)
         n, batch = p["num_images_per_prompt"], len(p["prompts"]) * p["num_images_per_prompt"]
+        if latents is not None:  # checked before any stage runs
+            latents = self.check_latents(latents, batch, p["height"], p["width"])
         pooled, text = self.encode_prompts(p["prompts"], p["max_sequence_length"])
         xp = np if self.runners["transformer"].device == "cpu" else array_module(pooled)
         pooled, text = xp.repeat(pooled, n, axis=0), xp.repeat(text, n, axis=0)  # prompt-major, as diffusers
@@ -204,8 +247,6 @@ class FluxPipeline:
             noise = sampling.initial_noise(seed, batch, p["height"], p["width"], self.dims.latent_channels,
                                            self.dims.vae_scale_factor)  # [B, 16, h, w]
             latents = sampling.pack_latents(noise)  # [B, N, 64]
-        else:
-            latents = self.check_latents(latents, batch, p["height"], p["width"])
         latents = self.to_device(self.runners["transformer"], latents)
         image = self.denoise(latents, pooled, text, p, callback)
         return FluxPipelineOutput(images=self.postprocess(image, output_type), settings=p)
@@ -227,7 +268,7 @@ class FluxPipeline:
         for i in range(steps):
             feed["hidden_states"] = self.cast("transformer", latents, "hidden_states")
             feed["timestep"] = np.full((batch,), sigmas[i], dtype=np.float32)
-            velocity = self.run("transformer", feed)["latent"]  # [B, N, 64]
+            velocity = dtypes.to_float32(self.run("transformer", feed)["latent"])  # [B, N, 64]
             latents = sampling.euler_step(latents, velocity, float(sigmas[i]), float(sigmas[i + 1]))
             if callback is not None:
                 callback(i + 1, steps)
@@ -238,7 +279,7 @@ class FluxPipeline:
     @staticmethod
     def postprocess(images: Array, output_type: str):
         if array_module(images) is not np:
-            images = images.get()
+            images = dtypes.to_float32(images).get()
         uint8 = sampling.to_uint8_images(images.astype(np.float32))  # [B, H, W, 3]
         if output_type == "np":
             return np.clip(images.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)

@@ -75,7 +75,8 @@ class Runner(ABC):
         for t in self.spec.inputs:
             x = feed[t.name]
             want = self.input_dtype(t.name)
-            if str(x.dtype) != want:
+            bf16_bits = want == "bfloat16" and self.device == "cuda" and str(x.dtype) == "uint16"
+            if str(x.dtype) != want and not bf16_bits:
                 raise InvalidInputError(f"{self.name} ({self.backend}): input {t.name!r} has dtype {x.dtype}, "
                                         f"expected {want}")
             if len(x.shape) != len(t.shape) or any(
@@ -112,18 +113,33 @@ ORT_PROVIDERS = {"ort-cpu": ["CPUExecutionProvider"],
 
 class OrtRunner(Runner):
     """ONNX Runtime.  On ``ort-cuda`` inputs and outputs are CuPy arrays bound to device memory
-    through I/O binding, so the loop never copies through the host."""
+    through I/O binding, so the loop never copies through the host.  ``cuda_graph=True`` captures
+    the run in a CUDA graph: the runner then owns fixed input/output buffers and accepts one
+    shape only (the first one it sees)."""
 
     def __init__(self, spec: ComponentSpec, precision: str, onnx_path: str | Path, backend: str = "ort-cpu",
-                 session_options: Any = None):
+                 session_options: Any = None, cuda_graph: bool = False, provider_options: dict | None = None):
         super().__init__(spec, precision)
         if backend not in ORT_PROVIDERS:
             raise ValueError(f"OrtRunner backend {backend!r} is not one of {list(ORT_PROVIDERS)}")
+        if cuda_graph and backend != "ort-cuda":
+            raise ValueError("cuda_graph needs backend 'ort-cuda'")
         self.backend = backend
         self.device = "cuda" if backend == "ort-cuda" else "cpu"
         self.onnx_path = Path(onnx_path)
         self.session_options = session_options
+        self.cuda_graph = cuda_graph
+        self.provider_options = dict(provider_options or {})
         self.session = None
+        self._graph_io = None  # (shapes, input buffers, output buffers, binding) once captured
+
+    def providers(self) -> list:
+        if self.backend == "ort-cpu":
+            return ["CPUExecutionProvider"]
+        options = dict(self.provider_options)
+        if self.cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
     def _activate(self) -> None:
         try:
@@ -137,7 +153,7 @@ class OrtRunner(Runner):
                               f"offers {ort.get_available_providers()}")
         options = self.session_options or ort.SessionOptions()
         try:
-            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=ORT_PROVIDERS[self.backend])
+            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=self.providers())
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs
             raise EngineError(f"{self.name}: ONNX Runtime could not load {self.onnx_path}: {e}") from None
         got = [i.name for i in self.session.get_inputs()]
@@ -147,25 +163,92 @@ class OrtRunner(Runner):
 
     def _deactivate(self) -> None:
         self.session = None
+        self._graph_io = None
 
     def _infer(self, feed: Mapping[str, Array]) -> dict[str, Array]:
         if self.device == "cpu":
             outs = self.session.run(self.spec.output_names, {k: np.ascontiguousarray(v) for k, v in feed.items()})
             return dict(zip(self.spec.output_names, outs))
+        if self.cuda_graph:
+            return self._infer_cuda_graph(feed)
         return self._infer_cuda(feed)
+
+    def element_type(self, name: str, x: Array):
+        if self.input_dtype(name) == "bfloat16":
+            return 16  # onnx.TensorProto.BFLOAT16: cupy holds the bits as uint16
+        return np_dtype(x.dtype)
 
     def _infer_cuda(self, feed: Mapping[str, Array]) -> dict[str, Array]:
         import cupy
 
         binding = self.session.io_binding()
+        keep = []
         for name, x in feed.items():
             x = cupy.ascontiguousarray(x)
-            binding.bind_input(name, "cuda", x.device.id, np_dtype(x.dtype), list(x.shape), x.data.ptr)
+            keep.append(x)
+            binding.bind_input(name, "cuda", x.device.id, self.element_type(name, x), list(x.shape), x.data.ptr)
         for name in self.spec.output_names:
             binding.bind_output(name, "cuda")
         cupy.cuda.get_current_stream().synchronize()
         self.session.run_with_iobinding(binding)
         return {name: ortvalue_to_cupy(v) for name, v in zip(self.spec.output_names, binding.get_outputs())}
+
+    def _infer_cuda_graph(self, feed: Mapping[str, Array]) -> dict[str, Array]:
+        import cupy
+
+        shapes = {k: tuple(v.shape) for k, v in feed.items()}
+        with self._lock:  # one graph, one set of buffers
+            if self._graph_io is None:
+                self._graph_io = self._capture(feed)
+            captured, inputs, outputs, binding = self._graph_io
+            if shapes != captured:
+                raise InvalidInputError(f"{self.name}: CUDA graph captured for shapes {captured}, got {shapes}")
+            for name, x in feed.items():
+                inputs[name][...] = x
+            cupy.cuda.get_current_stream().synchronize()
+            self.session.run_with_iobinding(binding)
+            return {k: v.copy() for k, v in outputs.items()}
+
+    def _capture(self, feed: Mapping[str, Array]):
+        import cupy
+
+        binding = self.session.io_binding()
+        inputs = {k: cupy.array(v) for k, v in feed.items()}
+        for name, x in inputs.items():
+            binding.bind_input(name, "cuda", x.device.id, self.element_type(name, x), list(x.shape), x.data.ptr)
+        outputs = {}
+        for value, (name, shape) in zip(self.session.get_outputs(), output_shapes(self.spec, feed).items()):
+            onnx_type = ORT_TYPES[value.type]
+            out = cupy.empty(shape, dtype="uint16" if onnx_type == "bfloat16" else onnx_type)
+            element = 16 if onnx_type == "bfloat16" else np_dtype(out.dtype)
+            binding.bind_output(name, "cuda", out.device.id, element, list(out.shape), out.data.ptr)
+            outputs[name] = out
+        return {k: tuple(v.shape) for k, v in feed.items()}, inputs, outputs, binding
+
+
+def output_shapes(spec: ComponentSpec, feed: Mapping[str, Array]) -> dict[str, tuple[int, ...]]:
+    """Output shapes from the spec's named axes, sized by the feed (``8*h`` style expressions too)."""
+    sizes: dict[str, int] = {}
+    for t in spec.inputs:
+        for d, n in zip(t.shape, feed[t.name].shape):
+            if isinstance(d, str):
+                sizes[d] = int(n)
+    out = {}
+    for t in spec.outputs:
+        shape = []
+        for d in t.shape:
+            if isinstance(d, int):
+                shape.append(d)
+            elif d in sizes:
+                shape.append(sizes[d])
+            elif "*" in d:
+                k, axis = d.split("*")
+                shape.append(int(k) * sizes[axis])
+            else:
+                axis, k = d.split("/")
+                shape.append(sizes[axis] // int(k))
+        out[t.name] = tuple(shape)
+    return out
 
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",

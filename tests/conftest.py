@@ -1,5 +1,5 @@
-"""Shared fixtures: the built-in tiny checkpoints (dev and schnell) and their fp32 exports,
-written once per test session."""
+"""Shared fixtures: the built-in tiny checkpoints (dev and schnell), their fp32 exports and the
+dev model's fp16 and bf16 exports, written once per test session."""
 
 from __future__ import annotations
 
@@ -32,3 +32,15 @@ def fp32_exports(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
                           ExportRequest(("clip", "t5", "transformer", "vae"), "fp32"))
         out[variant] = root / variant
     return out
+
+
+@pytest.fixture(scope="session")
+def half_exports(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    from fluxrt.export.checkpoint import Checkpoint
+    from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
+
+    root = tmp_path_factory.mktemp("half")
+    ckpt = Checkpoint.open(tiny_checkpoints["dev"])
+    for precision in ("fp16", "bf16"):
+        export_checkpoint(ckpt, root / precision, ExportRequest(("clip", "t5", "transformer", "vae"), precision))
+    return {p: root / p for p in ("fp16", "bf16")}

@@ -15,22 +15,11 @@ from fluxrt.components import component_spec
 from fluxrt.engines.folder import BuildSettings, EngineFolder, build_folder, current_gpu, up_to_date
 from fluxrt.engines.profiles import ShapeEnvelope, profile_shapes
 from fluxrt.errors import EngineError
-from fluxrt.export.checkpoint import Checkpoint
-from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
 
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (fluxrt[trt-rtx]) is not installed")
 ENVELOPE = ShapeEnvelope(batch=(1, 2, 4), text_length=(1, 64, 128), image_side=(32, 64, 128))
 TARGETS = ("SM89", "SM120")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
-
-
-@pytest.fixture(scope="session")
-def half_exports(tiny_checkpoints, tmp_path_factory) -> dict[str, object]:
-    root = tmp_path_factory.mktemp("half")
-    ckpt = Checkpoint.open(tiny_checkpoints["dev"])
-    for precision in ("fp16", "bf16"):
-        export_checkpoint(ckpt, root / precision, ExportRequest(("clip", "t5", "transformer", "vae"), precision))
-    return {p: root / p for p in ("fp16", "bf16")}
 
 
 def settings(precision: str, **kw) -> BuildSettings:

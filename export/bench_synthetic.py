@@ -1,0 +1,369 @@
+"""Full-size FLUX.1-dev latency on one GPU with seeded random weights (latency does not depend
+on weight values): torch eager, torch.compile and fluxrt's ONNX Runtime CUDA path, side by side
+in one process, on the same inputs.
+
+The transformer is measured on full-width slices of two depths with the real 1:2 ratio of double
+to single blocks (``d`` double + ``2d`` single); both slices contain the embedders and the final
+projection.  Per-step time is linear in the number of (1 double + 2 single) units u:
+t(u) = a + b*u, so two slices give a and b and the full model (u = 19) is a + 19*b.  T5-XXL is
+measured at two depths the same way (24 layers in the full model); CLIP-L and the VAE decoder whole.
+
+Every measurement is appended to ``OUT/results.json`` as soon as it is taken, so a run that hits
+its time limit still reports what it measured.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fluxrt.components import ModelDims, component_spec
+from fluxrt.export import graphs
+from fluxrt.export.memory import PeakMemory
+from fluxrt.export.onnx_export import dynamic_shapes, example_inputs, opset_for, write_program
+from fluxrt.runtime import bench
+
+FLUX_DEV = {
+    "transformer": dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                        in_channels=64, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                        axes_dims_rope=(16, 56, 56)),
+    "t5": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
+               is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False),
+    "clip": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                 eos_token_id=49407),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
+                scaling_factor=0.3611, shift_factor=0.1159),
+}
+
+def tiny_configs() -> dict:
+    """The built-in tiny model's architecture: for smoke-testing this benchmark on a CPU."""
+    from fluxrt.export.tiny import TINY_TRANSFORMER, TINY_VAE, TINY_WIDTH
+
+    return {
+        "transformer": dict(TINY_TRANSFORMER, guidance_embeds=True),
+        "t5": dict(FLUX_DEV["t5"], vocab_size=1000, d_model=TINY_WIDTH, d_kv=8, d_ff=64, num_heads=4),
+        "clip": dict(FLUX_DEV["clip"], vocab_size=1000, hidden_size=TINY_WIDTH, intermediate_size=64,
+                     num_attention_heads=2, projection_dim=TINY_WIDTH, eos_token_id=999),
+        "vae": {k: v for k, v in TINY_VAE.items() if k != "sample_size"},
+    }
+
+
+MODELS = {"flux-dev": FLUX_DEV}
+CONFIG = dict(FLUX_DEV)
+DIMS = ModelDims(variant="dev")
+
+
+def use_model(name: str) -> None:
+    """Select the architecture every function here builds ("flux-dev" or "tiny")."""
+    global DIMS
+    configs = tiny_configs() if name == "tiny" else FLUX_DEV
+    CONFIG.clear()
+    CONFIG.update(configs)
+    t = configs["transformer"]
+    DIMS = ModelDims(variant="dev", clip_hidden_size=configs["clip"]["hidden_size"],
+                     t5_d_model=configs["t5"]["d_model"], joint_attention_dim=t["joint_attention_dim"],
+                     pooled_projection_dim=t["pooled_projection_dim"])
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int = 1
+    height: int = 1024
+    width: int = 1024
+    text: int = 512
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.height // 16) * (self.width // 16)
+
+
+def log(msg: str) -> None:
+    print(f"[fluxrt bench] {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1 and ("norm" in name or "scale" in name):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return module.eval().requires_grad_(False)
+
+
+def build(component: str, dtype: torch.dtype, device: str, layers: tuple[int, ...] | None = None, seed: int = 0):
+    """A full-width module with seeded random weights, built straight on ``device``."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    config = dict(CONFIG[component])
+    if component == "transformer" and layers:
+        config.update(num_layers=layers[0], num_single_layers=layers[1])
+    if component == "t5" and layers:
+        config.update(num_layers=layers[0])
+    factory = {
+        "transformer": lambda: FluxTransformer2DModel(**config),
+        "t5": lambda: T5EncoderModel(T5Config(**config)),
+        "clip": lambda: CLIPTextModel(CLIPTextConfig(**config)),
+        "vae": lambda: AutoencoderKL(**config),
+    }[component]
+    with torch.device("meta"):
+        module = factory()
+    module = module.to_empty(device=device).to(dtype)
+    if component == "clip":  # position ids are a buffer, uninitialised by to_empty: rebuild it
+        for sub in module.modules():
+            if "position_ids" in dict(sub.named_buffers(recurse=False)):
+                sub.register_buffer("position_ids", torch.arange(77, device=device).unsqueeze(0), persistent=False)
+    if component == "t5" and dtype == torch.float16:
+        for m in module.modules():
+            if hasattr(m, "wo"):
+                m.wo.float()
+    return randomize(module, seed)
+
+
+def graph_module(component: str, module: torch.nn.Module) -> torch.nn.Module:
+    return {"transformer": lambda m: graphs.TransformerGraph(m, guidance=True), "t5": graphs.T5Graph,
+            "clip": graphs.ClipGraph, "vae": graphs.VaeDecoderGraph}[component](module)
+
+
+def inputs(component: str, shape: Shape, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(1)
+    b, n, s = shape.batch, shape.image_tokens, shape.text
+    joint, pooled = DIMS.joint_attention_dim, DIMS.pooled_projection_dim
+    if component == "transformer":
+        ids = torch.zeros(shape.height // 16, shape.width // 16, 3, device=device)
+        ids[..., 1] += torch.arange(shape.height // 16, device=device)[:, None]
+        ids[..., 2] += torch.arange(shape.width // 16, device=device)[None, :]
+        return {"hidden_states": torch.randn(b, n, 64, generator=g, device=device).to(dtype),
+                "encoder_hidden_states": torch.randn(b, s, joint, generator=g, device=device).to(dtype),
+                "pooled_projections": torch.randn(b, pooled, generator=g, device=device).to(dtype),
+                "timestep": torch.full((b,), 0.7, device=device), "img_ids": ids.reshape(-1, 3),
+                "txt_ids": torch.zeros(s, 3, device=device), "guidance": torch.full((b,), 3.5, device=device)}
+    if component == "t5":
+        return {"input_ids": torch.randint(0, CONFIG["t5"]["vocab_size"] - 1, (b, s), generator=g, device=device,
+                                           dtype=torch.int32)}
+    if component == "clip":
+        return {"input_ids": torch.randint(0, CONFIG["clip"]["vocab_size"] - 1, (b, 77), generator=g, device=device,
+                                           dtype=torch.int32)}
+    return {"latent": torch.randn(b, 16, shape.height // 8, shape.width // 8, generator=g, device=device).to(dtype)}
+
+
+class Results:
+    def __init__(self, path: Path, settings: dict):
+        self.path = path
+        self.data = {"settings": settings, "machine": {}, "measurements": []}
+
+    def add(self, **entry) -> None:
+        self.data["measurements"].append(entry)
+        self.data["machine"] = bench.machine_info()
+        bench.write_json(self.path, self.data)
+        log(json.dumps(entry, default=str))
+
+
+def sync(device: str):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def time_torch(fn, warmup: int, iters: int, device: str) -> dict:
+    return bench.summarize(bench.time_call(fn, warmup=warmup, iters=iters, sync=sync(device)))
+
+
+def export_onnx(component: str, module: torch.nn.Module, precision: str, path: Path, attention: str) -> dict:
+    from fluxrt.export.attention import translation_table
+
+    spec = component_spec("vae_decoder" if component == "vae" else component, DIMS)
+    wrapped = graph_module(component, module)
+    device = next(module.parameters()).device
+    # tracing takes the exporter's own example sizes (no axis of size 1, no two axes equal)
+    args = tuple(x.to(device) for x in example_inputs(spec, DIMS, precision))
+    with PeakMemory() as mem, torch.no_grad():
+        start = time.perf_counter()
+        program = torch.onnx.export(
+            wrapped, args, dynamo=True, opset_version=opset_for(precision), input_names=spec.input_names,
+            output_names=spec.output_names, dynamic_shapes=dynamic_shapes(spec, DIMS), verbose=False,
+            custom_translation_table=translation_table(attention) if component == "transformer" else None)
+        traced = time.perf_counter() - start
+        write_program(program, path, external=True)
+        del program
+    return {"export_seconds": time.perf_counter() - start, "trace_seconds": traced,
+            "export_peak_rss_gib": mem.peak_bytes / 2**30,
+            "weights_gib": sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30}
+
+
+def ort_optimize(path: Path, component: str) -> tuple[Path, dict]:
+    """onnxruntime.transformers' fusions for this architecture (LayerNorm, Gelu, ...), on the graph file."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = {"transformer": "mmdit", "t5": "t5", "clip": "clip", "vae": "vae"}[component]
+    t = CONFIG["transformer"]
+    heads, hidden = {"transformer": (t["num_attention_heads"], t["num_attention_heads"] * t["attention_head_dim"]),
+                     "t5": (CONFIG["t5"]["num_heads"], CONFIG["t5"]["d_model"]),
+                     "clip": (CONFIG["clip"]["num_attention_heads"], CONFIG["clip"]["hidden_size"]),
+                     "vae": (1, CONFIG["vae"]["block_out_channels"][-1])}[component]
+    opt = optimize_model(str(path), model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=0,
+                         use_gpu=True)
+    out = path.with_name(path.stem + ".opt.onnx")
+    opt.save_model_to_file(str(out), use_external_data_format=True)
+    return out, {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape: Shape, warmup: int, iters: int,
+             cuda_graph: bool, device: str) -> dict:
+    import onnxruntime as ort
+
+    from fluxrt.runtime.dtypes import cast
+    from fluxrt.runtime.runners import OrtRunner
+
+    spec = component_spec("vae_decoder" if component == "vae" else component, DIMS)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for name, size in (("B", shape.batch), ("S", shape.text), ("N", shape.image_tokens),
+                       ("h", shape.height // 8), ("w", shape.width // 8)):
+        options.add_free_dimension_override_by_name(name, size)
+    runner = OrtRunner(spec, precision, onnx_path, backend="ort-cuda" if device == "cuda" else "ort-cpu",
+                       session_options=options, cuda_graph=cuda_graph).activate()
+    xp = np
+    if device == "cuda":
+        import cupy as xp
+    device_feed = {}
+    for t in spec.inputs:
+        x = xp.asarray(feed[t.name].float().cpu().numpy() if t.dtype != "int32" else feed[t.name].cpu().numpy())
+        device_feed[t.name] = cast(x, t.resolved_dtype(precision))
+    stats = bench.summarize(bench.time_call(lambda: runner.infer(device_feed), warmup=warmup, iters=iters))
+    runner.deactivate()
+    return stats
+
+
+def bench_component(component: str, layers, shape: Shape, precisions: list[str], modes: list[str], work: Path,
+                    results: Results, warmup: int, iters: int, attention: str, device: str) -> None:
+    label = component + (f"[{'+'.join(map(str, layers))}]" if layers else "")
+    t = CONFIG["transformer"]
+    flops = (bench.transformer_flops(shape.batch, shape.image_tokens, shape.text, layers[0], layers[1],
+                                     inner=t["num_attention_heads"] * t["attention_head_dim"],
+                                     joint_dim=t["joint_attention_dim"], pooled_dim=t["pooled_projection_dim"])
+             if component == "transformer" else None)
+    common = dict(component=component, layers=list(layers) if layers else None, shape=vars(shape), flops=flops)
+    for mode in ("eager", "compile"):
+        if mode not in modes:
+            continue
+        module = build(component, torch.bfloat16, device, layers)
+        fn = graph_module(component, module)
+        if mode == "compile":
+            fn = torch.compile(fn)
+        feed = inputs(component, shape, torch.bfloat16, device)
+        args = [feed[n] for n in component_spec("vae_decoder" if component == "vae" else component, DIMS).input_names]
+        with torch.inference_mode():
+            start = time.perf_counter()
+            fn(*args)
+            sync(device)()
+            first = time.perf_counter() - start
+            stats = time_torch(lambda: fn(*args), warmup, iters, device)
+        results.add(**common, backend=f"torch-{mode}", precision="bf16", first_call_s=first, **stats,
+                    tflops=flops / stats["p50_ms"] * 1e-9 if flops else None,
+                    gpu_peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
+        del module, fn
+        free_memory(device)
+    if "ort" not in modes:
+        return
+    for precision in precisions:
+        dtype = DTYPES["fp32" if component == "vae" and precision == "fp16" else precision]
+        graph_precision = "fp32" if dtype == torch.float32 else precision
+        module = build(component, dtype, device, layers)
+        feed = inputs(component, shape, dtype, device)
+        path = work / f"{label}-{precision}" / f"{component}.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export = export_onnx(component, module, graph_precision, path, attention)
+        del module
+        free_memory(device)
+        try:
+            opt_path, fused = ort_optimize(path, component)
+        except Exception as e:  # the optimizer is best effort: measure the plain graph and say why
+            opt_path, fused = path, {"optimizer_error": str(e)[:300]}
+        for cuda_graph in (False, True) if device == "cuda" else (False,):
+            try:
+                stats = time_ort(component, opt_path, graph_precision, feed, shape, warmup, iters, cuda_graph, device)
+            except Exception as e:
+                results.add(**common, backend="ort-cuda", precision=precision, cuda_graph=cuda_graph,
+                            error=str(e)[:500])
+                continue
+            results.add(**common, backend="ort-cuda", precision=precision, graph_precision=graph_precision,
+                        cuda_graph=cuda_graph, attention=attention, fused_ops=fused, export=export, **stats,
+                        tflops=flops / stats["p50_ms"] * 1e-9 if flops else None,
+                        gpu_used_gib=(bench.gpu_memory_used_bytes() or 0) / 2**30)
+        del feed
+        free_memory(device)
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run(out: Path, plan: list[tuple[str, tuple | None]], shape: Shape, precisions: list[str], modes: list[str],
+        warmup: int, iters: int, attention: str = "ort", device: str = "cuda") -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("FLUXRT_BENCH_WORK", "/tmp/fluxrt-bench"))
+    work.mkdir(parents=True, exist_ok=True)
+    results = Results(out / "results.json", dict(model=DIMS.to_json(), plan=[[c, list(l) if l else None] for c, l in plan],
+                                                 shape=vars(shape), precisions=precisions, modes=modes,
+                                                 warmup=warmup, iters=iters, attention=attention))
+    for component, layers in plan:
+        log(f"{component} {layers}: start")
+        try:
+            bench_component(component, layers, shape, precisions, modes, work, results, warmup, iters, attention,
+                            device)
+        except Exception as e:  # keep measuring the other components; the error is in the results
+            results.add(component=component, layers=list(layers) if layers else None, error=repr(e)[:800])
+    return results.data
+
+
+def parse_plan(text: str) -> list[tuple[str, tuple | None]]:
+    """``"transformer:1+2,transformer:2+4,t5:2,t5:4,clip,vae"``."""
+    plan = []
+    for item in text.split(","):
+        name, _, layers = item.partition(":")
+        plan.append((name, tuple(int(x) for x in layers.split("+")) if layers else None))
+    return plan
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fluxrt.export.bench_synthetic")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--plan", default="transformer:1+2,transformer:2+4")
+    p.add_argument("--precisions", default="fp16,bf16")
+    p.add_argument("--modes", default="eager,compile,ort")
+    p.add_argument("--attention", default="ort")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--text", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--model", default="flux-dev", choices=("flux-dev", "tiny"))
+    a = p.parse_args(argv)
+    use_model(a.model)
+    run(a.out, parse_plan(a.plan), Shape(a.batch, a.height, a.width, a.text), a.precisions.split(","),
+        a.modes.split(","), a.warmup, a.iters, a.attention, a.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Benchmark discipline and reports, without torch.
+
+Every timing excludes warm-up runs and synchronizes the device before reading the clock.
+The transformer's achieved TFLOP/s uses the analytic count in :func:`transformer_flops`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+def device_sync() -> None:
+    """Wait for all GPU work (cupy's and any other library's on the same device) to finish."""
+    if "cupy" in sys.modules:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            cupy.cuda.runtime.deviceSynchronize()
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], warmup: int = 2, iters: int = 10,
+              sync: Callable[[], None] = device_sync) -> list[float]:
+    """Seconds per call of ``fn``: ``warmup`` calls discarded, then ``iters`` timed one by one."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def summarize(samples: list[float]) -> dict:
+    """Milliseconds: p50, p90, p99, mean, min, and the number of timed runs."""
+    ms = np.asarray(samples) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
+            "runs": len(samples)}
+
+
+def transformer_flops(batch: int, image_tokens: int, text_tokens: int, num_double: int, num_single: int,
+                      inner: int = 3072, mlp_ratio: float = 4.0, in_channels: int = 64, joint_dim: int = 4096,
+                      pooled_dim: int = 768, time_dim: int = 256, guidance: bool = True) -> float:
+    """Floating-point operations (multiply-adds count 2) of one FLUX transformer step.
+
+    With L = N + S tokens, D = inner width, r = mlp ratio, each block costs
+        2·L·D·(3D + D + 2rD)   projections (qkv, output, MLP in and out; single blocks fuse the same
+                               matrices into linear1 = [qkv | mlp-in] and linear2 = [out | mlp-out])
+      + 4·L²·D                 attention scores and weighted sum
+      + 2·2·6D·D or 2·3D·D     the adaptive-norm modulation of one token per sample
+    i.e. about 24·L·D² + 4·L²·D per block for r = 4; plus the embedders and the final projection.
+    """
+    d, L = inner, image_tokens + text_tokens
+    proj = 2 * L * d * (4 * d + 2 * mlp_ratio * d)
+    attn = 4 * L * L * d
+    double = proj + attn + 2 * 2 * (6 * d) * d
+    single = proj + attn + 2 * (3 * d) * d
+    embed = 2 * image_tokens * in_channels * d + 2 * text_tokens * joint_dim * d
+    vec = 2 * (time_dim * d + d * d) * (3 if guidance else 2) + 2 * (pooled_dim * d - time_dim * d)
+    final = 2 * (2 * d) * d + 2 * image_tokens * d * in_channels
+    return float(batch * (num_double * double + num_single * single + embed + vec + final))
+
+
+def image_quality(images, reference) -> dict:
+    """Max/mean absolute difference (images in [0, 1]) and PSNR in dB against ``reference``."""
+    a, b = np.asarray(images, np.float64), np.asarray(reference, np.float64)
+    diff = np.abs(a - b)
+    mse = float((diff ** 2).mean())
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))}
+
+
+def machine_info() -> dict:
+    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count()}
+    for name in ("numpy", "onnxruntime", "torch", "cupy", "tensorrt", "tensorrt_rtx_bindings", "diffusers"):
+        module = sys.modules.get(name)
+        if module is not None:
+            info[name] = getattr(module, "__version__", "?")
+    if "cupy" in sys.modules:
+        try:
+            import cupy
+
+            props = cupy.cuda.runtime.getDeviceProperties(0)
+            info["gpu"] = props["name"].decode()
+            info["gpu_memory_gib"] = round(props["totalGlobalMem"] / 2**30, 1)
+        except Exception:  # no device: the report simply has no GPU entry
+            pass
+    return info
+
+
+def gpu_memory_used_bytes() -> int | None:
+    """Device memory in use now (all allocators: ONNX Runtime's arena keeps its peak)."""
+    if "cupy" not in sys.modules:
+        return None
+    import cupy
+
+    free, total = cupy.cuda.runtime.memGetInfo()
+    return int(total - free)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    head = "| " + " | ".join(title for _, title in columns) + " |"
+    rule = "| " + " | ".join("---" for _ in columns) + " |"
+    body = []
+    for row in rows:
+        cells = []
+        for key, _ in columns:
+            v = row.get(key, "")
+            cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, rule] + body) + "\n"
+
+
+def bar_chart(rows: list[dict], label_key: str, group_key: str, value_key: str, title: str, path: Path) -> None:
+    """A grouped horizontal bar chart drawn with Pillow (no plotting library needed)."""
+    from PIL import Image, ImageDraw
+
+    groups = list(dict.fromkeys(r[group_key] for r in rows))
+    labels = list(dict.fromkeys(r[label_key] for r in rows))
+    values = {(r[group_key], r[label_key]): r[value_key] for r in rows if r.get(value_key) is not None}
+    vmax = max(values.values(), default=1.0) or 1.0
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    bar_h, gap, left, width = 14, 10, 190, 820
+    height = 60 + len(groups) * (len(labels) * bar_h + gap) + 20 * len(labels)
+    img = Image.new("RGB", (width + left + 120, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 10), title, fill="black")
+    y = 40
+    for g in groups:
+        draw.text((10, y), str(g), fill="black")
+        for i, label in enumerate(labels):
+            v = values.get((g, label))
+            if v is not None:
+                w = int(width * v / vmax)
+                draw.rectangle([left, y, left + w, y + bar_h - 2], fill=palette[i % len(palette)])
+                draw.text((left + w + 4, y), f"{v:.1f}", fill="black")
+            y += bar_h
+        y += gap
+    for i, label in enumerate(labels):
+        draw.rectangle([left, y + 4, left + 10, y + 14], fill=palette[i % len(palette)])
+        draw.text((left + 16, y + 2), str(label), fill="black")
+        y += 20
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
