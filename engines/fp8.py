@@ -21,9 +21,10 @@
    sidecar ``NAME.onnx.json`` holding the returned record.
 
 Calibration runs every prompt through the whole sampling loop, so for a real model it is meant
-for a GPU (``backend="ort-cuda"``); on CPU keep it to the tiny model.  Needs the ``fp8`` extra
-(``nvidia-modelopt`` without its ``[onnx]`` extra, which would pull onnxruntime-gpu; see the
-report / requirements for the exact list).
+for a GPU (``backend="ort-cuda"``, which also calibrates on CUDA); on CPU keep it to the tiny
+model.  Disk: a copy of the source graph and ModelOpt's intermediate copies (some under TMPDIR).
+Needs ``nvidia-modelopt`` with its ONNX-side dependencies named one by one: its ``[onnx]`` extra
+pins onnx 1.21 and onnxruntime-gpu.
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ class Fp8Settings:
         for key in ("num_inference_steps", "max_sequence_length", "guidance_scale"):
             if out[key] is None:
                 out[key] = d[key]
+        if out["guidance_scale"] is not None:
+            out["guidance_scale"] = float(out["guidance_scale"])
         return out
 
 

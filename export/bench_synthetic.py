@@ -228,6 +228,9 @@ def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape:
     from fluxrt.runtime.dtypes import cast
     from fluxrt.runtime.runners import OrtRunner
 
+    if device == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN from the nvidia wheels torch already uses
+
     spec = component_spec("vae_decoder" if component == "vae" else component, DIMS)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -249,7 +252,8 @@ def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape:
 
 
 def bench_component(component: str, layers, shape: Shape, precisions: list[str], modes: list[str], work: Path,
-                    results: Results, warmup: int, iters: int, attention: str, device: str) -> None:
+                    results: Results, warmup: int, iters: int, attention: str, device: str,
+                    cuda_graph: str = "auto", optimize: bool = True) -> None:
     label = component + (f"[{'+'.join(map(str, layers))}]" if layers else "")
     t = CONFIG["transformer"]
     flops = (bench.transformer_flops(shape.batch, shape.image_tokens, shape.text, layers[0], layers[1],
@@ -289,21 +293,26 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
         export = export_onnx(component, module, graph_precision, path, attention)
         del module
         free_memory(device)
-        try:
-            opt_path, fused = ort_optimize(path, component)
-        except Exception as e:  # the optimizer is best effort: measure the plain graph and say why
-            opt_path, fused = path, {"optimizer_error": str(e)[:300]}
-        for cuda_graph in (False, True) if device == "cuda" else (False,):
+        opt_path, fused = path, {}
+        if optimize:
             try:
-                stats = time_ort(component, opt_path, graph_precision, feed, shape, warmup, iters, cuda_graph, device)
+                opt_path, fused = ort_optimize(path, component)
+            except Exception as e:  # the optimizer is best effort: measure the plain graph and say why
+                fused = {"optimizer_error": str(e)[:300]}
+        choices = {"both": (True, False), "auto": (True, False), "on": (True,), "off": (False,)}[cuda_graph]
+        for use_graph in choices if device == "cuda" else (False,):
+            try:
+                stats = time_ort(component, opt_path, graph_precision, feed, shape, warmup, iters, use_graph, device)
             except Exception as e:
-                results.add(**common, backend="ort-cuda", precision=precision, cuda_graph=cuda_graph,
+                results.add(**common, backend="ort-cuda", precision=precision, cuda_graph=use_graph,
                             error=str(e)[:500])
                 continue
             results.add(**common, backend="ort-cuda", precision=precision, graph_precision=graph_precision,
                         cuda_graph=cuda_graph, attention=attention, fused_ops=fused, export=export, **stats,
                         tflops=flops / stats["p50_ms"] * 1e-9 if flops else None,
                         gpu_used_gib=(bench.gpu_memory_used_bytes() or 0) / 2**30)
+            if cuda_graph == "auto":
+                break
         del feed
         free_memory(device)
 
@@ -316,7 +325,8 @@ def free_memory(device: str) -> None:
 
 
 def run(out: Path, plan: list[tuple[str, tuple | None]], shape: Shape, precisions: list[str], modes: list[str],
-        warmup: int, iters: int, attention: str = "ort", device: str = "cuda") -> dict:
+        warmup: int, iters: int, attention: str = "ort", device: str = "cuda", cuda_graph: str = "auto",
+        optimize: str = "t5,clip,vae") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("FLUXRT_BENCH_WORK", "/tmp/fluxrt-bench"))
     work.mkdir(parents=True, exist_ok=True)
@@ -327,7 +337,7 @@ def run(out: Path, plan: list[tuple[str, tuple | None]], shape: Shape, precision
         log(f"{component} {layers}: start")
         try:
             bench_component(component, layers, shape, precisions, modes, work, results, warmup, iters, attention,
-                            device)
+                            device, cuda_graph, component in optimize.split(","))
         except Exception as e:  # keep measuring the other components; the error is in the results
             results.add(component=component, layers=list(layers) if layers else None, error=repr(e)[:800])
     return results.data
@@ -359,10 +369,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--model", default="flux-dev", choices=("flux-dev", "tiny"))
+    p.add_argument("--cuda-graph", default="auto", choices=("auto", "both", "on", "off"),
+                   help="auto: with a CUDA graph, without one only if capture fails")
+    p.add_argument("--optimize", default="t5,clip,vae",
+                   help="components to pass through onnxruntime.transformers' optimizer first")
     a = p.parse_args(argv)
     use_model(a.model)
     run(a.out, parse_plan(a.plan), Shape(a.batch, a.height, a.width, a.text), a.precisions.split(","),
-        a.modes.split(","), a.warmup, a.iters, a.attention, a.device)
+        a.modes.split(","), a.warmup, a.iters, a.attention, a.device, a.cuda_graph, a.optimize)
 
 
 if __name__ == "__main__":

@@ -10,5 +10,6 @@ pkg="$(mktemp -d)"
 cp -r "$repo/fluxrt" "$pkg/fluxrt"
 for stage in export engines runtime; do ln -s "$repo/$stage" "$pkg/fluxrt/$stage"; done
 export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+cd "$pkg"  # not the checkout: its fluxrt/ folder lacks the stage packages
 python3 -c "import torch, onnxruntime as ort; print('torch', torch.__version__, torch.cuda.get_device_name(0)); print('onnxruntime', ort.__version__, ort.get_available_providers())"
 python3 -m fluxrt.export.bench_synthetic --out "$out" "$@" 2>&1 | tee "$out.log"
