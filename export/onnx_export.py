@@ -289,6 +289,7 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | Path, request: ExportRequ
                        vae_decoder_latent="latent / scaling_factor + shift_factor"),
             shapes=dict(batch="dynamic", text_length=f"1..{dims.t5_max_length} (T5), {dims.clip_max_length} (CLIP)",
                         image=f"multiples of {2 * dims.vae_scale_factor} px"),
+            transformer_config={k: v for k, v in ckpt.transformer_config().items() if not k.startswith("_")},
             opset=opset_for(request.precision), versions=library_versions(), components=records,
         )
         atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))

@@ -107,6 +107,37 @@ def cmd_build(args: argparse.Namespace) -> None:
           f"{time.perf_counter() - start:.1f}s")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from fluxrt.runtime.bench import BenchConfig, BenchSettings, bench_pipelines
+
+    configs = []
+    for item in args.run:
+        label, sep, rest = item.partition("=")
+        path, _, backend = rest.rpartition(":")
+        if not sep or not path or not backend:
+            raise UsageError(f"--run must be LABEL=FOLDER:BACKEND (e.g. fp16=out/onnx16:ort-cuda), got {item!r}")
+        configs.append(BenchConfig(label, Path(path), backend))
+    if len({c.label for c in configs}) != len(configs):
+        raise UsageError(f"--run labels must be unique, got {[c.label for c in configs]}")
+    try:
+        settings = BenchSettings(prompt=args.prompt, height=args.height, width=args.width, steps=args.steps,
+                                 text_length=args.text_length, batch=args.batch, seed=args.seed,
+                                 warmup=args.warmup, iters=args.iters)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    report = bench_pipelines(configs, settings, args.out)
+    for r in report["runs"]:
+        stages = ", ".join(f"{k} {v['p50_ms']:.1f}" for k, v in r["stages"].items())
+        print(f"{r['label']}: p50 ms {stages}; PSNR vs {r['quality_vs']} {r['quality']['psnr_db']:.1f} dB")
+    print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png")
+
+
+def cmd_bench_synthetic(args: argparse.Namespace) -> None:
+    from fluxrt.export import bench_synthetic
+
+    bench_synthetic.main(args.rest)
+
+
 def output_paths(out: Path, n: int) -> list[Path]:
     if n == 1:
         return [out]
@@ -167,6 +198,27 @@ def parser() -> argparse.ArgumentParser:
                                                                            "else tensorrt-rtx")
     b.add_argument("--components", help="comma-separated subset of clip,t5,transformer,vae_decoder,vae_encoder")
     b.set_defaults(func=cmd_build)
+
+    m = sub.add_parser("bench", help="time each stage over export/engine folders and backends; JSON, markdown, PNG")
+    m.add_argument("--run", action="append", required=True, metavar="LABEL=FOLDER:BACKEND",
+                   help="one configuration; repeat to compare (backends: ort-cpu, ort-cuda, trt, torch)")
+    m.add_argument("--out", type=Path, required=True, help="folder for bench.json, bench.md, bench.png")
+    m.add_argument("--prompt", default="a lighthouse on a cliff at dawn, oil painting")
+    m.add_argument("--height", type=int, default=1024)
+    m.add_argument("--width", type=int, default=1024)
+    m.add_argument("--steps", type=int, default=4)
+    m.add_argument("--text-length", type=int, default=512)
+    m.add_argument("--batch", type=int, default=1)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--warmup", type=int, default=2)
+    m.add_argument("--iters", type=int, default=10)
+    m.set_defaults(func=cmd_bench)
+
+    y = sub.add_parser("bench-synthetic", help="full-size FLUX.1-dev latency with random weights on a GPU "
+                                               "(torch eager / torch.compile / ONNX Runtime CUDA)",
+                       add_help=False)
+    y.add_argument("rest", nargs=argparse.REMAINDER)
+    y.set_defaults(func=cmd_bench_synthetic)
 
     g = sub.add_parser("generate", help="generate images from an export folder (or engine folder)")
     src = g.add_mutually_exclusive_group(required=True)

@@ -207,11 +207,13 @@ def component_spec(name: str, dims: ModelDims) -> ComponentSpec:
 def component_precision(name: str, precision: str) -> str:
     """The precision a component's graph actually runs in when ``precision`` is asked for.
 
-    The FLUX VAE overflows in fp16, so an fp16 export keeps it in fp32; T5 stays fp16
-    with its feed-forward output projections in fp32 (see the exporter), as transformers does.
+    The VAE stays fp32 in half-precision exports: the FLUX VAE overflows in fp16, and in bf16
+    ONNX Runtime has no bfloat16 Resize kernel on CPU or CUDA (seen with onnxruntime-gpu 1.31 on
+    an H100), so a bf16 VAE graph would run on TensorRT only.  T5 stays fp16 with its feed-forward
+    output projections in fp32 (see the exporter), as transformers does.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
-    if name.startswith("vae") and precision == "fp16":
+    if name.startswith("vae"):
         return "fp32"
     return precision

@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -122,7 +123,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
         cells = []
         for key, _ in columns:
             v = row.get(key, "")
-            cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         body.append("| " + " | ".join(cells) + " |")
     return "\n".join([head, rule] + body) + "\n"
 
@@ -164,4 +165,146 @@ def bar_chart(rows: list[dict], label_key: str, group_key: str, value_key: str, 
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ---- fluxrt bench: stages of the runtime pipeline over export or engine folders -------------------
+
+PRECISION_RANK = {"fp32": 0, "bf16": 1, "fp16": 2, "fp8": 3}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    label: str
+    path: Path
+    backend: str
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    prompt: str = "a lighthouse on a cliff at dawn, oil painting"
+    height: int = 1024
+    width: int = 1024
+    steps: int = 4
+    text_length: int = 512
+    batch: int = 1
+    seed: int = 0
+    warmup: int = 2
+    iters: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "steps", "text_length", "batch", "iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"bench {name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"bench warmup must be >= 0, got {self.warmup}")
+
+
+def log(msg: str) -> None:
+    print(f"[fluxrt bench] {msg}", file=sys.stderr, flush=True)
+
+
+def transformer_config(pipe) -> dict | None:
+    """The transformer's architecture as the export manifest recorded it (for the FLOP count)."""
+    manifest = getattr(pipe.folder, "manifest", None) or read_export_manifest(pipe.folder.root)
+    config = (manifest or {}).get("transformer_config") or {}
+    return config if "num_layers" in config else None
+
+
+def read_export_manifest(root: Path) -> dict | None:
+    path = Path(root) / "export_manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def bench_one(config: BenchConfig, s: BenchSettings) -> tuple[dict, np.ndarray]:
+    """Per-stage latency of one pipeline, and its images for the quality comparison."""
+    from fluxrt.runtime import sampling
+    from fluxrt.runtime.pipeline import FluxPipeline
+
+    log(f"{config.label}: loading {config.path} on {config.backend}")
+    pipe = FluxPipeline.load(config.path, backend=config.backend)
+    p = pipe.resolve([s.prompt] * s.batch, s.height, s.width, s.steps, None, s.text_length, 1, s.seed, None)
+    clip_ids = pipe.clip_tokenizer.encode(p["prompts"], pipe.dims.clip_max_length)
+    t5_ids = pipe.t5_tokenizer.encode(p["prompts"], s.text_length)
+    noise = sampling.initial_noise(s.seed, s.batch, s.height, s.width, pipe.dims.latent_channels,
+                                   pipe.dims.vae_scale_factor)
+    latents = sampling.pack_latents(noise)  # [B, N, 64]
+    pooled, text = pipe.encode_prompts(p["prompts"], s.text_length)
+    device_latents = pipe.to_device(pipe.runners["transformer"], latents)
+    h, w = sampling.latent_size(s.height, s.width, pipe.dims.vae_scale_factor)
+    vae_latent = np.zeros((s.batch, pipe.dims.latent_channels, h, w), np.float32)
+
+    def one_step():
+        pipe.denoise_latents(device_latents, pooled, text, dict(p, num_inference_steps=1))
+
+    stages = {
+        "clip": lambda: pipe.run("clip", {"input_ids": clip_ids}),
+        "t5": lambda: pipe.run("t5", {"input_ids": t5_ids}),
+        "transformer_step": one_step,
+        "denoise_loop": lambda: pipe.denoise_latents(device_latents, pooled, text, p),
+        "vae_decode": lambda: pipe.run("vae_decoder", {"latent": pipe.cast("vae_decoder", vae_latent, "latent")}),
+        "generation": lambda: pipe(p["prompts"], height=s.height, width=s.width, num_inference_steps=s.steps,
+                                   max_sequence_length=s.text_length, latents=latents, output_type="np"),
+    }
+    result = {"label": config.label, "path": str(config.path), "backend": config.backend,
+              "precision": pipe.folder.precision, "variant": pipe.variant, "stages": {}}
+    for name, fn in stages.items():
+        log(f"{config.label}: {name}")
+        stats = summarize(time_call(fn, warmup=s.warmup, iters=s.iters))
+        result["stages"][name] = stats
+    config = transformer_config(pipe)
+    if config:
+        n = (s.height // 16) * (s.width // 16)
+        flops = transformer_flops(s.batch, n, s.text_length, config["num_layers"], config["num_single_layers"],
+                                  inner=config["num_attention_heads"] * config["attention_head_dim"],
+                                  joint_dim=pipe.dims.joint_attention_dim, pooled_dim=pipe.dims.pooled_projection_dim,
+                                  guidance=pipe.dims.guidance)
+        step = result["stages"]["transformer_step"]["p50_ms"]
+        result["transformer_tflops"] = flops / step * 1e-9
+        result["transformer_flops"] = flops
+    gen = result["stages"]["generation"]["p50_ms"]
+    result["images_per_second"] = s.batch / (gen / 1000)
+    result["gpu_memory_used_gib"] = (gpu_memory_used_bytes() or 0) / 2**30 or None
+    images = stages["generation"]().images
+    return result, images
+
+
+def bench_pipelines(configs: list[BenchConfig], s: BenchSettings, out_dir: Path) -> dict:
+    from dataclasses import asdict
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs, images = [], {}
+    for config in configs:
+        result, imgs = bench_one(config, s)
+        runs.append(result)
+        images[config.label] = imgs
+    reference = min(runs, key=lambda r: PRECISION_RANK.get(r["precision"], 9))
+    for r in runs:
+        r["quality_vs"] = reference["label"]
+        r["quality"] = image_quality(images[r["label"]], images[reference["label"]])
+    report = {"settings": asdict(s), "machine": machine_info(), "runs": runs,
+              "flop_formula": transformer_flops.__doc__.strip()}
+    write_json(out_dir / "bench.json", report)
+    write_markdown(report, out_dir / "bench.md")
+    rows = [{"config": r["label"], "stage": k, "p50_ms": v["p50_ms"]} for r in runs for k, v in r["stages"].items()]
+    bar_chart(rows, "config", "stage", "p50_ms", "p50 latency per stage (ms)", out_dir / "bench.png")
+    return report
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    rows = []
+    for r in report["runs"]:
+        for stage, v in r["stages"].items():
+            rows.append(dict(config=r["label"], backend=r["backend"], precision=r["precision"], stage=stage, **v))
+    text = markdown_table(rows, [("config", "config"), ("backend", "backend"), ("precision", "precision"),
+                                 ("stage", "stage"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"),
+                                 ("p99_ms", "p99 ms"), ("runs", "runs")])
+    summary = [dict(config=r["label"], ips=r["images_per_second"], tflops=r.get("transformer_tflops", ""),
+                    psnr=r["quality"]["psnr_db"], max_abs=r["quality"]["max_abs"], mean_abs=r["quality"]["mean_abs"],
+                    vs=r["quality_vs"]) for r in report["runs"]]
+    text += "\n" + markdown_table(summary, [("config", "config"), ("ips", "images/s"), ("tflops", "transformer TFLOP/s"),
+                                            ("psnr", "PSNR dB"), ("max_abs", "max |diff|"),
+                                            ("mean_abs", "mean |diff|"), ("vs", "against")])
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(f"# fluxrt bench\n\nSettings: {report['settings']}\n\n{text}")
     os.replace(tmp, path)

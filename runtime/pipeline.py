@@ -136,7 +136,7 @@ class FluxPipeline:
     def resolve(self, prompt, height, width, num_inference_steps, guidance_scale, max_sequence_length,
                 num_images_per_prompt, seed, latents) -> dict:
         d = DEFAULTS[self.variant]
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else None
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidInputError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
         height = 1024 if height is None else height
@@ -189,7 +189,8 @@ class FluxPipeline:
                                     f"layout for batch {batch} at {height}x{width})")
         if str(latents.dtype) not in ("float32", "float16", "bfloat16", "float64"):
             raise InvalidInputError(f"latents have dtype {latents.dtype}, expected a floating dtype")
-        latents = latents.astype(np.float32)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused just below
+            latents = latents.astype(np.float32)
         if not bool(array_module(latents).isfinite(latents).all()):
             raise InvalidInputError("latents contain NaN or Inf")
         return latents
@@ -251,8 +252,12 @@ class FluxPipeline:
         image = self.denoise(latents, pooled, text, p, callback)
         return FluxPipelineOutput(images=self.postprocess(image, output_type), settings=p)
 
-    def denoise(self, latents: Array, pooled: Array, text: Array, p: dict, callback) -> Array:
-        h, w = sampling.latent_size(p["height"], p["width"], self.dims.vae_scale_factor)
+    def denoise(self, latents: Array, pooled: Array, text: Array, p: dict, callback=None) -> Array:
+        """Euler loop then VAE decode: images [B, 3, H, W] in [-1, 1]."""
+        return self.decode(self.denoise_latents(latents, pooled, text, p, callback), p)
+
+    def denoise_latents(self, latents: Array, pooled: Array, text: Array, p: dict, callback=None) -> Array:
+        """The flow-match Euler loop over packed latents [B, N, 64], accumulated in float32."""
         seq_len = latents.shape[1]
         sigmas = sampling.get_sigmas(p["num_inference_steps"], seq_len, self.scheduler_config)  # [steps + 1]
         batch = latents.shape[0]
@@ -272,6 +277,9 @@ class FluxPipeline:
             latents = sampling.euler_step(latents, velocity, float(sigmas[i]), float(sigmas[i + 1]))
             if callback is not None:
                 callback(i + 1, steps)
+        return latents
+
+    def decode(self, latents: Array, p: dict) -> Array:
         latents = sampling.unpack_latents(latents, p["height"], p["width"], self.dims.vae_scale_factor)
         latents = sampling.decode_latents_scale(latents, self.scaling_factor, self.shift_factor)  # [B, 16, h, w]
         return self.run("vae_decoder", {"latent": self.cast("vae_decoder", latents, "latent")})["images"]

@@ -48,7 +48,7 @@ def test_plans_have_spec_io_and_profiles(precision, engine_dirs):
         inputs = {t["name"]: t for t in meta["io"]["inputs"]}
         assert list(inputs) == spec.input_names
         assert [t["name"] for t in meta["io"]["outputs"]] == spec.output_names
-        graph_precision = "fp32" if name == "vae_decoder" and precision == "fp16" else precision
+        graph_precision = "fp32" if name == "vae_decoder" else precision
         for t in spec.inputs:
             assert inputs[t.name]["dtype"] == t.resolved_dtype(graph_precision)
         for input_name, (lo, opt, hi) in profile_shapes(spec, ENVELOPE, folder.dims).items():

@@ -117,10 +117,10 @@ def test_graph_io_follows_spec(variant, fp32_exports, tiny_checkpoints):
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_exports(precision, tiny_checkpoints, tmp_path):
     """fp16/bf16 graphs carry the right I/O dtypes and stay finite and close to the fp32 model.
-    The VAE stays fp32 at fp16 (it overflows in fp16); bf16 runs everywhere in bf16."""
+    The VAE stays fp32 (fp16 overflows; ONNX Runtime has no bf16 Resize)."""
     ckpt = Checkpoint.open(tiny_checkpoints["dev"])
     manifest = export_checkpoint(ckpt, tmp_path, ExportRequest(("transformer", "vae", "t5"), precision))
-    expected_vae = "fp32" if precision == "fp16" else "bf16"
+    expected_vae = "fp32"
     assert manifest["components"]["vae_decoder"]["precision"] == expected_vae
     assert manifest["components"]["transformer"]["precision"] == precision
     model = onnx.load(str(tmp_path / "transformer.onnx"))

@@ -1,0 +1,64 @@
+"""fluxrt bench on the tiny model: the report's structure, its arithmetic and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fluxrt.runtime import bench
+
+
+def test_flop_count_of_full_flux_dev():
+    # 19 double + 38 single blocks of width 3072 at 1024x1024 (4096 image tokens) with 512 text tokens:
+    # 57 x (24 L D^2 + 4 L^2 D) with L = 4608 is 74.36 TFLOP; embedders and final layer add 0.02%
+    flops = bench.transformer_flops(1, 4096, 512, 19, 38)
+    blocks = 57 * (24 * 4608 * 3072**2 + 4 * 4608**2 * 3072)
+    assert blocks == pytest.approx(7.436e13, rel=1e-3)
+    assert flops == pytest.approx(blocks, rel=2e-3) and flops > blocks
+    assert bench.transformer_flops(2, 4096, 512, 19, 38) == pytest.approx(2 * flops)
+
+
+def test_summary_and_quality():
+    s = bench.summarize([0.001 * i for i in range(1, 101)])
+    assert s["runs"] == 100 and s["p50_ms"] == pytest.approx(50.5) and s["p99_ms"] == pytest.approx(99.01)
+    a = np.zeros((1, 4, 4, 3))
+    b = a + 0.1
+    q = bench.image_quality(b, a)
+    assert q["max_abs"] == pytest.approx(0.1) and q["psnr_db"] == pytest.approx(20.0)
+    assert bench.image_quality(a, a)["psnr_db"] == float("inf")
+
+
+def test_time_call_excludes_warmup_and_syncs():
+    calls, syncs = [], []
+    samples = bench.time_call(lambda: calls.append(1), warmup=3, iters=5, sync=lambda: syncs.append(1))
+    assert len(calls) == 8 and len(samples) == 5 and len(syncs) == 6
+
+
+def test_bench_cli_writes_json_markdown_and_chart(fp32_exports, tmp_path):
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, "-m", "fluxrt.cli", "bench", "--run", f"ort={fp32_exports['dev']}:ort-cpu",
+                        "--run", f"torch={fp32_exports['dev']}:torch", "--out", str(out), "--height", "32",
+                        "--width", "48", "--steps", "2", "--text-length", "16", "--iters", "3", "--warmup", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "bench.json").read_text())
+    assert [run["label"] for run in report["runs"]] == ["ort", "torch"]
+    for run in report["runs"]:
+        assert set(run["stages"]) == {"clip", "t5", "transformer_step", "denoise_loop", "vae_decode", "generation"}
+        for stats in run["stages"].values():
+            assert stats["runs"] == 3 and 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
+        assert run["transformer_tflops"] > 0 and run["images_per_second"] > 0
+    # same fp32 weights through torch and ONNX Runtime: the same image within float rounding
+    assert report["runs"][1]["quality"]["max_abs"] < 2e-4 and report["runs"][1]["quality_vs"] == "ort"
+    assert "| config | backend |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_cli_errors(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fluxrt.cli", "bench", "--run", "nocolon", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--run must be LABEL=FOLDER:BACKEND" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,69 @@
+"""The runtime on ONNX Runtime CUDA (device-resident loop, I/O binding): runs where a CUDA GPU,
+cupy and onnxruntime-gpu exist, skipped with that reason elsewhere."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fluxrt.runtime import FluxPipeline
+
+pytestmark = pytest.mark.gpu
+
+
+def require_ort_cuda():
+    cupy = pytest.importorskip("cupy", reason="cupy is not installed: no GPU backend here")
+    ort = pytest.importorskip("onnxruntime")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            pytest.skip("no CUDA device")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA driver")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider (install fluxrt[ort-gpu])")
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_checkpoints, fp32_exports, tmp_path_factory):
+    require_ort_cuda()
+    from fluxrt.export.checkpoint import Checkpoint
+    from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
+
+    root = tmp_path_factory.mktemp("gpu")
+    out = {"fp32": fp32_exports["dev"]}
+    for precision in ("fp16", "bf16"):
+        export_checkpoint(Checkpoint.open(tiny_checkpoints["dev"]), root / precision,
+                          ExportRequest(("clip", "t5", "transformer", "vae"), precision))
+        out[precision] = root / precision
+    return out
+
+
+ARGS = dict(prompt=["a red fox in the snow", "a lighthouse"], height=48, width=80, num_inference_steps=4,
+            max_sequence_length=24, output_type="np", num_images_per_prompt=2)
+
+
+def latents() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((4, 15, 64)).astype(np.float32)
+
+
+def test_ort_cuda_equals_ort_cpu_fp32(exports):
+    cpu = FluxPipeline.load(exports["fp32"], backend="ort-cpu")(**ARGS, latents=latents()).images
+    gpu = FluxPipeline.load(exports["fp32"], backend="ort-cuda")(**ARGS, latents=latents()).images
+    assert np.abs(cpu - gpu).max() < 1e-3  # TF32-free fp32 kernels: reordering only
+
+
+@pytest.mark.parametrize("precision,bound", [("fp16", 0.03), ("bf16", 0.08)])
+def test_ort_cuda_half_precision_close_to_fp32(exports, precision, bound):
+    want = FluxPipeline.load(exports["fp32"], backend="ort-cpu")(**ARGS, latents=latents()).images
+    got = FluxPipeline.load(exports[precision], backend="ort-cuda")(**ARGS, latents=latents()).images
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).mean() < bound / 4 and np.abs(got - want).max() < 4 * bound
+
+
+def test_mixed_cpu_and_cuda(exports):
+    mixed = FluxPipeline.load(exports["fp32"], backend={"clip": "ort-cpu", "t5": "ort-cuda",
+                                                         "transformer": "ort-cuda", "vae_decoder": "ort-cpu"})
+    want = FluxPipeline.load(exports["fp32"], backend="ort-cpu")(**ARGS, latents=latents()).images
+    assert np.abs(mixed(**ARGS, latents=latents()).images - want).max() < 1e-3
