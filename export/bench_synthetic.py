@@ -308,7 +308,7 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
                             error=str(e)[:500])
                 continue
             results.add(**common, backend="ort-cuda", precision=precision, graph_precision=graph_precision,
-                        cuda_graph=cuda_graph, attention=attention, fused_ops=fused, export=export, **stats,
+                        cuda_graph=use_graph, attention=attention, fused_ops=fused, export=export, **stats,
                         tflops=flops / stats["p50_ms"] * 1e-9 if flops else None,
                         gpu_used_gib=(bench.gpu_memory_used_bytes() or 0) / 2**30)
             if cuda_graph == "auto":
@@ -381,3 +381,114 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---- report: extrapolation to the full model --------------------------------------------------------
+
+FULL_UNITS = 19  # FLUX.1-dev: 19 x (1 double + 2 single) blocks
+FULL_T5_LAYERS = 24
+
+
+def key(m: dict) -> tuple[str, str]:
+    return m["backend"], m.get("precision", "")
+
+
+def extrapolate(points: dict[int, float], full: int) -> tuple[float, float, float]:
+    """Two depths -> (fixed part, per-unit slope, value at ``full``) of a straight line."""
+    (d1, t1), (d2, t2) = sorted(points.items())
+    slope = (t2 - t1) / (d2 - d1)
+    fixed = t1 - slope * d1
+    return fixed, slope, fixed + slope * full
+
+
+def full_model_table(measurements: list[dict]) -> list[dict]:
+    ok = [m for m in measurements if "p50_ms" in m]
+    rows = []
+    for m_key in sorted({key(m) for m in ok}):
+        row = {"backend": m_key[0], "precision": m_key[1]}
+        tr = {m["layers"][0]: m["p50_ms"] for m in ok if m["component"] == "transformer" and key(m) == m_key}
+        if len(tr) == 2:
+            row["transformer_fixed_ms"], row["transformer_per_unit_ms"], row["transformer_step_ms"] = \
+                extrapolate(tr, FULL_UNITS)
+            row["transformer_tflops"] = bench.transformer_flops(1, 4096, 512, 19, 38) / row["transformer_step_ms"] * 1e-9
+        t5 = {m["layers"][0]: m["p50_ms"] for m in ok if m["component"] == "t5" and key(m) == m_key}
+        if len(t5) == 2:
+            row["t5_ms"] = extrapolate(t5, FULL_T5_LAYERS)[2]
+        for comp in ("clip", "vae"):
+            found = [m for m in ok if m["component"] == comp and key(m) == m_key]
+            if found:
+                row[f"{comp}_ms"] = found[0]["p50_ms"]
+        if all(k in row for k in ("transformer_step_ms", "t5_ms", "clip_ms", "vae_ms")):
+            row["generation_28_steps_ms"] = row["clip_ms"] + row["t5_ms"] + 28 * row["transformer_step_ms"] + row["vae_ms"]
+        rows.append(row)
+    eager = next((r for r in rows if r["backend"] == "torch-eager"), {})
+    for r in rows:
+        for k in ("transformer_step_ms", "t5_ms", "clip_ms", "vae_ms", "generation_28_steps_ms"):
+            if k in r and eager.get(k):
+                r[k.replace("_ms", "_vs_eager")] = r[k] / eager[k]
+    return rows
+
+
+def export_table(measurements: list[dict]) -> list[dict]:
+    rows = []
+    for precision in sorted({m["precision"] for m in measurements if "export" in m}):
+        ex = {m["component"] + str(m["layers"]): m["export"] for m in measurements
+              if "export" in m and m["precision"] == precision}
+        row = {"precision": precision}
+        for comp, full, depth in (("transformer", FULL_UNITS, lambda l: l[0]), ("t5", FULL_T5_LAYERS, lambda l: l[0])):
+            pts = {depth(m["layers"]): m["export"] for m in measurements
+                   if "export" in m and m["precision"] == precision and m["component"] == comp}
+            if len(pts) == 2:
+                for field in ("export_seconds", "export_peak_rss_gib", "weights_gib"):
+                    row[f"{comp}_{field}"] = extrapolate({d: v[field] for d, v in pts.items()}, full)[2]
+        for comp in ("clip", "vae"):
+            e = ex.get(comp + "None")
+            if e:
+                for field in ("export_seconds", "export_peak_rss_gib", "weights_gib"):
+                    row[f"{comp}_{field}"] = e[field]
+        rows.append(row)
+    return rows
+
+
+def report(result_files: list[Path], out_dir: Path) -> dict:
+    measurements, settings, machine = [], [], {}
+    for f in result_files:
+        data = json.loads(Path(f).read_text())
+        measurements += data["measurements"]
+        settings.append(data["settings"])
+        machine = data.get("machine") or machine
+    full = full_model_table(measurements)
+    exports = export_table(measurements)
+    out = {"machine": machine, "settings": settings, "full_model": full, "export": exports,
+           "method": __doc__.strip(), "measurements": measurements}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bench.write_json(out_dir / "h100.json", out)
+    cols = [("backend", "backend"), ("precision", "precision"), ("transformer_step_ms", "transformer step ms"),
+            ("transformer_step_vs_eager", "x eager"), ("transformer_tflops", "TFLOP/s"), ("clip_ms", "CLIP ms"),
+            ("clip_vs_eager", "x eager"), ("t5_ms", "T5 ms"), ("t5_vs_eager", "x eager"), ("vae_ms", "VAE ms"),
+            ("vae_vs_eager", "x eager"), ("generation_28_steps_ms", "28-step generation ms"),
+            ("generation_28_steps_vs_eager", "x eager")]
+    slices = [dict(component=m["component"], layers="+".join(map(str, m["layers"])) if m.get("layers") else "all",
+                   backend=m["backend"], precision=m.get("graph_precision") or m.get("precision"),
+                   p50=m["p50_ms"], p90=m["p90_ms"], p99=m["p99_ms"], tflops=m.get("tflops") or "")
+              for m in measurements if "p50_ms" in m]
+    errors = [dict(component=m["component"], backend=m.get("backend", ""), precision=m.get("precision", ""),
+                   cuda_graph=m.get("cuda_graph", ""), error=m["error"][:160].replace("|", "/"))
+              for m in measurements if "error" in m]
+    text = ["# Full-size FLUX.1-dev on one H100: per-stage latency (batch 1, 1024x1024, 512 text tokens)\n",
+            "Extrapolated to the full model from the measured slices (method below), p50 of 20 timed runs.\n",
+            bench.markdown_table(full, cols), "\n## Measured points\n", bench.markdown_table(slices, [
+                ("component", "component"), ("layers", "layers"), ("backend", "backend"), ("precision", "precision"),
+                ("p50", "p50 ms"), ("p90", "p90 ms"), ("p99", "p99 ms"), ("tflops", "TFLOP/s")]),
+            "\n## Export (host side, extrapolated the same way)\n",
+            bench.markdown_table(exports, [(k, k) for k in dict.fromkeys(k for row in exports for k in row)]),
+            "\n## Attempts that failed\n", bench.markdown_table(errors, [(k, k) for k in
+                                                                       ("component", "backend", "precision",
+                                                                        "cuda_graph", "error")]),
+            "\n## Method\n", __doc__.strip() + "\n"]
+    (out_dir / "h100.md").write_text("\n".join(text))
+    rows = [{"config": f"{r['backend']} {r['precision']}", "stage": s.replace("_ms", ""), "ms": r[s]}
+            for r in full for s in ("transformer_step_ms", "t5_ms", "clip_ms", "vae_ms") if s in r]
+    bench.bar_chart(rows, "config", "stage", "ms", "FLUX.1-dev on H100, p50 ms per stage (transformer: one step)",
+                    out_dir / "h100.png")
+    return out
