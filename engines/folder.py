@@ -118,6 +118,7 @@ class BuildSettings:
     timing_cache: str | None = None
     compute_capabilities: tuple[str, ...] | None = None  # TensorRT-RTX targets; None: the library's default
     components: tuple[str, ...] = STAGES
+    fp8: object = None  # fluxrt.engines.fp8.Fp8Settings for --precision fp8; None: its defaults
 
     def __post_init__(self) -> None:
         if self.precision not in ENGINE_PRECISIONS:
@@ -131,9 +132,21 @@ class BuildSettings:
             raise ValueError(f"components {list(self.components)}: each must be one of "
                              f"{list(STAGES) + ['vae_encoder']}")
 
+    def fp8_settings(self):
+        if self.precision != "fp8":
+            return None
+        from fluxrt.engines.fp8 import Fp8Settings
+
+        return self.fp8 if self.fp8 is not None else Fp8Settings()
+
+    def fp8_settings_dict(self) -> dict | None:
+        settings = self.fp8_settings()
+        return asdict(settings) if settings is not None else None
+
     def cache_key(self) -> dict:
         """What a plan depends on besides its graph and library (JSON-normalised, for comparison)."""
         return json.loads(json.dumps({"envelope": asdict(self.envelope), "optimization_level": self.optimization_level,
+                "fp8_calibration": self.fp8_settings_dict(),
                 "workspace_bytes": self.workspace_bytes,
                 "compute_capabilities": list(self.compute_capabilities) if self.compute_capabilities else None}))
 
@@ -174,12 +187,16 @@ def source_graph(export_dir: Path, manifest: dict, name: str, settings: BuildSet
     qdq = out_dir / "transformer.fp8.onnx"
     record = out_dir / "transformer.fp8.json"
     source = graph_sha256(onnx_path)
-    if qdq.is_file() and record.is_file() and json.loads(record.read_text()).get("source_sha256") == source:
-        return qdq
+    wanted = {"source_sha256": source, "calibration": settings.fp8_settings_dict()}
+    if qdq.is_file() and record.is_file():
+        previous = json.loads(record.read_text())
+        if {k: previous.get(k) for k in wanted} == wanted:
+            return qdq
     if progress:
-        log("transformer: calibrating FP8 (Q/DQ) from the export folder")
-    info = calibrate_fp8(export_dir, qdq)
-    atomic_write_json(record, dict(info, source_sha256=source))
+        log(f"transformer: calibrating FP8 (Q/DQ) from the export folder with {wanted['calibration']}")
+    info = calibrate_fp8(export_dir, qdq, settings=settings.fp8_settings())
+    # the record is written after the graph: a Q/DQ graph without it is recalibrated, never trusted
+    atomic_write_json(record, dict(info, **wanted))
     return qdq
 
 

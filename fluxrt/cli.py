@@ -78,6 +78,16 @@ def parse_range(text: str, what: str) -> tuple[int, int, int]:
     return values
 
 
+def fp8_settings(args: argparse.Namespace):
+    if args.precision != "fp8":
+        return None
+    from fluxrt.engines.fp8 import Fp8Settings
+
+    return Fp8Settings(num_prompts=args.calibration_prompts, num_inference_steps=args.calibration_steps,
+                       height=args.calibration_size, width=args.calibration_size,
+                       max_sequence_length=args.calibration_text_length, backend=args.calibration_backend)
+
+
 def cmd_build(args: argparse.Namespace) -> None:
     from fluxrt.engines.folder import STAGES, BuildSettings, build_folder
     from fluxrt.engines.profiles import ShapeEnvelope
@@ -96,7 +106,7 @@ def cmd_build(args: argparse.Namespace) -> None:
             workspace_bytes=int(args.workspace_gib * 2**30) if args.workspace_gib else None,
             timing_cache=str(args.timing_cache) if args.timing_cache else None,
             compute_capabilities=tuple(args.compute_capability.split(",")) if args.compute_capability else None,
-            components=components)
+            components=components, fp8=fp8_settings(args))
     except ValueError as e:
         raise UsageError(str(e)) from None
     trt = import_trt(args.library)
@@ -197,6 +207,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--library", choices=("tensorrt", "tensorrt-rtx"), help="default: tensorrt if installed, "
                                                                            "else tensorrt-rtx")
     b.add_argument("--components", help="comma-separated subset of clip,t5,transformer,vae_decoder,vae_encoder")
+    b.add_argument("--calibration-prompts", type=int, default=64, help="fp8: bundled prompts to calibrate on")
+    b.add_argument("--calibration-steps", type=int, help="fp8: sampling steps per prompt (default: the variant's)")
+    b.add_argument("--calibration-size", type=int, default=1024, help="fp8: image side in pixels")
+    b.add_argument("--calibration-text-length", type=int, help="fp8: T5 tokens (default: the variant's)")
+    b.add_argument("--calibration-backend", choices=("ort-cpu", "ort-cuda"), default="ort-cpu")
     b.set_defaults(func=cmd_build)
 
     m = sub.add_parser("bench", help="time each stage over export/engine folders and backends; JSON, markdown, PNG")

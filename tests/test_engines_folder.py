@@ -114,6 +114,28 @@ def test_precision_must_match_the_export(fp32_exports, tmp_path):
         settings("int8")
 
 
+def test_fp8_folder_from_fp16_export(half_exports, tmp_path):
+    """fp8: the transformer is calibrated from the export folder alone, its Q/DQ graph kept beside
+    the plan, the other components built from the export; a second build reuses both."""
+    pytest.importorskip("modelopt", reason="nvidia-modelopt (fluxrt[fp8]) is not installed")
+    from fluxrt.engines.fp8 import Fp8Settings
+
+    calibration = Fp8Settings(num_prompts=2, num_inference_steps=2, height=64, width=64, max_sequence_length=16)
+    out = tmp_path / "fp8"
+    actions = build_folder(half_exports["fp16"], out, settings("fp8", fp8=calibration), trt_module=trt,
+                           progress=False)
+    assert set(actions.values()) == {"built"}
+    assert (out / "transformer.fp8.onnx").is_file()
+    record = json.loads((out / "transformer.fp8.json").read_text())
+    assert record["calibration"]["num_prompts"] == 2 and record["source_sha256"]
+    folder = EngineFolder.open(out)
+    assert folder.precision == "fp8"
+    assert folder.sidecar("transformer")["onnx"].endswith("transformer.fp8.onnx")
+    assert folder.sidecar("t5")["precision"] == "fp16"
+    again = build_folder(half_exports["fp16"], out, settings("fp8", fp8=calibration), trt_module=trt, progress=False)
+    assert set(again.values()) == {"kept"}
+
+
 def test_engine_folder_errors(tmp_path):
     with pytest.raises(EngineError, match="engine folder .* does not exist"):
         EngineFolder.open(tmp_path / "nope")
