@@ -1,12 +1,17 @@
-# fluxrt: the two commands that work on a fresh machine are `make demo` and `make test`.
+# fluxrt. The two commands that work on a fresh machine: `make demo` and `make test`.
+#   make engines                         tiny model -> fp16 export -> TensorRT plans in out/engines-fp16
+#   make engines MODEL=/models/FLUX.1-dev ENGINE_PRECISION=fp8 FP8_FLAGS="--calibration-backend ort-cuda"
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+FLUXRT := $(VENV)/bin/fluxrt
 OUT ?= out
 MODEL ?= $(OUT)/tiny-dev
-VARIANT ?= dev
-PRECISION ?= fp32
 ENGINE_PRECISION ?= fp16
+# strongly typed engines take their precision from the graph: fp8 plans are built from an fp16 export
+EXPORT_PRECISION := $(if $(filter bf16,$(ENGINE_PRECISION)),bf16,fp16)
+BUILD_FLAGS ?=
+FP8_FLAGS ?=
 
 .PHONY: venv demo test engines clean
 
@@ -20,18 +25,22 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 venv: $(VENV)/.installed
 
 $(OUT)/tiny-dev/model_index.json: | venv
-	$(VENV)/bin/fluxrt tiny-model $(OUT)/tiny-dev --variant dev
+	$(FLUXRT) tiny-model $(OUT)/tiny-dev --variant dev
 
-$(OUT)/onnx/manifest.json: $(MODEL)/model_index.json
-	$(VENV)/bin/fluxrt export $(MODEL) --out $(OUT)/onnx --precision $(PRECISION)
+$(OUT)/onnx-fp32/manifest.json: $(MODEL)/model_index.json | venv
+	$(FLUXRT) export $(MODEL) --out $(OUT)/onnx-fp32 --precision fp32
 
-# From nothing to an image on the built-in tiny model.
-demo: $(OUT)/onnx/manifest.json
-	$(VENV)/bin/fluxrt generate --onnx $(OUT)/onnx --backend ort-cpu --prompt "a lighthouse on a cliff at dawn" \
+$(OUT)/onnx-$(EXPORT_PRECISION)/manifest.json: $(MODEL)/model_index.json | venv
+	$(FLUXRT) export $(MODEL) --out $(OUT)/onnx-$(EXPORT_PRECISION) --precision $(EXPORT_PRECISION)
+
+# From nothing to an image on the built-in tiny model (ONNX Runtime on the CPU).
+demo: $(OUT)/onnx-fp32/manifest.json
+	$(FLUXRT) generate --onnx $(OUT)/onnx-fp32 --backend ort-cpu --prompt "a lighthouse on a cliff at dawn" \
 		--height 256 --width 256 --steps 4 --seed 0 --out $(OUT)/demo.png
 
-engines: $(OUT)/onnx/manifest.json
-	$(VENV)/bin/fluxrt build $(OUT)/onnx --out $(OUT)/engines-$(ENGINE_PRECISION) --precision $(ENGINE_PRECISION)
+engines: $(OUT)/onnx-$(EXPORT_PRECISION)/manifest.json
+	$(FLUXRT) build $(OUT)/onnx-$(EXPORT_PRECISION) --out $(OUT)/engines-$(ENGINE_PRECISION) \
+		--precision $(ENGINE_PRECISION) $(BUILD_FLAGS) $(if $(filter fp8,$(ENGINE_PRECISION)),$(FP8_FLAGS))
 
 test: venv
 	$(PY) -m pytest -q
