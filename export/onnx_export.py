@@ -68,6 +68,16 @@ def log(msg: str) -> None:
     print(f"[fluxrt export] {msg}", file=sys.stderr, flush=True)
 
 
+def quiet_exporter() -> None:
+    """The exporter's notes about torchvision ops and merged axis names are noise for FLUX graphs."""
+    import logging
+    import warnings
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+
+
 def example_inputs(spec: ComponentSpec, dims: ModelDims, precision: str) -> tuple[torch.Tensor, ...]:
     sizes = dict(EXAMPLE, N=(EXAMPLE["h"] // 2) * (EXAMPLE["w"] // 2),
                  H=EXAMPLE["h"] * dims.vae_scale_factor, W=EXAMPLE["w"] * dims.vae_scale_factor)
@@ -140,6 +150,7 @@ def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, att
         nbytes = param_bytes(module)
         log(f"{name}: {nbytes / 2**20:.1f} MiB of weights loaded in {time.perf_counter() - t0:.1f}s; tracing")
         t1 = time.perf_counter()
+        quiet_exporter()
         with torch.no_grad():
             program = torch.onnx.export(
                 module, example_inputs(spec, dims, graph_precision), dynamo=True, opset_version=opset_for(graph_precision),
