@@ -202,32 +202,26 @@ class Checkpoint:
     def load_transformer(self, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import FluxTransformer2DModel
 
-        if self.transformer_file:
-            state, config = self._bfl_transformer(load=True)
-            state = {k: v.to(dtype) for k, v in state.items()}
-            what = f"transformer {self.transformer_file}"
-        else:
-            config = self.config("transformer")
-            state = read_state_dict(weight_files(self.root / "transformer", DIFFUSERS_WEIGHTS), dtype)
-            what = f"transformer {self.root / 'transformer'}"
-        kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-        model = module_on_meta(lambda: FluxTransformer2DModel(**kwargs))
-        return assign_weights(model, state, what)
+        return self._load_diffusers("transformer", FluxTransformer2DModel, self.transformer_file,
+                                    self._bfl_transformer, dtype)
 
     def load_vae(self, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import AutoencoderKL
 
-        if self.vae_file:
-            state, config = self._bfl_vae(load=True)
+        return self._load_diffusers("vae", AutoencoderKL, self.vae_file, self._bfl_vae, dtype)
+
+    def _load_diffusers(self, sub: str, cls, bfl_file: Path | None, bfl_loader, dtype: torch.dtype):
+        """A diffusers model from its subfolder, or from the BFL single file that overrides it."""
+        if bfl_file:
+            state, config = bfl_loader(load=True)
             state = {k: v.to(dtype) for k, v in state.items()}
-            what = f"VAE {self.vae_file}"
+            what = f"{sub} {bfl_file}"
         else:
-            config = self.config("vae")
-            state = read_state_dict(weight_files(self.root / "vae", DIFFUSERS_WEIGHTS), dtype)
-            what = f"VAE {self.root / 'vae'}"
+            config = self.config(sub)
+            state = read_state_dict(weight_files(self.root / sub, DIFFUSERS_WEIGHTS), dtype)
+            what = f"{sub} {self.root / sub}"
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-        model = module_on_meta(lambda: AutoencoderKL(**kwargs))
-        return assign_weights(model, state, what)
+        return assign_weights(module_on_meta(lambda: cls(**kwargs)), state, what)
 
     def load_clip(self, dtype: torch.dtype) -> torch.nn.Module:
         from transformers import CLIPTextConfig, CLIPTextModel
