@@ -240,15 +240,26 @@ def build_folder(export_dir: str | Path, out_dir: str | Path, settings: BuildSet
     """Build every requested plan that is not up to date; return ``{component: "built"|"kept"}``."""
     from fluxrt.runtime.artifacts import ExportFolder
 
-    export = ExportFolder.open(export_dir)
+    if (Path(export_dir) / "manifest.json").exists():
+        export = ExportFolder.open(export_dir)
+    else:  # a folder of graphs fluxrt did not write, such as BFL's published ONNX files
+        from fluxrt.components import ModelDims
+        from fluxrt.engines.foreign import manifest_for
+
+        manifest = manifest_for(export_dir)
+        export = ExportFolder(Path(export_dir), manifest, ModelDims.from_json(manifest["dims"]))
     manifest = export.manifest
     check_export(export.root, manifest, settings)
+    if settings.precision == "fp8" and manifest["source"].get("foreign"):
+        raise EngineError(f"{export.root}: FP8 calibration runs the sampling loop, which needs a fluxrt export "
+                          f"folder (tokenizers, scheduler); export the checkpoint with fluxrt export first")
     trt = trt_module or import_trt()
     lib = library_info(trt)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with locked(out_dir / ".folder.lock"):
-        copy_side_files(export.root, out_dir)
+        if not manifest["source"].get("foreign"):
+            copy_side_files(export.root, out_dir)
     actions = {}
     for name in settings.components:
         plan, sidecar = plan_paths(out_dir, name)

@@ -14,7 +14,7 @@ import pytest
 from fluxrt.components import component_spec
 from fluxrt.engines.folder import BuildSettings, EngineFolder, build_folder, current_gpu, up_to_date
 from fluxrt.engines.profiles import ShapeEnvelope, profile_shapes
-from fluxrt.errors import EngineError
+from fluxrt.errors import EngineError, ExportError
 
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (fluxrt[trt-rtx]) is not installed")
 ENVELOPE = ShapeEnvelope(batch=(1, 2, 4), text_length=(1, 64, 128), image_side=(32, 64, 128))
@@ -134,6 +134,28 @@ def test_fp8_folder_from_fp16_export(half_exports, tmp_path):
     assert folder.sidecar("t5")["precision"] == "fp16"
     again = build_folder(half_exports["fp16"], out, settings("fp8", fp8=calibration), trt_module=trt, progress=False)
     assert set(again.values()) == {"kept"}
+
+
+def bfl_style_folder(export_dir, out):
+    """Our graphs in the layout of Black Forest Labs' published ONNX repositories."""
+    for name, sub in (("clip", "clip.opt"), ("t5", "t5.opt"), ("transformer", "transformer.opt/fp16"),
+                      ("vae_decoder", "vae.opt")):
+        (out / sub).mkdir(parents=True)
+        shutil.copy(export_dir / f"{name}.onnx", out / sub / "model.onnx")
+    return out
+
+
+def test_builds_from_a_bfl_style_onnx_folder(half_exports, tmp_path):
+    src = bfl_style_folder(half_exports["fp16"], tmp_path / "FLUX.1-dev-onnx")
+    actions = build_folder(src, tmp_path / "eng", settings("fp16"), trt_module=trt, progress=False)
+    assert set(actions.values()) == {"built"}
+    folder = EngineFolder.open(tmp_path / "eng")
+    assert folder.variant == "dev" and folder.dims.joint_attention_dim == 32 and folder.precision == "fp16"
+    assert folder.sidecar("transformer")["onnx"].endswith("transformer.opt/fp16/model.onnx")
+    (src / "transformer.opt" / "bf16").mkdir()
+    shutil.copy(half_exports["bf16"] / "transformer.onnx", src / "transformer.opt" / "bf16" / "model.onnx")
+    with pytest.raises(ExportError, match="two transformer graphs"):
+        build_folder(src, tmp_path / "eng", settings("fp16"), trt_module=trt, progress=False)
 
 
 def test_engine_folder_errors(tmp_path):
