@@ -157,9 +157,10 @@ class OrtRunner(Runner):
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs
             raise EngineError(f"{self.name}: ONNX Runtime could not load {self.onnx_path}: {e}") from None
         got = [i.name for i in self.session.get_inputs()]
-        if got != self.spec.input_names:
-            raise EngineError(f"{self.name}: {self.onnx_path} has inputs {got}, expected {self.spec.input_names} "
-                              f"(is it the {self.name} graph?)")
+        outs = [o.name for o in self.session.get_outputs()]
+        if got != self.spec.input_names or outs != self.spec.output_names:
+            raise EngineError(f"{self.name}: {self.onnx_path} has inputs {got} and outputs {outs}, expected "
+                              f"{self.spec.input_names} and {self.spec.output_names} (is it the {self.name} graph?)")
 
     def _deactivate(self) -> None:
         self.session = None

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fluxrt.cli import main
+from fluxrt.components import component_spec
 from fluxrt.engines.folder import EngineFolder
 from fluxrt.engines.profiles import ShapeEnvelope
 from fluxrt.errors import EngineError, ExportError, InvalidInputError, NumericError
@@ -164,15 +165,20 @@ def test_swapped_graphs_are_refused(fp32_exports, tmp_path):
     with pytest.raises(ExportError, match=r"clip graph .*clip.onnx is not the file the export manifest recorded "
                                           r"\(sha256 [0-9a-f]{12}\.\.\., expected [0-9a-f]{12}\.\.\.\): swapped"):
         FluxPipeline.load(folder)
-    # a manifest that agrees with the swapped files: the runner's input check still tells the graphs apart
+    # a manifest that agrees with the swapped files: the runner's I/O check still tells the graphs apart
+    # (CLIP and T5 share their input name, not their outputs)
     manifest = json.loads((folder / "manifest.json").read_text())
     for a, b in (("clip", "t5"), ("transformer", "vae_decoder")):
         ca, cb = manifest["components"][a], manifest["components"][b]
         ca["sha256"], cb["sha256"] = cb["sha256"], ca["sha256"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(EngineError, match=r"transformer: .*transformer.onnx has inputs \['latent'\], expected "
-                                          r"\['hidden_states', .*\(is it the transformer graph\?\)"):
+    with pytest.raises(EngineError, match=r"clip: .*clip.onnx has inputs \['input_ids'\] and outputs "
+                                          r"\['text_embeddings'\], expected .*\(is it the clip graph\?\)"):
         FluxPipeline.load(folder)
+    with pytest.raises(EngineError, match=r"transformer: .*transformer.onnx has inputs \['latent'\] and outputs "
+                                          r"\['images'\], expected \['hidden_states', .*\(is it the transformer"):
+        OrtRunner(component_spec("transformer", ExportFolder.open(folder).dims), "fp32",
+                  folder / "transformer.onnx").activate()
     (folder / "t5.onnx").write_bytes((folder / "t5.onnx").read_bytes()[:1000])  # truncated
     with pytest.raises(ExportError, match="t5 graph .* is not the file the export manifest recorded"):
         FluxPipeline.load(folder, backend={"t5": "ort-cpu"})
