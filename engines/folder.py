@@ -32,6 +32,8 @@ from fluxrt.engines.build import build_engine
 from fluxrt.engines.profiles import ShapeEnvelope
 from fluxrt.engines.trt import import_trt, library_info
 from fluxrt.errors import EngineError
+from fluxrt.files import sha256_file
+from fluxrt.runtime.artifacts import ModelFolder
 
 FORMAT = "fluxrt-engines/1"
 ENGINE_PRECISIONS = ("fp16", "bf16", "fp8")
@@ -41,14 +43,6 @@ SIDE_FILES = ("tokenizer", "tokenizer_2", "scheduler", "vae")
 
 def log(msg: str) -> None:
     print(f"[fluxrt build] {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(2**24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def graph_sha256(onnx_path: Path) -> str:
@@ -301,7 +295,7 @@ def existing_components(out_dir: Path) -> list[str]:
 
 
 @dataclass(frozen=True)
-class EngineFolder:
+class EngineFolder(ModelFolder):
     """The runtime's view of an engine folder (no TensorRT needed to open it)."""
 
     root: Path
@@ -325,9 +319,8 @@ class EngineFolder:
                               f"run fluxrt build again") from None
         return folder
 
-    @property
-    def variant(self) -> str:
-        return self.dims.variant
+    def read_side_json(self, relative: str, what: str) -> dict:
+        return read_json(self.root / relative, what)
 
     @property
     def precision(self) -> str:
@@ -338,9 +331,6 @@ class EngineFolder:
         e = self.meta["envelope"]
         return ShapeEnvelope(**{k: tuple(v) for k, v in e.items()})
 
-    def spec(self, name: str):
-        return component_spec(name, self.dims)
-
     def sidecar(self, name: str) -> dict:
         meta = read_json(plan_paths(self.root, name)[1], f"{name} plan sidecar")
         if not isinstance(meta, dict):
@@ -349,15 +339,6 @@ class EngineFolder:
 
     def graph_precision(self, name: str) -> str:
         return self.sidecar(name)["precision"]
-
-    def tokenizer_path(self, kind: str) -> Path:
-        return self.root / ("tokenizer" if kind == "clip" else "tokenizer_2") / "tokenizer.json"
-
-    def scheduler_config(self) -> dict:
-        return read_json(self.root / "scheduler" / "scheduler_config.json", "scheduler config")
-
-    def vae_config(self) -> dict:
-        return read_json(self.root / "vae" / "config.json", "VAE config")
 
     def export_graph_sha(self, name: str) -> str | None:
         """:func:`graph_sha256` of the export's graph, from export_manifest.json's file hash, where that

@@ -26,6 +26,7 @@ import torch
 
 from fluxrt.components import COMPONENTS, PRECISIONS, ComponentSpec, ModelDims, component_precision, component_spec
 from fluxrt.errors import ExportError
+from fluxrt.files import atomic_write_text, sha256_file
 from fluxrt.export import graphs
 from fluxrt.export.attention import ATTENTION_MODES, translation_table
 from fluxrt.export.checkpoint import TORCH_DTYPES, Checkpoint
@@ -166,7 +167,7 @@ def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, att
     check_graph(path, spec, graph_precision)
     record = dict(
         file=path.name, data_file=f"{path.name}.data" if external else None, precision=graph_precision,
-        sha256=file_sha256(path), weights_bytes=nbytes, export_seconds=round(time.perf_counter() - t0, 2),
+        sha256=sha256_file(path), weights_bytes=nbytes, export_seconds=round(time.perf_counter() - t0, 2),
         peak_rss_bytes=mem.peak_bytes, inputs=spec.input_names, outputs=spec.output_names,
         attention=attention if name == "transformer" else "portable",
     )
@@ -219,22 +220,6 @@ def np_dtype(name: str):
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(2**24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def copy_side_files(ckpt: Checkpoint, out_dir: Path) -> None:

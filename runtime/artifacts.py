@@ -25,8 +25,32 @@ def read_json_file(path: Path, what: str) -> dict:
     return data
 
 
+class ModelFolder:
+    """What export and engine folders share: the model's tensor descriptions and side files.
+    Subclasses have ``root`` and ``dims`` and say how a side file is read (which error it raises)."""
+
+    def read_side_json(self, relative: str, what: str) -> dict:
+        raise NotImplementedError
+
+    @property
+    def variant(self) -> str:
+        return self.dims.variant
+
+    def spec(self, name: str) -> ComponentSpec:
+        return component_spec(name, self.dims)
+
+    def tokenizer_path(self, kind: str) -> Path:
+        return self.root / ("tokenizer" if kind == "clip" else "tokenizer_2") / "tokenizer.json"
+
+    def scheduler_config(self) -> dict:
+        return self.read_side_json("scheduler/scheduler_config.json", "scheduler config")
+
+    def vae_config(self) -> dict:
+        return self.read_side_json("vae/config.json", "VAE config")
+
+
 @dataclass(frozen=True)
-class ExportFolder:
+class ExportFolder(ModelFolder):
     root: Path
     manifest: dict
     dims: ModelDims
@@ -46,9 +70,8 @@ class ExportFolder:
             raise ExportError(f"{root / 'manifest.json'}: invalid 'dims': {e}") from None
         return cls(root, manifest, dims)
 
-    @property
-    def variant(self) -> str:
-        return self.dims.variant
+    def read_side_json(self, relative: str, what: str) -> dict:
+        return read_json_file(self.root / relative, what)
 
     @property
     def precision(self) -> str:
@@ -56,9 +79,6 @@ class ExportFolder:
 
     def components(self) -> list[str]:
         return list(self.manifest.get("components", {}))
-
-    def spec(self, name: str) -> ComponentSpec:
-        return component_spec(name, self.dims)
 
     def graph_precision(self, name: str) -> str:
         return self.record(name)["precision"]
@@ -75,12 +95,3 @@ class ExportFolder:
         if not path.is_file():
             raise ExportError(f"{name} graph {path} listed in the manifest is missing")
         return path
-
-    def tokenizer_path(self, kind: str) -> Path:
-        return self.root / ("tokenizer" if kind == "clip" else "tokenizer_2") / "tokenizer.json"
-
-    def scheduler_config(self) -> dict:
-        return read_json_file(self.root / "scheduler" / "scheduler_config.json", "scheduler config")
-
-    def vae_config(self) -> dict:
-        return read_json_file(self.root / "vae" / "config.json", "VAE config")

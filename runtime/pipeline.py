@@ -6,7 +6,6 @@ keyword names diffusers' ``FluxPipeline`` uses for the same things.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from fluxrt.errors import ExportError, InvalidInputError, NumericError
+from fluxrt.files import sha256_file
 from fluxrt.runtime import dtypes, sampling
 from fluxrt.runtime.artifacts import ExportFolder
 from fluxrt.runtime.runners import Array, OrtRunner, Runner, array_module
@@ -68,13 +68,10 @@ def verified_graph(folder: ExportFolder, name: str) -> Path:
     with another component's (CLIP and T5 share their input names), replaced or truncated is refused."""
     path = folder.graph_path(name)
     want = folder.record(name).get("sha256")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(2**24), b""):
-            h.update(chunk)
-    if want and h.hexdigest() != want:
+    got = sha256_file(path) if want else None
+    if want and got != want:
         raise ExportError(f"{name} graph {path} is not the file the export manifest recorded (sha256 "
-                          f"{h.hexdigest()[:12]}..., expected {want[:12]}...): swapped, replaced or corrupted; "
+                          f"{got[:12]}..., expected {want[:12]}...): swapped, replaced or corrupted; "
                           f"export again")
     return path
 
