@@ -47,6 +47,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.out.suffix.lower() != ".png":  # reported before any work
         raise UsageError(f"--out must name a .png file, got {args.out}")
+    if args.engines:  # refuse sizes the plans were not built for before loading any of them
+        from fluxrt.engines.folder import EngineFolder
+        from fluxrt.runtime.pipeline import DEFAULTS, check_envelope
+
+        folder = EngineFolder.open(args.engines)
+        text = args.max_sequence_length or DEFAULTS[folder.variant]["max_sequence_length"]
+        check_envelope(folder.envelope, args.num_images, args.height, args.width, text)
     pipe = FluxPipeline.load(args.engines or args.onnx, backend=args.backend)
     out = pipe(prompt=args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length,

@@ -200,3 +200,14 @@ def test_trt_runner_matches_onnx_runtime(precision, half_exports, tmp_path):
     want = ort.InferenceSession(str(half_exports[precision] / "t5.onnx"),
                                 providers=ort.get_available_providers()).run(None, feed)[0]
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2, rtol=2e-2)
+
+
+def test_cli_refuses_sizes_outside_the_engines_before_loading(engine_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fluxrt.cli", "generate", "--engines", str(engine_dirs["fp16"]),
+                        "--prompt", "x", "--out", str(tmp_path / "x.png"), "--height", "256", "--width", "64"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "height 256 is outside the engines' range 32..128 pixels" in r.stderr
