@@ -267,9 +267,14 @@ class FluxPipeline:
         if self.dims.guidance:
             feed["guidance"] = np.full((batch,), p["guidance_scale"], dtype=np.float32)
         steps = p["num_inference_steps"]
+        # everything the loop feeds goes to the runner's device once, before the first step
+        runner = self.runners["transformer"]
+        timesteps = np.repeat(sigmas[:steps, None], batch, axis=1).astype(np.float32)  # [steps, B]
+        feed = {k: self.to_device(runner, v) for k, v in feed.items()}
+        timesteps = self.to_device(runner, timesteps)
         for i in range(steps):
             feed["hidden_states"] = self.cast("transformer", latents, "hidden_states")
-            feed["timestep"] = np.full((batch,), sigmas[i], dtype=np.float32)
+            feed["timestep"] = timesteps[i]
             velocity = dtypes.to_float32(self.run("transformer", feed)["latent"])  # [B, N, 64]
             latents = sampling.euler_step(latents, velocity, float(sigmas[i]), float(sigmas[i + 1]))
             if callback is not None:
