@@ -47,13 +47,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.out.suffix.lower() != ".png":  # reported before any work
         raise UsageError(f"--out must name a .png file, got {args.out}")
-    if args.engines:  # refuse sizes the plans were not built for before loading any of them
-        from fluxrt.engines.folder import EngineFolder
-        from fluxrt.runtime.pipeline import DEFAULTS, check_envelope
-
-        folder = EngineFolder.open(args.engines)
-        text = args.max_sequence_length or DEFAULTS[folder.variant]["max_sequence_length"]
-        check_envelope(folder.envelope, args.num_images, args.height, args.width, text)
+    if args.engines and (args.engines / "engines.json").is_file():
+        check_engine_folder(args)
     pipe = FluxPipeline.load(args.engines or args.onnx, backend=args.backend)
     out = pipe(prompt=args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length,
@@ -153,6 +148,20 @@ def cmd_bench_synthetic(args: argparse.Namespace) -> None:
     from fluxrt.export import bench_synthetic
 
     bench_synthetic.main(args.rest)
+
+
+def check_engine_folder(args: argparse.Namespace) -> None:
+    """Before any plan is deserialized: the plans' integrity, then the sizes they were built for."""
+    from fluxrt.engines.folder import EngineFolder, current_gpu
+    from fluxrt.engines.trt import import_trt, library_info
+    from fluxrt.runtime.pipeline import DEFAULTS, STAGES, check_envelope
+
+    folder = EngineFolder.open(args.engines)
+    lib, gpu = library_info(import_trt()), current_gpu()
+    for name in STAGES:
+        folder.verify_plan(name, lib, gpu)
+    text = args.max_sequence_length or DEFAULTS[folder.variant]["max_sequence_length"]
+    check_envelope(folder.envelope, args.num_images, args.height, args.width, text)
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
