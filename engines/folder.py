@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -28,21 +27,17 @@ from pathlib import Path
 from types import ModuleType
 
 from fluxrt.components import ModelDims, component_spec
-from fluxrt.engines.build import build_engine
+from fluxrt.engines.build import build_engine, log
 from fluxrt.engines.profiles import ShapeEnvelope
 from fluxrt.engines.trt import import_trt, library_info
 from fluxrt.errors import EngineError
-from fluxrt.files import sha256_file
+from fluxrt.files import atomic_write_text, sha256_file
 from fluxrt.runtime.artifacts import ModelFolder
 
 FORMAT = "fluxrt-engines/1"
 ENGINE_PRECISIONS = ("fp16", "bf16", "fp8")
 STAGES = ("clip", "t5", "transformer", "vae_decoder")  # the VAE encoder is built only if asked for
 SIDE_FILES = ("tokenizer", "tokenizer_2", "scheduler", "vae")
-
-
-def log(msg: str) -> None:
-    print(f"[fluxrt build] {msg}", file=sys.stderr, flush=True)
 
 
 def graph_sha256(onnx_path: Path) -> str:
@@ -55,9 +50,7 @@ def graph_sha256(onnx_path: Path) -> str:
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -46,6 +46,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fluxrt.errors import EngineError, ExportError
+from fluxrt.files import atomic_write_text
 from fluxrt.runtime.runners import Array, Runner, array_module
 
 PROMPTS_FILE = "calibration_prompts.txt"
@@ -446,12 +447,6 @@ def write_graph(model, out_onnx: Path, staging: Path) -> str | None:
         os.replace(final / data_name, out_onnx.parent / data_name)
     os.replace(final / out_onnx.name, out_onnx)
     return data_name
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def log(msg: str) -> None:

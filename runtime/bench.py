@@ -17,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 
+from fluxrt.files import atomic_write_text
+
 
 def device_sync() -> None:
     """Wait for all GPU work (cupy's and any other library's on the same device) to finish."""
@@ -163,9 +165,7 @@ def bar_chart(rows: list[dict], label_key: str, group_key: str, value_key: str, 
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 # ---- fluxrt bench: stages of the runtime pipeline over export or engine folders -------------------

@@ -176,7 +176,7 @@ class OrtRunner(Runner):
 
     def element_type(self, name: str, x: Array):
         if self.input_dtype(name) == "bfloat16":
-            return 16  # onnx.TensorProto.BFLOAT16: cupy holds the bits as uint16
+            return ONNX_BFLOAT16  # cupy holds the bits as uint16
         return np_dtype(x.dtype)
 
     def _infer_cuda(self, feed: Mapping[str, Array]) -> dict[str, Array]:
@@ -221,7 +221,7 @@ class OrtRunner(Runner):
         for value, (name, shape) in zip(self.session.get_outputs(), output_shapes(self.spec, feed).items()):
             onnx_type = ORT_TYPES[value.type]
             out = cupy.empty(shape, dtype="uint16" if onnx_type == "bfloat16" else onnx_type)
-            element = 16 if onnx_type == "bfloat16" else np_dtype(out.dtype)
+            element = ONNX_BFLOAT16 if onnx_type == "bfloat16" else np_dtype(out.dtype)
             binding.bind_output(name, "cuda", out.device.id, element, list(out.shape), out.data.ptr)
             outputs[name] = out
         return {k: tuple(v.shape) for k, v in feed.items()}, inputs, outputs, binding
@@ -252,6 +252,7 @@ def output_shapes(spec: ComponentSpec, feed: Mapping[str, Array]) -> dict[str, t
     return out
 
 
+ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16, which ORT's I/O binding takes for bfloat16 buffers
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",
              "tensor(int64)": "int64", "tensor(bfloat16)": "bfloat16"}
 

@@ -16,7 +16,7 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 from fluxrt.components import component_spec
-from fluxrt.errors import CheckpointError, ExportError
+from fluxrt.errors import ExportError
 from fluxrt.export.checkpoint import TORCH_DTYPES, Checkpoint
 from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
 
