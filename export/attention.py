@@ -163,10 +163,15 @@ def ort_attention_table() -> dict:
 
 
 def translation_table(attention: str) -> dict | None:
-    """The exporter's ``custom_translation_table`` for an attention mode (None: torch's own)."""
+    """The exporter's ``custom_translation_table`` for an attention mode (None: torch's own).
+    "ort" also translates the fused export's custom ops (export/ort_fusions.py)."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention mode {attention!r} is not one of {ATTENTION_MODES}")
-    return ort_attention_table() if attention == "ort" else None
+    if attention != "ort":
+        return None
+    from fluxrt.export.ort_fusions import fused_table
+
+    return {**ort_attention_table(), **fused_table()}
 
 
 def count_attention_nodes(onnx_path: str | Path) -> dict[str, int]:

@@ -29,6 +29,7 @@ from fluxrt.components import ModelDims, component_spec
 from fluxrt.export import graphs
 from fluxrt.export.memory import PeakMemory
 from fluxrt.export.onnx_export import dynamic_shapes, example_inputs, opset_for, write_program
+from fluxrt.export.ort_fusions import fuse_graph
 from fluxrt.runtime import bench
 
 FLUX_DEV = {
@@ -135,8 +136,8 @@ def build(component: str, dtype: torch.dtype, device: str, layers: tuple[int, ..
     return randomize(module, seed)
 
 
-def graph_module(component: str, module: torch.nn.Module) -> torch.nn.Module:
-    return {"transformer": lambda m: graphs.TransformerGraph(m, guidance=True), "t5": graphs.T5Graph,
+def graph_module(component: str, module: torch.nn.Module, rewrite: str = "portable") -> torch.nn.Module:
+    return {"transformer": lambda m: graphs.TransformerGraph(m, guidance=True, rewrite=rewrite), "t5": graphs.T5Graph,
             "clip": graphs.ClipGraph, "vae": graphs.VaeDecoderGraph}[component](module)
 
 
@@ -182,11 +183,57 @@ def time_torch(fn, warmup: int, iters: int, device: str) -> dict:
     return bench.summarize(bench.time_call(fn, warmup=warmup, iters=iters, sync=sync(device)))
 
 
+KERNEL_CLASSES = (  # first match wins; names as CUPTI reports them for torch, Triton and ONNX Runtime kernels
+    ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "sm80_")),
+    ("triton", ("triton",)),
+    ("norm", ("layernorm", "layer_norm", "rmsnorm", "rms_norm", "norm")),
+    ("rotary", ("rotary",)),
+    ("gelu", ("gelu",)),
+    ("cast", ("cast",)),
+    ("copy", ("concat", "transpose", "copy", "slice", "split", "memcpy", "memset", "cat_", "gather")),
+    ("reduce", ("reduce",)),
+    ("elementwise", ("elementwise", "binary", "unary", "vectorized", "add", "mul", "pow", "sqrt")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((cls for cls, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+
+
+def kernel_profile(fn, iters: int, device: str) -> dict:
+    """GPU kernel time per call of ``fn``, by kernel and by class, from CUPTI (torch.profiler sees
+    every kernel of the process, ONNX Runtime's included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        sync(device)()
+    kernels = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if us > 0:
+            kernels[e.key] = (kernels.get(e.key, (0.0, 0))[0] + us / 1000 / iters,
+                              kernels.get(e.key, (0.0, 0))[1] + e.count / iters)
+    classes: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        classes[kernel_class(name)] = classes.get(kernel_class(name), 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
+    return {"gpu_ms": sum(ms for ms, _ in kernels.values()), "launches": sum(n for _, n in kernels.values()),
+            "by_class_ms": dict(sorted(classes.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": name[:160], "ms": ms, "calls": n, "class": kernel_class(name)}
+                            for name, (ms, n) in top]}
+
+
 def export_onnx(component: str, module: torch.nn.Module, precision: str, path: Path, attention: str) -> dict:
     from fluxrt.export.attention import translation_table
 
     spec = component_spec("vae_decoder" if component == "vae" else component, DIMS)
-    wrapped = graph_module(component, module)
+    wrapped = graph_module(component, module, rewrite="fused" if attention == "ort" else "portable")
     device = next(module.parameters()).device
     # tracing takes the exporter's own example sizes (no axis of size 1, no two axes equal)
     args = tuple(x.to(device) for x in example_inputs(spec, DIMS, precision))
@@ -196,10 +243,11 @@ def export_onnx(component: str, module: torch.nn.Module, precision: str, path: P
             wrapped, args, dynamo=True, opset_version=opset_for(precision), input_names=spec.input_names,
             output_names=spec.output_names, dynamic_shapes=dynamic_shapes(spec, DIMS), verbose=False,
             custom_translation_table=translation_table(attention) if component == "transformer" else None)
+        fusions = fuse_graph(program.model) if component == "transformer" and attention == "ort" else {}
         traced = time.perf_counter() - start
         write_program(program, path, external=True)
         del program
-    return {"export_seconds": time.perf_counter() - start, "trace_seconds": traced,
+    return {"export_seconds": time.perf_counter() - start, "trace_seconds": traced, "graph_fusions": fusions,
             "export_peak_rss_gib": mem.peak_bytes / 2**30,
             "weights_gib": sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30}
 
@@ -222,7 +270,7 @@ def ort_optimize(path: Path, component: str) -> tuple[Path, dict]:
 
 
 def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape: Shape, warmup: int, iters: int,
-             cuda_graph: bool, device: str) -> dict:
+             cuda_graph: bool, device: str, profile_iters: int = 0, disabled: tuple[str, ...] = ()) -> dict:
     import onnxruntime as ort
 
     from fluxrt.runtime.dtypes import cast
@@ -238,7 +286,7 @@ def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape:
                        ("h", shape.height // 8), ("w", shape.width // 8)):
         options.add_free_dimension_override_by_name(name, size)
     runner = OrtRunner(spec, precision, onnx_path, backend="ort-cuda" if device == "cuda" else "ort-cpu",
-                       session_options=options, cuda_graph=cuda_graph).activate()
+                       session_options=options, cuda_graph=cuda_graph, disabled_optimizers=disabled).activate()
     xp = np
     if device == "cuda":
         import cupy as xp
@@ -247,13 +295,16 @@ def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape:
         x = xp.asarray(feed[t.name].float().cpu().numpy() if t.dtype != "int32" else feed[t.name].cpu().numpy())
         device_feed[t.name] = cast(x, t.resolved_dtype(precision))
     stats = bench.summarize(bench.time_call(lambda: runner.infer(device_feed), warmup=warmup, iters=iters))
+    if profile_iters and device == "cuda":
+        stats["kernels"] = kernel_profile(lambda: runner.infer(device_feed), profile_iters, device)
     runner.deactivate()
     return stats
 
 
 def bench_component(component: str, layers, shape: Shape, precisions: list[str], modes: list[str], work: Path,
                     results: Results, warmup: int, iters: int, attention: str, device: str,
-                    cuda_graph: str = "auto", optimize: bool = True) -> None:
+                    cuda_graph: str = "auto", optimize: bool = True, profile_iters: int = 0,
+                    ort_variants: tuple[tuple[str, ...], ...] = ((),)) -> None:
     label = component + (f"[{'+'.join(map(str, layers))}]" if layers else "")
     t = CONFIG["transformer"]
     flops = (bench.transformer_flops(shape.batch, shape.image_tokens, shape.text, layers[0], layers[1],
@@ -265,7 +316,7 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
         if mode not in modes:
             continue
         module = build(component, torch.bfloat16, device, layers)
-        fn = graph_module(component, module)
+        fn = graph_module(component, module, rewrite="none")  # diffusers' modules as users run them
         if mode == "compile":
             fn = torch.compile(fn)
         feed = inputs(component, shape, torch.bfloat16, device)
@@ -276,6 +327,8 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
             sync(device)()
             first = time.perf_counter() - start
             stats = time_torch(lambda: fn(*args), warmup, iters, device)
+            if profile_iters and device == "cuda":
+                stats["kernels"] = kernel_profile(lambda: fn(*args), profile_iters, device)
         results.add(**common, backend=f"torch-{mode}", precision="bf16", first_call_s=first, **stats,
                     tflops=flops / stats["p50_ms"] * 1e-9 if flops else None,
                     gpu_peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
@@ -300,19 +353,23 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
             except Exception as e:  # the optimizer is best effort: measure the plain graph and say why
                 fused = {"optimizer_error": str(e)[:300]}
         choices = {"both": (True, False), "auto": (True, False), "on": (True,), "off": (False,)}[cuda_graph]
-        for use_graph in choices if device == "cuda" else (False,):
-            try:
-                stats = time_ort(component, opt_path, graph_precision, feed, shape, warmup, iters, use_graph, device)
-            except Exception as e:
-                results.add(**common, backend="ort-cuda", precision=precision, cuda_graph=use_graph,
-                            error=str(e)[:500])
-                continue
-            results.add(**common, backend="ort-cuda", precision=precision, graph_precision=graph_precision,
-                        cuda_graph=use_graph, attention=attention, fused_ops=fused, export=export, **stats,
-                        tflops=flops / stats["p50_ms"] * 1e-9 if flops else None,
-                        gpu_used_gib=(bench.gpu_memory_used_bytes() or 0) / 2**30)
-            if cuda_graph == "auto":
-                break
+        for disabled in ort_variants:
+            backend = "ort-cuda" + (f"/no-{'+'.join(disabled)}" if disabled else "")
+            for use_graph in choices if device == "cuda" else (False,):
+                try:
+                    stats = time_ort(component, opt_path, graph_precision, feed, shape, warmup, iters, use_graph,
+                                     device, profile_iters, disabled)
+                except Exception as e:
+                    results.add(**common, backend=backend, precision=precision, cuda_graph=use_graph,
+                                error=str(e)[:500])
+                    continue
+                results.add(**common, backend=backend, precision=precision, graph_precision=graph_precision,
+                            cuda_graph=use_graph, attention=attention, disabled_optimizers=list(disabled),
+                            fused_ops=fused, export=export, **stats,
+                            tflops=flops / stats["p50_ms"] * 1e-9 if flops else None,
+                            gpu_used_gib=(bench.gpu_memory_used_bytes() or 0) / 2**30)
+                if cuda_graph == "auto":
+                    break
         del feed
         free_memory(device)
 
@@ -326,7 +383,8 @@ def free_memory(device: str) -> None:
 
 def run(out: Path, plan: list[tuple[str, tuple | None]], shape: Shape, precisions: list[str], modes: list[str],
         warmup: int, iters: int, attention: str = "ort", device: str = "cuda", cuda_graph: str = "auto",
-        optimize: str = "t5,clip,vae") -> dict:
+        optimize: str = "t5,clip,vae", profile_iters: int = 0,
+        ort_variants: tuple[tuple[str, ...], ...] = ((),)) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("FLUXRT_BENCH_WORK", "/tmp/fluxrt-bench"))
     work.mkdir(parents=True, exist_ok=True)
@@ -337,7 +395,7 @@ def run(out: Path, plan: list[tuple[str, tuple | None]], shape: Shape, precision
         log(f"{component} {layers}: start")
         try:
             bench_component(component, layers, shape, precisions, modes, work, results, warmup, iters, attention,
-                            device, cuda_graph, component in optimize.split(","))
+                            device, cuda_graph, component in optimize.split(","), profile_iters, ort_variants)
         except Exception as e:  # keep measuring the other components; the error is in the results
             results.add(component=component, layers=list(layers) if layers else None, error=repr(e)[:800])
     return results.data
@@ -373,10 +431,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="auto: with a CUDA graph, without one only if capture fails")
     p.add_argument("--optimize", default="t5,clip,vae",
                    help="components to pass through onnxruntime.transformers' optimizer first")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N more calls per backend: GPU kernel time by kernel and class")
+    p.add_argument("--ort-variants", default="",
+                   help="ONNX Runtime sessions to time per graph, ';'-separated, each a comma list of graph "
+                        "optimizers to disable ('' = all enabled), e.g. ';MatMulAddFusion'")
     a = p.parse_args(argv)
     use_model(a.model)
     run(a.out, parse_plan(a.plan), Shape(a.batch, a.height, a.width, a.text), a.precisions.split(","),
-        a.modes.split(","), a.warmup, a.iters, a.attention, a.device, a.cuda_graph, a.optimize)
+        a.modes.split(","), a.warmup, a.iters, a.attention, a.device, a.cuda_graph, a.optimize, a.profile,
+        tuple(tuple(n for n in v.split(",") if n) for v in a.ort_variants.split(";")))
 
 
 if __name__ == "__main__":

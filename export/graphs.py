@@ -81,11 +81,23 @@ class TransformerGraph(nn.Module):
     """``timestep`` and ``guidance`` come in float32 and are cast to the model dtype here, exactly
     where diffusers' pipeline casts them."""
 
-    def __init__(self, model: nn.Module, guidance: bool):
+    REWRITES = ("portable", "fused", "none")
+
+    def __init__(self, model: nn.Module, guidance: bool, rewrite: str = "portable"):
+        """``rewrite``: "portable" (the rewrites above, any runtime), "fused" (ONNX Runtime's fused
+        kernels, export/ort_fusions.py) or "none" (diffusers' modules as they are, for torch)."""
         super().__init__()
-        self.model = make_portable(model)
-        self.guidance = guidance
+        if rewrite not in self.REWRITES:
+            raise ValueError(f"rewrite {rewrite!r} is not one of {self.REWRITES}")
         self.dtype = next(model.parameters()).dtype
+        if rewrite == "fused":
+            from fluxrt.export.ort_fusions import make_fused
+
+            model = make_fused(model, self.dtype)
+        elif rewrite == "portable":
+            model = make_portable(model)
+        self.model = model
+        self.guidance = guidance
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                 guidance=None):

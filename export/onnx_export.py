@@ -31,6 +31,7 @@ from fluxrt.export import graphs
 from fluxrt.export.attention import ATTENTION_MODES, translation_table
 from fluxrt.export.checkpoint import TORCH_DTYPES, Checkpoint
 from fluxrt.export.memory import PeakMemory
+from fluxrt.export.ort_fusions import fuse_graph
 
 MANIFEST = "manifest.json"
 FORMAT = "fluxrt-export/1"
@@ -111,7 +112,7 @@ def dynamic_shapes(spec: ComponentSpec, dims: ModelDims) -> dict:
     return {t.name: {i: axes[d] for i, d in t.dynamic_axes().items()} for t in spec.inputs}
 
 
-def load_graph_module(name: str, ckpt: Checkpoint, precision: str) -> torch.nn.Module:
+def load_graph_module(name: str, ckpt: Checkpoint, precision: str, attention: str = "portable") -> torch.nn.Module:
     dtype = TORCH_DTYPES[precision]
     if name == "clip":
         return graphs.ClipGraph(ckpt.load_clip(dtype))
@@ -126,7 +127,8 @@ def load_graph_module(name: str, ckpt: Checkpoint, precision: str) -> torch.nn.M
                     m.wo.float()
         return graphs.T5Graph(model)
     if name == "transformer":
-        return graphs.TransformerGraph(ckpt.load_transformer(dtype), guidance=ckpt.dims().guidance)
+        return graphs.TransformerGraph(ckpt.load_transformer(dtype), guidance=ckpt.dims().guidance,
+                                       rewrite="fused" if attention == "ort" else "portable")
     vae = ckpt.load_vae(dtype)
     return graphs.VaeDecoderGraph(vae) if name == "vae_decoder" else graphs.VaeEncoderGraph(vae)
 
@@ -147,7 +149,7 @@ def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, att
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         log(f"{name}: loading weights ({graph_precision})")
-        module = load_graph_module(name, ckpt, graph_precision).eval()
+        module = load_graph_module(name, ckpt, graph_precision, attention).eval()
         nbytes = param_bytes(module)
         log(f"{name}: {nbytes / 2**20:.1f} MiB of weights loaded in {time.perf_counter() - t0:.1f}s; tracing")
         t1 = time.perf_counter()
@@ -159,6 +161,7 @@ def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, att
                 dynamic_shapes=dynamic_shapes(spec, dims), verbose=False,
                 custom_translation_table=translation_table(attention) if name == "transformer" else None,
             )
+            fusions = fuse_graph(program.model) if name == "transformer" and attention == "ort" else None
         log(f"{name}: traced in {time.perf_counter() - t1:.1f}s; writing")
         external = nbytes > EXTERNAL_DATA_BYTES
         path = out_dir / f"{name}.onnx"
@@ -171,6 +174,8 @@ def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, att
         peak_rss_bytes=mem.peak_bytes, inputs=spec.input_names, outputs=spec.output_names,
         attention=attention if name == "transformer" else "portable",
     )
+    if fusions is not None:
+        record["graph_fusions"] = fusions
     log(f"{name}: done in {record['export_seconds']}s, peak host memory {mem.peak_bytes / 2**30:.2f} GiB")
     return record
 

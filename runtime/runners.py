@@ -118,7 +118,8 @@ class OrtRunner(Runner):
     shape only (the first one it sees)."""
 
     def __init__(self, spec: ComponentSpec, precision: str, onnx_path: str | Path, backend: str = "ort-cpu",
-                 session_options: Any = None, cuda_graph: bool = False, provider_options: dict | None = None):
+                 session_options: Any = None, cuda_graph: bool = False, provider_options: dict | None = None,
+                 disabled_optimizers: tuple[str, ...] = ()):
         super().__init__(spec, precision)
         if backend not in ORT_PROVIDERS:
             raise ValueError(f"OrtRunner backend {backend!r} is not one of {list(ORT_PROVIDERS)}")
@@ -130,6 +131,7 @@ class OrtRunner(Runner):
         self.session_options = session_options
         self.cuda_graph = cuda_graph
         self.provider_options = dict(provider_options or {})
+        self.disabled_optimizers = tuple(disabled_optimizers)  # ONNX Runtime graph transformers to skip, by name
         self.session = None
         self._graph_io = None  # (shapes, input buffers, output buffers, binding) once captured
 
@@ -153,7 +155,8 @@ class OrtRunner(Runner):
                               f"offers {ort.get_available_providers()}")
         options = self.session_options or ort.SessionOptions()
         try:
-            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=self.providers())
+            extra = {"disabled_optimizers": list(self.disabled_optimizers)} if self.disabled_optimizers else {}
+            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=self.providers(), **extra)
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs
             raise EngineError(f"{self.name}: ONNX Runtime could not load {self.onnx_path}: {e}") from None
         got = [i.name for i in self.session.get_inputs()]

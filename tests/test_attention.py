@@ -17,6 +17,7 @@ from fluxrt.errors import ExportError
 from fluxrt.export import onnx_export
 from fluxrt.export.attention import MSFT_DOMAIN, count_attention_nodes, ort_attention_table, translation_table
 from fluxrt.export.graphs import TransformerGraph
+from fluxrt.export.ort_fusions import fuse_graph
 from fluxrt.export.tiny import perturb
 
 TINY = dict(num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2, in_channels=64,
@@ -36,12 +37,13 @@ def reference():
     return perturb(FluxTransformer2DModel(**TINY), torch.Generator().manual_seed(0))
 
 
-def wrapped(model, precision: str) -> TransformerGraph:
-    """The exporter's module: a copy of ``model`` in ``precision`` with the portability rewrites."""
-    return TransformerGraph(copy.deepcopy(model).to(onnx_export.TORCH_DTYPES[precision]), guidance=True).eval()
+def wrapped(model, precision: str, rewrite: str = "portable") -> TransformerGraph:
+    """The exporter's module: a copy of ``model`` in ``precision`` with the export's rewrites."""
+    return TransformerGraph(copy.deepcopy(model).to(onnx_export.TORCH_DTYPES[precision]), guidance=True,
+                            rewrite=rewrite).eval()
 
 
-def export(module: TransformerGraph, precision: str, table: dict | None, path) -> str:
+def export(module: TransformerGraph, precision: str, table: dict | None, path, fuse: bool = False) -> str:
     spec = component_spec("transformer", DIMS)
     with torch.no_grad():
         program = torch.onnx.export(
@@ -50,17 +52,24 @@ def export(module: TransformerGraph, precision: str, table: dict | None, path) -
             output_names=spec.output_names, dynamic_shapes=onnx_export.dynamic_shapes(spec, DIMS),
             custom_translation_table=table, verbose=False,
         )
+    if fuse:
+        fuse_graph(program.model)
     program.save(str(path))
     return str(path)
 
 
 @pytest.fixture(scope="module")
 def graphs(reference, tmp_path_factory) -> dict[str, str]:
+    """portable: standard ops; sdpa: portable modules with only attention fused (the table alone);
+    fused / fused_fp16 / fused_bf16: what ``fluxrt export --attention ort`` writes."""
     root = tmp_path_factory.mktemp("attention")
+    ort_table = translation_table("ort")
     return {
-        "fused": export(wrapped(reference, "fp32"), "fp32", ort_attention_table(), root / "fused.onnx"),
+        "sdpa": export(wrapped(reference, "fp32"), "fp32", ort_attention_table(), root / "sdpa.onnx"),
         "portable": export(wrapped(reference, "fp32"), "fp32", translation_table("portable"), root / "portable.onnx"),
-        "fused_fp16": export(wrapped(reference, "fp16"), "fp16", translation_table("ort"), root / "fused_fp16.onnx"),
+        "fused": export(wrapped(reference, "fp32", "fused"), "fp32", ort_table, root / "fused.onnx", fuse=True),
+        "fused_fp16": export(wrapped(reference, "fp16", "fused"), "fp16", ort_table, root / "fused_fp16.onnx",
+                             fuse=True),
     }
 
 
@@ -98,6 +107,7 @@ def ort_output(path: str, feed: dict) -> np.ndarray:
 
 
 def test_fused_graph_has_one_attention_node_per_block(graphs):
+    assert count_attention_nodes(graphs["sdpa"]) == {"MultiHeadAttention": 2, "Softmax": 0}
     assert count_attention_nodes(graphs["fused"]) == {"MultiHeadAttention": 2, "Softmax": 0}
     assert count_attention_nodes(graphs["fused_fp16"]) == {"MultiHeadAttention": 2, "Softmax": 0}
     heads = [a.i for n in onnx.load(graphs["fused"]).graph.node if n.op_type == "MultiHeadAttention"
@@ -113,10 +123,11 @@ def test_portable_graph_keeps_standard_ops(graphs):
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
 
 
+@pytest.mark.parametrize("graph", ["sdpa", "fused"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}-N{r * c}-S{s}" for b, r, c, s in SHAPES])
-def test_fused_graph_equals_diffusers(graphs, reference, shape):
+def test_fused_graph_equals_diffusers(graphs, reference, shape, graph):
     feed = feeds(*shape)
-    np.testing.assert_allclose(ort_output(graphs["fused"], feed), torch_output(reference, feed), **FP32_TOL)
+    np.testing.assert_allclose(ort_output(graphs[graph], feed), torch_output(reference, feed), **FP32_TOL)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}-N{r * c}-S{s}" for b, r, c, s in SHAPES])
