@@ -31,6 +31,7 @@ from fluxrt.export.memory import PeakMemory
 from fluxrt.export.onnx_export import dynamic_shapes, example_inputs, opset_for, write_program
 from fluxrt.export.ort_fusions import fuse_graph
 from fluxrt.runtime import bench
+from fluxrt.runtime.runners import ORT_CUDA_DISABLED_OPTIMIZERS
 
 FLUX_DEV = {
     "transformer": dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
@@ -304,7 +305,7 @@ def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape:
 def bench_component(component: str, layers, shape: Shape, precisions: list[str], modes: list[str], work: Path,
                     results: Results, warmup: int, iters: int, attention: str, device: str,
                     cuda_graph: str = "auto", optimize: bool = True, profile_iters: int = 0,
-                    ort_variants: tuple[tuple[str, ...], ...] = ((),)) -> None:
+                    ort_variants: tuple[tuple[str, ...], ...] = (ORT_CUDA_DISABLED_OPTIMIZERS,)) -> None:
     label = component + (f"[{'+'.join(map(str, layers))}]" if layers else "")
     t = CONFIG["transformer"]
     flops = (bench.transformer_flops(shape.batch, shape.image_tokens, shape.text, layers[0], layers[1],
@@ -354,7 +355,7 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
                 fused = {"optimizer_error": str(e)[:300]}
         choices = {"both": (True, False), "auto": (True, False), "on": (True,), "off": (False,)}[cuda_graph]
         for disabled in ort_variants:
-            backend = "ort-cuda" + (f"/no-{'+'.join(disabled)}" if disabled else "")
+            backend = ort_label(disabled)
             for use_graph in choices if device == "cuda" else (False,):
                 try:
                     stats = time_ort(component, opt_path, graph_precision, feed, shape, warmup, iters, use_graph,
@@ -374,6 +375,13 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
         free_memory(device)
 
 
+def ort_label(disabled: tuple[str, ...]) -> str:
+    """"ort-cuda" for the runtime's own session settings, else what differs from them."""
+    if tuple(disabled) == ORT_CUDA_DISABLED_OPTIMIZERS:
+        return "ort-cuda"
+    return "ort-cuda/" + (f"no-{'+'.join(disabled)}" if disabled else "all-optimizers")
+
+
 def free_memory(device: str) -> None:
     gc.collect()
     if device == "cuda":
@@ -384,7 +392,7 @@ def free_memory(device: str) -> None:
 def run(out: Path, plan: list[tuple[str, tuple | None]], shape: Shape, precisions: list[str], modes: list[str],
         warmup: int, iters: int, attention: str = "ort", device: str = "cuda", cuda_graph: str = "auto",
         optimize: str = "t5,clip,vae", profile_iters: int = 0,
-        ort_variants: tuple[tuple[str, ...], ...] = ((),)) -> dict:
+        ort_variants: tuple[tuple[str, ...], ...] = (ORT_CUDA_DISABLED_OPTIMIZERS,)) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("FLUXRT_BENCH_WORK", "/tmp/fluxrt-bench"))
     work.mkdir(parents=True, exist_ok=True)
@@ -433,9 +441,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="components to pass through onnxruntime.transformers' optimizer first")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N more calls per backend: GPU kernel time by kernel and class")
-    p.add_argument("--ort-variants", default="",
+    p.add_argument("--ort-variants", default="MatMulAddFusion",
                    help="ONNX Runtime sessions to time per graph, ';'-separated, each a comma list of graph "
-                        "optimizers to disable ('' = all enabled), e.g. ';MatMulAddFusion'")
+                        "optimizers to disable ('' = all enabled), e.g. ';MatMulAddFusion'. Default: the "
+                        "runtime's own choice on CUDA (MatMulAddFusion disabled)")
     a = p.parse_args(argv)
     use_model(a.model)
     run(a.out, parse_plan(a.plan), Shape(a.batch, a.height, a.width, a.text), a.precisions.split(","),

@@ -37,6 +37,10 @@ def exports(tiny_checkpoints, fp32_exports, tmp_path_factory):
         export_checkpoint(Checkpoint.open(tiny_checkpoints["dev"]), root / precision,
                           ExportRequest(("clip", "t5", "transformer", "vae"), precision))
         out[precision] = root / precision
+    for precision in ("fp32", "fp16", "bf16"):  # the fused ONNX Runtime transformer (--attention ort)
+        export_checkpoint(Checkpoint.open(tiny_checkpoints["dev"]), root / f"ort-{precision}",
+                          ExportRequest(("clip", "t5", "transformer", "vae"), precision, attention="ort"))
+        out[f"ort-{precision}"] = root / f"ort-{precision}"
     return out
 
 
@@ -67,3 +71,27 @@ def test_mixed_cpu_and_cuda(exports):
                                                          "transformer": "ort-cuda", "vae_decoder": "ort-cpu"})
     want = FluxPipeline.load(exports["fp32"], backend="ort-cpu")(**ARGS, latents=latents()).images
     assert np.abs(mixed(**ARGS, latents=latents()).images - want).max() < 1e-3
+
+
+def test_fused_transformer_on_ort_cuda_equals_portable_on_cpu(exports):
+    """RotaryEmbedding, SimplifiedLayerNormalization, the [B, 1, C]-broadcast LayerNormalization and
+    MultiHeadAttention on CUDA compute what the standard-op graph computes on the CPU."""
+    want = FluxPipeline.load(exports["fp32"], backend="ort-cpu")(**ARGS, latents=latents()).images
+    got = FluxPipeline.load(exports["ort-fp32"], backend="ort-cuda")(**ARGS, latents=latents()).images
+    assert np.abs(got - want).max() < 1e-3
+
+
+@pytest.mark.parametrize("precision,bound", [("fp16", 0.03), ("bf16", 0.08)])
+def test_fused_transformer_half_precision_close_to_fp32(exports, precision, bound):
+    want = FluxPipeline.load(exports["fp32"], backend="ort-cpu")(**ARGS, latents=latents()).images
+    got = FluxPipeline.load(exports[f"ort-{precision}"], backend="ort-cuda")(**ARGS, latents=latents()).images
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).mean() < bound / 4 and np.abs(got - want).max() < 4 * bound
+
+
+def test_ort_cuda_sessions_skip_matmul_add_fusion(exports):
+    from fluxrt.runtime.runners import ORT_CUDA_DISABLED_OPTIMIZERS
+
+    pipe = FluxPipeline.load(exports["ort-fp16"], backend="ort-cuda")
+    runner = pipe.runners["transformer"]
+    assert runner.disabled_optimizers == ORT_CUDA_DISABLED_OPTIMIZERS == ("MatMulAddFusion",)
