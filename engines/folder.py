@@ -188,6 +188,11 @@ def source_graph(export_dir: Path, manifest: dict, name: str, settings: BuildSet
 
 
 def check_export(export_dir: Path, manifest: dict, settings: BuildSettings) -> None:
+    fused = [c for c, r in manifest.get("components", {}).items() if r.get("attention", "portable") != "portable"]
+    if fused:
+        raise EngineError(f"export folder {export_dir}: {fused} use ONNX Runtime's fused ops (MultiHeadAttention, "
+                          f"RotaryEmbedding, SimplifiedLayerNormalization), which TensorRT cannot parse; export "
+                          f"with --attention portable for engines")
     export_precision = manifest.get("precision")
     if settings.precision in ("fp16", "bf16") and export_precision != settings.precision:
         raise EngineError(
@@ -198,10 +203,6 @@ def check_export(export_dir: Path, manifest: dict, settings: BuildSettings) -> N
     if settings.precision == "fp8" and export_precision not in ("fp16", "bf16"):
         raise EngineError(f"export folder {export_dir} holds {export_precision} graphs; FP8 engines are built "
                           f"from an fp16 or bf16 export (FP8 linears, the rest in that precision)")
-    fused = [c for c, r in manifest.get("components", {}).items() if r.get("attention", "portable") != "portable"]
-    if fused:
-        raise EngineError(f"export folder {export_dir}: {fused} use ONNX Runtime's fused attention op, which "
-                          f"TensorRT cannot parse; export with --attention portable for engines")
     missing = [c for c in settings.components if c not in manifest.get("components", {})]
     if missing:
         raise EngineError(f"export folder {export_dir} has no {missing} graphs; it has "

@@ -523,6 +523,25 @@ def export_table(measurements: list[dict]) -> list[dict]:
     return rows
 
 
+KERNEL_COLUMNS = ("gemm", "attention", "triton", "norm", "rotary", "gelu", "elementwise", "cast", "copy", "reduce",
+                  "other")
+
+
+def kernel_rows(measurements: list[dict]) -> list[dict]:
+    """One row per profiled measurement: wall p50, summed kernel time and its split by kind."""
+    rows = []
+    for m in measurements:
+        k = m.get("kernels")
+        if not k:
+            continue
+        row = {"component": m["component"], "layers": "+".join(map(str, m["layers"])) if m.get("layers") else "all",
+               "backend": m["backend"], "precision": m.get("graph_precision") or m.get("precision"),
+               "p50 wall": round(m["p50_ms"], 3), "gpu": round(k["gpu_ms"], 3)}
+        row.update({c: round(k["by_class_ms"].get(c, 0.0), 3) for c in KERNEL_COLUMNS})
+        rows.append(row)
+    return rows
+
+
 def report(result_files: list[Path], out_dir: Path) -> dict:
     measurements, settings, machine = [], [], {}
     for f in result_files:
@@ -555,6 +574,8 @@ def report(result_files: list[Path], out_dir: Path) -> dict:
                 ("p50", "p50 ms"), ("p90", "p90 ms"), ("p99", "p99 ms"), ("tflops", "TFLOP/s")]),
             "\n## Export (host side, extrapolated the same way)\n",
             bench.markdown_table(exports, [(k, k) for k in dict.fromkeys(k for row in exports for k in row)]),
+            "\n## GPU kernel time per call, by kind (CUPTI; ms)\n", bench.markdown_table(kernel_rows(measurements), [
+                (k, k) for k in ("component", "layers", "backend", "precision", "p50 wall", "gpu") + KERNEL_COLUMNS]),
             "\n## Attempts that failed\n", bench.markdown_table(errors, [(k, k) for k in
                                                                        ("component", "backend", "precision",
                                                                         "cuda_graph", "error")]),

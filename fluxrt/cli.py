@@ -200,8 +200,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--components", default="clip,t5,transformer,vae",
                    help="comma-separated subset of clip,t5,transformer,vae (default: all)")
     e.add_argument("--attention", choices=("portable", "ort"), default="portable",
-                   help="portable: standard ONNX ops (TensorRT fuses them); ort: fused com.microsoft."
-                        "MultiHeadAttention for ONNX Runtime only")
+                   help="portable: standard ONNX ops (TensorRT fuses them); ort: the transformer's attention, "
+                        "RMS norms, rotary embedding and adaptive LayerNorm as ONNX Runtime's fused kernels "
+                        "(ONNX Runtime only)")
     e.add_argument("--transformer", type=Path, help="Black Forest Labs single-file transformer (flux1-*.safetensors)")
     e.add_argument("--vae", type=Path, help="Black Forest Labs single-file autoencoder (ae.safetensors)")
     e.set_defaults(func=cmd_export)

@@ -62,3 +62,31 @@ def test_bench_cli_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fluxrt.cli", "bench", "--run", "nocolon", "--out", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--run must be LABEL=FOLDER:BACKEND" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kernel_classes_and_report_rows():
+    """CUPTI kernel names as torch, Triton and ONNX Runtime emit them land in the right class; the
+    report's kernel table carries each class's time."""
+    from fluxrt.export.bench_synthetic import KERNEL_COLUMNS, kernel_class, kernel_rows, ort_label
+
+    names = {
+        "nvjet_sm90_hsh_192x192_64x3_2x1_v_bz_coopB_NNN": "gemm",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7": "attention",
+        "triton_poi_fused_cat_gelu_permute_view_19": "triton",
+        "void onnxruntime::cuda::cuApplyLayerNorm<__half, float, __half, true>(": "norm",
+        "void onnxruntime::contrib::cuda::RotaryEmbeddingBSNH<__half, false>(": "rotary",
+        "void onnxruntime::cuda::FastGeluKernel2<256u>(": "gelu",
+        "void onnxruntime::cuda::_UnaryElementWise<__half, float, onnxruntime::cuda::OP_Cast<": "cast",
+        "void onnxruntime::cuda::_ConcatKernelInputMajor<short>(": "copy",
+        "void onnxruntime::cuda::_BinaryElementWiseRhsPerChannelBatchN<__half, __half, __half, OP_Add": "elementwise",
+        "void onnxruntime::cuda::_Clip<__half>(": "other",
+    }
+    assert {n: kernel_class(n) for n in names} == names
+    assert ort_label(("MatMulAddFusion",)) == "ort-cuda"
+    assert ort_label(()) == "ort-cuda/all-optimizers"
+    assert ort_label(("MatMulAddFusion", "GeluFusion")) == "ort-cuda/no-MatMulAddFusion+GeluFusion"
+    m = dict(component="transformer", layers=[1, 2], backend="ort-cuda", precision="fp16", p50_ms=9.4,
+             kernels={"gpu_ms": 8.5, "by_class_ms": {"gemm": 4.5, "rotary": 0.5}})
+    (row,) = kernel_rows([m, dict(m, kernels=None)])
+    assert row["layers"] == "1+2" and row["gpu"] == 8.5 and row["gemm"] == 4.5 and row["rotary"] == 0.5
+    assert all(c in row for c in KERNEL_COLUMNS) and row["attention"] == 0.0

@@ -173,3 +173,37 @@ def test_fused_export_op_census(tmp_path):
         assert ops[("", op)] == 0, f"{op} left in the fused graph"
     layer_norms = [n for n in onnx.load(str(tmp_path / "t.onnx")).graph.node if n.op_type == "LayerNormalization"]
     assert all(len(n.input) == 3 for n in layer_norms)
+
+
+# ---- the fused export through the whole toolkit -----------------------------------------------------
+
+def test_fused_export_generates_the_portable_images_and_is_refused_by_the_engine_builder(
+        tiny_checkpoints, fp32_exports, tmp_path):
+    """``fluxrt export --attention ort`` (API path): the manifest records the fused graph and its
+    rewrites, the runtime's images equal the portable export's, and TensorRT builds are refused
+    before any work with the reason."""
+    import json
+    import shutil
+
+    from fluxrt.engines.folder import BuildSettings, build_folder
+    from fluxrt.engines.profiles import ShapeEnvelope
+    from fluxrt.errors import EngineError
+    from fluxrt.export.checkpoint import Checkpoint
+    from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
+    from fluxrt.runtime import FluxPipeline
+
+    folder = tmp_path / "fused"
+    shutil.copytree(fp32_exports["dev"], folder)
+    export_checkpoint(Checkpoint.open(tiny_checkpoints["dev"]), folder,
+                      ExportRequest(("transformer",), "fp32", attention="ort"))
+    record = json.loads((folder / "manifest.json").read_text())["components"]["transformer"]
+    assert record["attention"] == "ort" and record["graph_fusions"]["adaptive_layer_norm"] > 0
+    args = dict(prompt=["a red fox in the snow", "a lighthouse"], height=48, width=80, num_inference_steps=3,
+                max_sequence_length=24, output_type="np",
+                latents=np.random.default_rng(0).standard_normal((2, 15, 64)).astype(np.float32))
+    want = FluxPipeline.load(fp32_exports["dev"], backend="ort-cpu")(**args).images
+    got = FluxPipeline.load(folder, backend="ort-cpu")(**args).images
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-4)
+    with pytest.raises(EngineError, match=r"\['transformer'\].*RotaryEmbedding.*--attention portable"):
+        build_folder(folder, tmp_path / "engines", BuildSettings(precision="fp16", envelope=ShapeEnvelope()))
+    assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").glob("*.plan"))
