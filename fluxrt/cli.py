@@ -49,7 +49,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError(f"--out must name a .png file, got {args.out}")
     if args.engines and (args.engines / "engines.json").is_file():
         check_engine_folder(args)
-    pipe = FluxPipeline.load(args.engines or args.onnx, backend=args.backend)
+    pipe = FluxPipeline.load(args.engines or args.onnx, backend=args.backend, cuda_graph=args.cuda_graph)
     out = pipe(prompt=args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length,
                num_images_per_prompt=args.num_images, seed=args.seed, output_type="pil",
@@ -128,6 +128,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         path, _, backend = rest.rpartition(":")
         if not sep or not path or not backend:
             raise UsageError(f"--run must be LABEL=FOLDER:BACKEND (e.g. fp16=out/onnx16:ort-cuda), got {item!r}")
+        # "ort-cuda+graph": ort-cuda with the transformer replayed from a CUDA graph
         configs.append(BenchConfig(label, Path(path), backend))
     if len({c.label for c in configs}) != len(configs):
         raise UsageError(f"--run labels must be unique, got {[c.label for c in configs]}")
@@ -233,7 +234,8 @@ def parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("bench", help="time each stage over export/engine folders and backends; JSON, markdown, PNG")
     m.add_argument("--run", action="append", required=True, metavar="LABEL=FOLDER:BACKEND",
-                   help="one configuration; repeat to compare (backends: ort-cpu, ort-cuda, trt, torch)")
+                   help="one configuration; repeat to compare (backends: ort-cpu, ort-cuda, ort-cuda+graph "
+                        "[the transformer replayed from a CUDA graph], trt, torch)")
     m.add_argument("--out", type=Path, required=True, help="folder for bench.json, bench.md, bench.png")
     m.add_argument("--prompt", default="a lighthouse on a cliff at dawn, oil painting")
     m.add_argument("--height", type=int, default=1024)
@@ -267,6 +269,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--backend", choices=("ort-cpu", "ort-cuda", "trt", "torch"),
                    help="default: trt for --engines, ort-cpu for --onnx")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="ort-cuda: replay the transformer's steps from a CUDA graph (captured on the first step)")
     g.set_defaults(func=cmd_generate)
     return p
 

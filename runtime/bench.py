@@ -173,6 +173,9 @@ def write_json(path: Path, data: dict) -> None:
 PRECISION_RANK = {"fp32": 0, "bf16": 1, "fp16": 2, "fp8": 3}
 
 
+CUDA_GRAPH_BACKEND = "ort-cuda+graph"  # ort-cuda, the transformer replayed from a CUDA graph
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     label: str
@@ -222,7 +225,8 @@ def bench_one(config: BenchConfig, s: BenchSettings) -> tuple[dict, np.ndarray]:
     from fluxrt.runtime.pipeline import FluxPipeline
 
     log(f"{config.label}: loading {config.path} on {config.backend}")
-    pipe = FluxPipeline.load(config.path, backend=config.backend)
+    graph = config.backend == CUDA_GRAPH_BACKEND
+    pipe = FluxPipeline.load(config.path, backend="ort-cuda" if graph else config.backend, cuda_graph=graph)
     p = pipe.resolve([s.prompt] * s.batch, s.height, s.width, s.steps, None, s.text_length, 1, s.seed, None)
     clip_ids = pipe.clip_tokenizer.encode(p["prompts"], pipe.dims.clip_max_length)
     t5_ids = pipe.t5_tokenizer.encode(p["prompts"], s.text_length)

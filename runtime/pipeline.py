@@ -42,7 +42,7 @@ class FluxPipelineOutput:
     timings: dict = field(default_factory=dict)
 
 
-def make_runner(folder, name: str, backend: str) -> Runner:
+def make_runner(folder, name: str, backend: str, cuda_graph: bool = False) -> Runner:
     if backend == "trt":
         if not hasattr(folder, "verify_plan"):
             raise InvalidInputError(f"backend 'trt' for {name} needs an engine folder (fluxrt build), "
@@ -55,7 +55,7 @@ def make_runner(folder, name: str, backend: str) -> Runner:
                                 f"'trt', got {backend!r}")
     spec, precision = folder.spec(name), folder.graph_precision(name)
     if backend in ("ort-cpu", "ort-cuda"):
-        return OrtRunner(spec, precision, verified_graph(folder, name), backend=backend)
+        return OrtRunner(spec, precision, verified_graph(folder, name), backend=backend, cuda_graph=cuda_graph)
     if backend == "torch":
         from fluxrt.export.torch_runner import TorchRunner  # export extra: the reference backend
 
@@ -116,10 +116,13 @@ class FluxPipeline:
         self.t5_tokenizer = PromptTokenizer.from_file(folder.tokenizer_path("t5"), "t5")
 
     @classmethod
-    def load(cls, path: str | Path, backend: str | Mapping[str, str] | None = None) -> "FluxPipeline":
+    def load(cls, path: str | Path, backend: str | Mapping[str, str] | None = None,
+             cuda_graph: bool = False) -> "FluxPipeline":
         """``path``: an export folder (fluxrt export) or an engine folder (fluxrt build).
         ``backend``: one name for every stage, or a mapping stage -> name for a mixed setup;
-        default ``ort-cpu`` for export folders, ``trt`` for engine folders."""
+        default ``ort-cpu`` for export folders, ``trt`` for engine folders. ``cuda_graph``: replay
+        the transformer (called once per step with the same shapes) from a CUDA graph captured
+        per shape; needs the transformer on ``ort-cuda``."""
         folder = open_folder(path)
         default = "trt" if hasattr(folder, "verify_plan") else "ort-cpu"
         backend = default if backend is None else backend
@@ -127,7 +130,11 @@ class FluxPipeline:
         unknown = sorted(set(choice) - set(STAGES))
         if unknown:
             raise InvalidInputError(f"backend mapping names unknown stages {unknown}; stages are {list(STAGES)}")
-        return cls(folder, {s: make_runner(folder, s, choice.get(s, default)) for s in STAGES})
+        if cuda_graph and choice.get("transformer", default) != "ort-cuda":
+            raise InvalidInputError(f"cuda_graph replays the ort-cuda transformer; the transformer's backend is "
+                                    f"{choice.get('transformer', default)!r}")
+        return cls(folder, {s: make_runner(folder, s, choice.get(s, default), cuda_graph=cuda_graph and
+                                           s == "transformer") for s in STAGES})
 
     # ---- parameters ----------------------------------------------------------------------------
     def resolve(self, prompt, height, width, num_inference_steps, guidance_scale, max_sequence_length,

@@ -119,12 +119,12 @@ ORT_PROVIDERS = {"ort-cpu": ["CPUExecutionProvider"],
 class OrtRunner(Runner):
     """ONNX Runtime.  On ``ort-cuda`` inputs and outputs are CuPy arrays bound to device memory
     through I/O binding, so the loop never copies through the host.  ``cuda_graph=True`` captures
-    the run in a CUDA graph: the runner then owns fixed input/output buffers and accepts one
-    shape only (the first one it sees)."""
+    the run in a CUDA graph per input shape (up to ``max_cuda_graphs``): each owns fixed input/output
+    buffers, and later calls of that shape replay it."""
 
     def __init__(self, spec: ComponentSpec, precision: str, onnx_path: str | Path, backend: str = "ort-cpu",
                  session_options: Any = None, cuda_graph: bool = False, provider_options: dict | None = None,
-                 disabled_optimizers: tuple[str, ...] | None = None):
+                 disabled_optimizers: tuple[str, ...] | None = None, max_cuda_graphs: int = 8):
         super().__init__(spec, precision)
         if backend not in ORT_PROVIDERS:
             raise ValueError(f"OrtRunner backend {backend!r} is not one of {list(ORT_PROVIDERS)}")
@@ -135,12 +135,13 @@ class OrtRunner(Runner):
         self.onnx_path = Path(onnx_path)
         self.session_options = session_options
         self.cuda_graph = cuda_graph
+        self.max_cuda_graphs = int(max_cuda_graphs)
         self.provider_options = dict(provider_options or {})
         if disabled_optimizers is None:  # ONNX Runtime graph transformers to skip, by name
             disabled_optimizers = ORT_CUDA_DISABLED_OPTIMIZERS if backend == "ort-cuda" else ()
         self.disabled_optimizers = tuple(disabled_optimizers)
         self.session = None
-        self._graph_io = None  # (shapes, input buffers, output buffers, binding) once captured
+        self._graph_io = None  # input shapes -> (input buffers, output buffers, binding, run options)
 
     def providers(self) -> list:
         if self.backend == "ort-cpu":
@@ -205,19 +206,29 @@ class OrtRunner(Runner):
         return {name: ortvalue_to_cupy(v) for name, v in zip(self.spec.output_names, binding.get_outputs())}
 
     def _infer_cuda_graph(self, feed: Mapping[str, Array]) -> dict[str, Array]:
+        """One captured graph per input shape (ONNX Runtime's ``gpu_graph_id``), each with its own
+        fixed buffers; a new shape is captured on first use, up to ``max_cuda_graphs`` of them."""
         import cupy
+        import onnxruntime as ort
 
-        shapes = {k: tuple(v.shape) for k, v in feed.items()}
-        with self._lock:  # one graph, one set of buffers
-            if self._graph_io is None:
-                self._graph_io = self._capture(feed)
-            captured, inputs, outputs, binding = self._graph_io
-            if shapes != captured:
-                raise InvalidInputError(f"{self.name}: CUDA graph captured for shapes {captured}, got {shapes}")
+        shapes = tuple(sorted((k, tuple(v.shape)) for k, v in feed.items()))
+        with self._lock:  # a graph replays into its own buffers: one call at a time
+            graphs = self._graph_io if self._graph_io is not None else {}
+            self._graph_io = graphs
+            if shapes not in graphs:
+                if len(graphs) >= self.max_cuda_graphs:
+                    raise InvalidInputError(
+                        f"{self.name}: {len(graphs)} CUDA graphs already captured (shapes "
+                        f"{[dict(k) for k in graphs]}); a new shape {dict(shapes)} needs another: raise "
+                        f"max_cuda_graphs or load the pipeline without CUDA graphs")
+                run_options = ort.RunOptions()
+                run_options.add_run_config_entry("gpu_graph_id", str(len(graphs)))
+                graphs[shapes] = (*self._capture(feed)[1:], run_options)
+            inputs, outputs, binding, run_options = graphs[shapes]
             for name, x in feed.items():
                 inputs[name][...] = x
             cupy.cuda.get_current_stream().synchronize()
-            self.session.run_with_iobinding(binding)
+            self.session.run_with_iobinding(binding, run_options)
             return {k: v.copy() for k, v in outputs.items()}
 
     def _capture(self, feed: Mapping[str, Array]):

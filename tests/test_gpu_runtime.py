@@ -95,3 +95,29 @@ def test_ort_cuda_sessions_skip_matmul_add_fusion(exports):
     pipe = FluxPipeline.load(exports["ort-fp16"], backend="ort-cuda")
     runner = pipe.runners["transformer"]
     assert runner.disabled_optimizers == ORT_CUDA_DISABLED_OPTIMIZERS == ("MatMulAddFusion",)
+
+
+@pytest.fixture(scope="module")
+def fused_fp16(tiny_checkpoints, tmp_path_factory):
+    require_ort_cuda()
+    from fluxrt.export.checkpoint import Checkpoint
+    from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
+
+    out = tmp_path_factory.mktemp("graph") / "ort-fp16"
+    export_checkpoint(Checkpoint.open(tiny_checkpoints["dev"]), out,
+                      ExportRequest(("clip", "t5", "transformer", "vae"), "fp16", attention="ort"))
+    return out
+
+
+def test_cuda_graph_pipeline_replays_one_graph_per_shape(fused_fp16):
+    """The transformer replayed from CUDA graphs (one per shape, ONNX Runtime's gpu_graph_id) gives
+    the images of plain ort-cuda, for two shapes in turn and back."""
+    plain = FluxPipeline.load(fused_fp16, backend="ort-cuda")
+    graphed = FluxPipeline.load(fused_fp16, backend="ort-cuda", cuda_graph=True)
+    small = dict(ARGS, height=32, width=32, num_images_per_prompt=1)
+    small_latents = np.random.default_rng(1).standard_normal((2, 4, 64)).astype(np.float32)
+    for args, lat in ((ARGS, latents()), (small, small_latents), (ARGS, latents())):
+        want = plain(**args, latents=lat).images
+        got = graphed(**args, latents=lat).images
+        assert np.abs(got - want).max() < 1e-3
+    assert len(graphed.runners["transformer"]._graph_io) == 2

@@ -250,3 +250,10 @@ def test_cli_generate_writes_png_with_settings(fp32_exports, tmp_path):
                         "--prompt", "x", "--out", str(out), "--height", "33"], capture_output=True, text=True)
     assert r.returncode == 2 and "height must be a positive multiple of 16 pixels, got 33" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cuda_graph_needs_the_transformer_on_ort_cuda(fp32_exports):
+    from fluxrt.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="cuda_graph replays the ort-cuda transformer.*'ort-cpu'"):
+        FluxPipeline.load(fp32_exports["dev"], backend="ort-cpu", cuda_graph=True)
