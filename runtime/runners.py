@@ -221,8 +221,8 @@ class OrtRunner(Runner):
                         f"{self.name}: {len(graphs)} CUDA graphs already captured (shapes "
                         f"{[dict(k) for k in graphs]}); a new shape {dict(shapes)} needs another: raise "
                         f"max_cuda_graphs or load the pipeline without CUDA graphs")
-                run_options = ort.RunOptions()
-                run_options.add_run_config_entry("gpu_graph_id", str(len(graphs)))
+                run_options = ort.RunOptions()  # ids from 1: ONNX Runtime reserves 0 for its own use
+                run_options.add_run_config_entry("gpu_graph_id", str(len(graphs) + 1))
                 graphs[shapes] = (*self._capture(feed)[1:], run_options)
             inputs, outputs, binding, run_options = graphs[shapes]
             for name, x in feed.items():
