@@ -7,7 +7,10 @@ Two export modes, chosen per export:
   attention kernels and cannot parse ``com.microsoft`` ops at all.
 - fused (``custom_translation_table=ort_attention_table()``): for ONNX Runtime only. Its CUDA
   kernel runs flash or memory-efficient attention, where the decomposed graph materialises the
-  [B, H, L, L] scores and ran 1.4x slower than torch eager on an H100.
+  [B, H, L, L] scores and ran 1.4x slower than torch eager on an H100. ``fluxrt export
+  --attention ort`` goes further for the transformer (export/ort_fusions.py: its own attention
+  processor, fused RMS norms, rotary embedding and adaptive LayerNorm); this table still covers
+  SDPA wherever it appears.
 
 MultiHeadAttention wants a 3D query [B, S, H*D] (a 4D BNSH query is refused) and key/value as
 [B, L, H*D] or both BNSH [B, H, L, D] (meant for cross-attention over a cache). All three go in
