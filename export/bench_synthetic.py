@@ -8,6 +8,12 @@ projection.  Per-step time is linear in the number of (1 double + 2 single) unit
 t(u) = a + b*u, so two slices give a and b and the full model (u = 19) is a + 19*b.  T5-XXL is
 measured at two depths the same way (24 layers in the full model); CLIP-L and the VAE decoder whole.
 
+torch eager and torch.compile run diffusers' and transformers' modules as they are (bf16). fluxrt's
+path is its ONNX export (the transformer fused for ONNX Runtime unless ``--attention portable``)
+run by the runtime's ``OrtRunner`` on CUDA: inputs and outputs bound on the device, a CUDA graph
+where capture succeeds, the runtime's session settings (``--ort-variants`` times others beside
+them). ``--profile N`` adds N calls under CUPTI per measurement: kernel time by kernel and kind.
+
 Every measurement is appended to ``OUT/results.json`` as soon as it is taken, so a run that hits
 its time limit still reports what it measured.
 """
