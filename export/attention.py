@@ -67,21 +67,28 @@ def _static_heads(op_name: str, query, key, value) -> tuple[int, int]:
     return heads, head_dim
 
 
-def _mha_op():
-    """The op with the part of its ONNX Runtime schema used here. onnx has no schemas for
-    com.microsoft and the exporter's op recorder needs one to build the node."""
+def ort_op(domain: str, name: str, inputs: list[str], attributes: dict[str, object]):
+    """An onnxscript op for an ONNX Runtime operator, with the part of its schema used here: onnx
+    has no schemas for ONNX Runtime's ops and the exporter's op recorder needs one to build the
+    node. ``attributes``: name -> ``onnx.defs.OpSchema.AttrType``."""
     from onnx.defs import OpSchema
     from onnxscript.values import Op, Opset
 
     schema = OpSchema(
-        "MultiHeadAttention", MSFT_DOMAIN, 1,
-        inputs=[OpSchema.FormalParameter(name, "T") for name in ("query", "key", "value")],
+        name, domain, 1,
+        inputs=[OpSchema.FormalParameter(i, "T") for i in inputs],
         outputs=[OpSchema.FormalParameter("output", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
-        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, required=True),
-                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, required=False)],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(int64)"], "")],
+        attributes=[OpSchema.Attribute(a, kind, required=False) for a, kind in attributes.items()],
     )
-    return Op(Opset(MSFT_DOMAIN, 1), "MultiHeadAttention", schema)
+    return Op(Opset(domain, 1), name, schema)
+
+
+def _mha_op():
+    from onnx.defs import OpSchema
+
+    return ort_op(MSFT_DOMAIN, "MultiHeadAttention", ["query", "key", "value"],
+                  {"num_heads": OpSchema.AttrType.INT, "scale": OpSchema.AttrType.FLOAT})
 
 
 def _mha(op_name: str, query, key, value, scale: float | None):

@@ -220,12 +220,11 @@ def kernel_profile(fn, iters: int, device: str) -> dict:
         for _ in range(iters):
             fn()
         sync(device)()
-    kernels = {}
+    kernels = {}  # name -> (ms per call, launches per call); key_averages() lists each name once
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         if us > 0:
-            kernels[e.key] = (kernels.get(e.key, (0.0, 0))[0] + us / 1000 / iters,
-                              kernels.get(e.key, (0.0, 0))[1] + e.count / iters)
+            kernels[e.key] = (us / 1000 / iters, e.count / iters)
     classes: dict[str, float] = {}
     for name, (ms, _) in kernels.items():
         classes[kernel_class(name)] = classes.get(kernel_class(name), 0.0) + ms

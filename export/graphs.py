@@ -29,6 +29,16 @@ class Float32RMSNorm(nn.Module):
         return y * self.weight if self.weight is not None else y
 
 
+def rotary_angles(ids: torch.Tensor, theta: float, axes_dim: tuple[int, ...]) -> torch.Tensor:
+    """FLUX's rotary angles in float32 for position ids [L, n_axes]: [L, sum(axes_dim)/2], one
+    angle per rotated pair, the axes one after another."""
+    angles = []
+    for i, dim in enumerate(axes_dim):
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=ids.device) / dim)
+        angles.append(ids[:, i : i + 1].float() * freqs)  # [L, dim/2]
+    return torch.cat(angles, dim=-1)
+
+
 class Float32Rotary(nn.Module):
     """FLUX's rotary embedding (cos, sin) for position ids [L, n_axes], in float32."""
 
@@ -38,13 +48,9 @@ class Float32Rotary(nn.Module):
         self.axes_dim = tuple(axes_dim)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = [], []
-        for i, dim in enumerate(self.axes_dim):
-            freqs = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=ids.device) / dim)
-            angles = ids[:, i : i + 1].float() * freqs  # [L, dim/2]
-            cos.append(angles.cos().repeat_interleave(2, dim=1))
-            sin.append(angles.sin().repeat_interleave(2, dim=1))
-        return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)  # [L, sum(axes_dim)] each
+        angles = rotary_angles(ids, self.theta, self.axes_dim)
+        # each pair's angle twice, as diffusers' FluxPosEmbed lays them out: [L, sum(axes_dim)] each
+        return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
 
 
 def make_portable(module: nn.Module) -> nn.Module:

@@ -25,14 +25,15 @@ the standard-op patterns itself.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
 
 from fluxrt.errors import ExportError
-
-MSFT_DOMAIN = "com.microsoft"
+from fluxrt.export.attention import MSFT_DOMAIN, _mha_op, ort_op
+from fluxrt.export.graphs import rotary_angles
 
 
 # ---- torch custom ops: what the graph computes, and the reference ONNX Runtime must match --------
@@ -106,11 +107,7 @@ class RotaryTables(nn.Module):
         self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = []
-        for i, dim in enumerate(self.axes_dim):
-            freqs = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=ids.device) / dim)
-            angles.append(ids[:, i : i + 1].float() * freqs)  # [L, dim/2]
-        angles = torch.cat(angles, dim=-1)
+        angles = rotary_angles(ids, self.theta, self.axes_dim)
         return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
 
@@ -168,34 +165,18 @@ def make_fused(transformer: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 # ---- ONNX translations -----------------------------------------------------------------------------
 
-def _op(domain: str, name: str, inputs: list[str], attributes: dict[str, object]):
-    """An onnxscript op for an ONNX Runtime operator (onnx has no schemas for them; the
-    exporter's recorder needs one to build the node). ``attributes``: name -> OpSchema.AttrType."""
-    from onnx.defs import OpSchema
-    from onnxscript.values import Op, Opset
-
-    schema = OpSchema(
-        name, domain, 1,
-        inputs=[OpSchema.FormalParameter(i, "T") for i in inputs],
-        outputs=[OpSchema.FormalParameter("output", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(int64)"], "")],
-        attributes=[OpSchema.Attribute(a, kind, required=False) for a, kind in attributes.items()],
-    )
-    return Op(Opset(domain, 1), name, schema)
-
-
+@functools.cache
 def _ops():
     from onnx.defs import OpSchema
 
     A = OpSchema.AttrType
     return {
         # ONNX Runtime registers its RMS norm in the default domain (version 1)
-        "rms": _op("", "SimplifiedLayerNormalization", ["X", "scale"],
-                   {"axis": A.INT, "epsilon": A.FLOAT, "stash_type": A.INT}),
-        "rotary": _op(MSFT_DOMAIN, "RotaryEmbedding", ["input", "position_ids", "cos_cache", "sin_cache"],
-                      {"interleaved": A.INT, "num_heads": A.INT}),
-        "mha": _op(MSFT_DOMAIN, "MultiHeadAttention", ["query", "key", "value"],
-                   {"num_heads": A.INT, "scale": A.FLOAT}),
+        "rms": ort_op("", "SimplifiedLayerNormalization", ["X", "scale"],
+                      {"axis": A.INT, "epsilon": A.FLOAT, "stash_type": A.INT}),
+        "rotary": ort_op(MSFT_DOMAIN, "RotaryEmbedding", ["input", "position_ids", "cos_cache", "sin_cache"],
+                         {"interleaved": A.INT, "num_heads": A.INT}),
+        "mha": _mha_op(),
     }
 
 

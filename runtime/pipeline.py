@@ -130,11 +130,12 @@ class FluxPipeline:
         unknown = sorted(set(choice) - set(STAGES))
         if unknown:
             raise InvalidInputError(f"backend mapping names unknown stages {unknown}; stages are {list(STAGES)}")
-        if cuda_graph and choice.get("transformer", default) != "ort-cuda":
+        choice = {s: choice.get(s, default) for s in STAGES}
+        if cuda_graph and choice["transformer"] != "ort-cuda":
             raise InvalidInputError(f"cuda_graph replays the ort-cuda transformer; the transformer's backend is "
-                                    f"{choice.get('transformer', default)!r}")
-        return cls(folder, {s: make_runner(folder, s, choice.get(s, default), cuda_graph=cuda_graph and
-                                           s == "transformer") for s in STAGES})
+                                    f"{choice['transformer']!r}")
+        return cls(folder, {s: make_runner(folder, s, choice[s], cuda_graph=cuda_graph and s == "transformer")
+                            for s in STAGES})
 
     # ---- parameters ----------------------------------------------------------------------------
     def resolve(self, prompt, height, width, num_inference_steps, guidance_scale, max_sequence_length,

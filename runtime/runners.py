@@ -141,7 +141,7 @@ class OrtRunner(Runner):
             disabled_optimizers = ORT_CUDA_DISABLED_OPTIMIZERS if backend == "ort-cuda" else ()
         self.disabled_optimizers = tuple(disabled_optimizers)
         self.session = None
-        self._graph_io = None  # input shapes -> (input buffers, output buffers, binding, run options)
+        self._graph_io = {}  # input shapes -> (input buffers, output buffers, binding, run options)
 
     def providers(self) -> list:
         if self.backend == "ort-cpu":
@@ -175,7 +175,7 @@ class OrtRunner(Runner):
 
     def _deactivate(self) -> None:
         self.session = None
-        self._graph_io = None
+        self._graph_io = {}
 
     def _infer(self, feed: Mapping[str, Array]) -> dict[str, Array]:
         if self.device == "cpu":
@@ -213,8 +213,7 @@ class OrtRunner(Runner):
 
         shapes = tuple(sorted((k, tuple(v.shape)) for k, v in feed.items()))
         with self._lock:  # a graph replays into its own buffers: one call at a time
-            graphs = self._graph_io if self._graph_io is not None else {}
-            self._graph_io = graphs
+            graphs = self._graph_io
             if shapes not in graphs:
                 if len(graphs) >= self.max_cuda_graphs:
                     raise InvalidInputError(
@@ -223,7 +222,7 @@ class OrtRunner(Runner):
                         f"max_cuda_graphs or load the pipeline without CUDA graphs")
                 run_options = ort.RunOptions()  # ids from 1: ONNX Runtime reserves 0 for its own use
                 run_options.add_run_config_entry("gpu_graph_id", str(len(graphs) + 1))
-                graphs[shapes] = (*self._capture(feed)[1:], run_options)
+                graphs[shapes] = (*self._capture(feed), run_options)
             inputs, outputs, binding, run_options = graphs[shapes]
             for name, x in feed.items():
                 inputs[name][...] = x
@@ -245,7 +244,7 @@ class OrtRunner(Runner):
             element = ONNX_BFLOAT16 if onnx_type == "bfloat16" else np_dtype(out.dtype)
             binding.bind_output(name, "cuda", out.device.id, element, list(out.shape), out.data.ptr)
             outputs[name] = out
-        return {k: tuple(v.shape) for k, v in feed.items()}, inputs, outputs, binding
+        return inputs, outputs, binding
 
 
 def output_shapes(spec: ComponentSpec, feed: Mapping[str, Array]) -> dict[str, tuple[int, ...]]:
