@@ -1,6 +1,7 @@
 # fluxrt. The two commands that work on a fresh machine: `make demo` and `make test`.
 #   make engines                         tiny model -> fp16 export -> TensorRT plans in out/engines-fp16
 #   make engines MODEL=/models/FLUX.1-dev ENGINE_PRECISION=fp8 FP8_FLAGS="--calibration-backend ort-cuda"
+#   make ort-ops                         fluxrt's ONNX Runtime kernels (nvcc), for --attention ort-kernels
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ EXPORT_PRECISION := $(if $(filter bf16,$(ENGINE_PRECISION)),bf16,fp16)
 BUILD_FLAGS ?=
 FP8_FLAGS ?=
 
-.PHONY: venv demo test engines clean
+.PHONY: venv demo test engines ort-ops clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,10 @@ demo: $(OUT)/onnx-fp32/manifest.json
 engines: $(OUT)/onnx-$(EXPORT_PRECISION)/manifest.json
 	$(FLUXRT) build $(OUT)/onnx-$(EXPORT_PRECISION) --out $(OUT)/engines-$(ENGINE_PRECISION) \
 		--precision $(ENGINE_PRECISION) $(BUILD_FLAGS) $(if $(filter fp8,$(ENGINE_PRECISION)),$(FP8_FLAGS))
+
+# fluxrt's ONNX Runtime kernels, for transformers exported with --attention ort-kernels
+ort-ops: venv
+	$(FLUXRT) ort-ops build
 
 test: venv
 	$(PY) -m pytest -q

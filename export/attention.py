@@ -35,7 +35,9 @@ from pathlib import Path
 from fluxrt.errors import ExportError
 
 MSFT_DOMAIN = "com.microsoft"
-ATTENTION_MODES = ("portable", "ort")  # portable: standard ops (TensorRT, any runtime); ort: fused, ONNX Runtime only
+ATTENTION_MODES = ("portable", "ort", "ort-kernels")
+# portable: standard ops (TensorRT, any runtime); ort: fused, ONNX Runtime only; ort-kernels: also
+# fluxrt's own fused kernels (export/ort_kernels.py), ONNX Runtime with runtime/ort_ops.py's library
 
 
 def _unsupported(op_name: str, attn_mask, dropout_p: float, is_causal: bool, enable_gqa: bool = False) -> None:
@@ -174,14 +176,20 @@ def ort_attention_table() -> dict:
 
 def translation_table(attention: str) -> dict | None:
     """The exporter's ``custom_translation_table`` for an attention mode (None: torch's own).
-    "ort" also translates the fused export's custom ops (export/ort_fusions.py)."""
+    "ort" also translates the fused export's custom ops (export/ort_fusions.py), "ort-kernels"
+    those of export/ort_kernels.py too."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention mode {attention!r} is not one of {ATTENTION_MODES}")
-    if attention != "ort":
+    if attention == "portable":
         return None
     from fluxrt.export.ort_fusions import fused_table
 
-    return {**ort_attention_table(), **fused_table()}
+    table = {**ort_attention_table(), **fused_table()}
+    if attention == "ort-kernels":
+        from fluxrt.export.ort_kernels import kernels_table
+
+        table.update(kernels_table())
+    return table
 
 
 def count_attention_nodes(onnx_path: str | Path) -> dict[str, int]:

@@ -34,7 +34,7 @@ import torch
 from fluxrt.components import ModelDims, component_spec
 from fluxrt.export import graphs
 from fluxrt.export.memory import PeakMemory
-from fluxrt.export.onnx_export import dynamic_shapes, example_inputs, opset_for, write_program
+from fluxrt.export.onnx_export import TRANSFORMER_REWRITES, dynamic_shapes, example_inputs, opset_for, write_program
 from fluxrt.export.ort_fusions import fuse_graph
 from fluxrt.runtime import bench
 from fluxrt.runtime.runners import ORT_CUDA_DISABLED_OPTIMIZERS
@@ -191,6 +191,7 @@ def time_torch(fn, warmup: int, iters: int, device: str) -> dict:
 
 
 KERNEL_CLASSES = (  # first match wins; names as CUPTI reports them for torch, Triton and ONNX Runtime kernels
+    ("fluxrt", ("fluxrt_ops::",)),  # runtime/ort_ops/fluxrt_ops.cu
     ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "sm80_")),
     ("triton", ("triton",)),
@@ -239,7 +240,7 @@ def export_onnx(component: str, module: torch.nn.Module, precision: str, path: P
     from fluxrt.export.attention import translation_table
 
     spec = component_spec("vae_decoder" if component == "vae" else component, DIMS)
-    wrapped = graph_module(component, module, rewrite="fused" if attention == "ort" else "portable")
+    wrapped = graph_module(component, module, rewrite=TRANSFORMER_REWRITES[attention])
     device = next(module.parameters()).device
     # tracing takes the exporter's own example sizes (no axis of size 1, no two axes equal)
     args = tuple(x.to(device) for x in example_inputs(spec, DIMS, precision))
@@ -276,9 +277,11 @@ def ort_optimize(path: Path, component: str) -> tuple[Path, dict]:
 
 
 def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape: Shape, warmup: int, iters: int,
-             cuda_graph: bool, device: str, profile_iters: int = 0, disabled: tuple[str, ...] = ()) -> dict:
+             cuda_graph: bool, device: str, profile_iters: int = 0, disabled: tuple[str, ...] = (),
+             attention: str = "ort") -> dict:
     import onnxruntime as ort
 
+    from fluxrt.runtime import ort_ops
     from fluxrt.runtime.dtypes import cast
     from fluxrt.runtime.runners import OrtRunner
 
@@ -292,7 +295,8 @@ def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape:
                        ("h", shape.height // 8), ("w", shape.width // 8)):
         options.add_free_dimension_override_by_name(name, size)
     runner = OrtRunner(spec, precision, onnx_path, backend="ort-cuda" if device == "cuda" else "ort-cpu",
-                       session_options=options, cuda_graph=cuda_graph, disabled_optimizers=disabled).activate()
+                       session_options=options, cuda_graph=cuda_graph, disabled_optimizers=disabled,
+                       custom_ops=ort_ops.library_path() if attention == "ort-kernels" else None).activate()
     xp = np
     if device == "cuda":
         import cupy as xp
@@ -308,7 +312,7 @@ def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape:
 
 
 def bench_component(component: str, layers, shape: Shape, precisions: list[str], modes: list[str], work: Path,
-                    results: Results, warmup: int, iters: int, attention: str, device: str,
+                    results: Results, warmup: int, iters: int, attentions: tuple[str, ...], device: str,
                     cuda_graph: str = "auto", optimize: bool = True, profile_iters: int = 0,
                     ort_variants: tuple[tuple[str, ...], ...] = (ORT_CUDA_DISABLED_OPTIMIZERS,)) -> None:
     label = component + (f"[{'+'.join(map(str, layers))}]" if layers else "")
@@ -342,12 +346,13 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
         free_memory(device)
     if "ort" not in modes:
         return
-    for precision in precisions:
+    for attention, precision in [(a, p) for a in (attentions if component == "transformer" else attentions[:1])
+                                 for p in precisions]:
         dtype = DTYPES["fp32" if component == "vae" and precision == "fp16" else precision]
         graph_precision = "fp32" if dtype == torch.float32 else precision
         module = build(component, dtype, device, layers)
         feed = inputs(component, shape, dtype, device)
-        path = work / f"{label}-{precision}" / f"{component}.onnx"
+        path = work / f"{label}-{attention}-{precision}" / f"{component}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         export = export_onnx(component, module, graph_precision, path, attention)
         del module
@@ -360,11 +365,11 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
                 fused = {"optimizer_error": str(e)[:300]}
         choices = {"both": (True, False), "auto": (True, False), "on": (True,), "off": (False,)}[cuda_graph]
         for disabled in ort_variants:
-            backend = ort_label(disabled)
+            backend = ort_label(disabled, attention if component == "transformer" else "ort")
             for use_graph in choices if device == "cuda" else (False,):
                 try:
                     stats = time_ort(component, opt_path, graph_precision, feed, shape, warmup, iters, use_graph,
-                                     device, profile_iters, disabled)
+                                     device, profile_iters, disabled, attention)
                 except Exception as e:
                     results.add(**common, backend=backend, precision=precision, cuda_graph=use_graph,
                                 error=str(e)[:500])
@@ -380,11 +385,13 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
         free_memory(device)
 
 
-def ort_label(disabled: tuple[str, ...]) -> str:
-    """"ort-cuda" for the runtime's own session settings, else what differs from them."""
+def ort_label(disabled: tuple[str, ...], attention: str = "ort") -> str:
+    """"ort-cuda" for the runtime's own session settings and the fused graph, "ort-cuda+kernels"
+    for the graph with fluxrt's kernels, then "/..." for session settings that differ."""
+    base = "ort-cuda+kernels" if attention == "ort-kernels" else "ort-cuda"
     if tuple(disabled) == ORT_CUDA_DISABLED_OPTIMIZERS:
-        return "ort-cuda"
-    return "ort-cuda/" + (f"no-{'+'.join(disabled)}" if disabled else "all-optimizers")
+        return base
+    return base + "/" + (f"no-{'+'.join(disabled)}" if disabled else "all-optimizers")
 
 
 def free_memory(device: str) -> None:
@@ -395,19 +402,20 @@ def free_memory(device: str) -> None:
 
 
 def run(out: Path, plan: list[tuple[str, tuple | None]], shape: Shape, precisions: list[str], modes: list[str],
-        warmup: int, iters: int, attention: str = "ort", device: str = "cuda", cuda_graph: str = "auto",
+        warmup: int, iters: int, attention: str | tuple[str, ...] = "ort", device: str = "cuda", cuda_graph: str = "auto",
         optimize: str = "t5,clip,vae", profile_iters: int = 0,
         ort_variants: tuple[tuple[str, ...], ...] = (ORT_CUDA_DISABLED_OPTIMIZERS,)) -> dict:
+    attentions = (attention,) if isinstance(attention, str) else tuple(attention)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("FLUXRT_BENCH_WORK", "/tmp/fluxrt-bench"))
     work.mkdir(parents=True, exist_ok=True)
     results = Results(out / "results.json", dict(model=DIMS.to_json(), plan=[[c, list(l) if l else None] for c, l in plan],
                                                  shape=vars(shape), precisions=precisions, modes=modes,
-                                                 warmup=warmup, iters=iters, attention=attention))
+                                                 warmup=warmup, iters=iters, attention=list(attentions)))
     for component, layers in plan:
         log(f"{component} {layers}: start")
         try:
-            bench_component(component, layers, shape, precisions, modes, work, results, warmup, iters, attention,
+            bench_component(component, layers, shape, precisions, modes, work, results, warmup, iters, attentions,
                             device, cuda_graph, component in optimize.split(","), profile_iters, ort_variants)
         except Exception as e:  # keep measuring the other components; the error is in the results
             results.add(component=component, layers=list(layers) if layers else None, error=repr(e)[:800])
@@ -431,7 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plan", default="transformer:1+2,transformer:2+4")
     p.add_argument("--precisions", default="fp16,bf16")
     p.add_argument("--modes", default="eager,compile,ort")
-    p.add_argument("--attention", default="ort")
+    p.add_argument("--attention", default="ort",
+                   help="transformer graphs to time, comma-separated: portable, ort, ort-kernels (needs the "
+                        "library of `fluxrt ort-ops build`)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--text", type=int, default=512)
@@ -453,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     use_model(a.model)
     run(a.out, parse_plan(a.plan), Shape(a.batch, a.height, a.width, a.text), a.precisions.split(","),
-        a.modes.split(","), a.warmup, a.iters, a.attention, a.device, a.cuda_graph, a.optimize, a.profile,
+        a.modes.split(","), a.warmup, a.iters, tuple(a.attention.split(",")), a.device, a.cuda_graph, a.optimize, a.profile,
         tuple(tuple(n for n in v.split(",") if n) for v in a.ort_variants.split(";")))
 
 
@@ -528,7 +538,7 @@ def export_table(measurements: list[dict]) -> list[dict]:
     return rows
 
 
-KERNEL_COLUMNS = ("gemm", "attention", "triton", "norm", "rotary", "gelu", "elementwise", "cast", "copy", "reduce",
+KERNEL_COLUMNS = ("gemm", "attention", "triton", "fluxrt", "norm", "rotary", "gelu", "elementwise", "cast", "copy", "reduce",
                   "other")
 
 

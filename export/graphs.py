@@ -87,11 +87,12 @@ class TransformerGraph(nn.Module):
     """``timestep`` and ``guidance`` come in float32 and are cast to the model dtype here, exactly
     where diffusers' pipeline casts them."""
 
-    REWRITES = ("portable", "fused", "none")
+    REWRITES = ("portable", "fused", "kernels", "none")
 
     def __init__(self, model: nn.Module, guidance: bool, rewrite: str = "portable"):
         """``rewrite``: "portable" (the rewrites above, any runtime), "fused" (ONNX Runtime's fused
-        kernels, export/ort_fusions.py) or "none" (diffusers' modules as they are, for torch)."""
+        kernels, export/ort_fusions.py), "kernels" (fluxrt's own ONNX Runtime kernels on top,
+        export/ort_kernels.py) or "none" (diffusers' modules as they are, for torch)."""
         super().__init__()
         if rewrite not in self.REWRITES:
             raise ValueError(f"rewrite {rewrite!r} is not one of {self.REWRITES}")
@@ -100,6 +101,10 @@ class TransformerGraph(nn.Module):
             from fluxrt.export.ort_fusions import make_fused
 
             model = make_fused(model, self.dtype)
+        elif rewrite == "kernels":
+            from fluxrt.export.ort_kernels import make_kernels
+
+            model = make_kernels(model, self.dtype)
         elif rewrite == "portable":
             model = make_portable(model)
         self.model = model

@@ -112,6 +112,9 @@ def dynamic_shapes(spec: ComponentSpec, dims: ModelDims) -> dict:
     return {t.name: {i: axes[d] for i, d in t.dynamic_axes().items()} for t in spec.inputs}
 
 
+TRANSFORMER_REWRITES = {"portable": "portable", "ort": "fused", "ort-kernels": "kernels"}
+
+
 def load_graph_module(name: str, ckpt: Checkpoint, precision: str, attention: str = "portable") -> torch.nn.Module:
     dtype = TORCH_DTYPES[precision]
     if name == "clip":
@@ -128,7 +131,7 @@ def load_graph_module(name: str, ckpt: Checkpoint, precision: str, attention: st
         return graphs.T5Graph(model)
     if name == "transformer":
         return graphs.TransformerGraph(ckpt.load_transformer(dtype), guidance=ckpt.dims().guidance,
-                                       rewrite="fused" if attention == "ort" else "portable")
+                                       rewrite=TRANSFORMER_REWRITES[attention])
     vae = ckpt.load_vae(dtype)
     return graphs.VaeDecoderGraph(vae) if name == "vae_decoder" else graphs.VaeEncoderGraph(vae)
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from fluxrt.errors import FluxRTError
 
+ATTENTION_CHOICES = ("portable", "ort", "ort-kernels")  # = fluxrt.export.attention.ATTENTION_MODES
+
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
     from fluxrt.export.tiny import write_tiny_checkpoint
@@ -88,6 +90,17 @@ def fp8_settings(args: argparse.Namespace):
     return Fp8Settings(num_prompts=args.calibration_prompts, num_inference_steps=args.calibration_steps,
                        height=args.calibration_size, width=args.calibration_size,
                        max_sequence_length=args.calibration_text_length, backend=args.calibration_backend)
+
+
+def cmd_ort_ops(args: argparse.Namespace) -> None:
+    from fluxrt.runtime import ort_ops
+
+    archs = tuple(a for a in args.cuda_archs.replace(",", ";").split(";") if a) if args.cuda_archs else None
+    path = ort_ops.build(args.out, cuda=False if args.cpu_only else None, archs=archs)
+    devices = sorted(ort_ops.library_devices(path))
+    print(f"built fluxrt's ONNX Runtime kernels ({', '.join(devices)}) to {path}")
+    if args.out is not None:
+        print(f"the runtime loads it from ${ort_ops.ENV_LIBRARY}: export {ort_ops.ENV_LIBRARY}={path}")
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -200,13 +213,24 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     e.add_argument("--components", default="clip,t5,transformer,vae",
                    help="comma-separated subset of clip,t5,transformer,vae (default: all)")
-    e.add_argument("--attention", choices=("portable", "ort"), default="portable",
+    e.add_argument("--attention", choices=ATTENTION_CHOICES, default="portable",
                    help="portable: standard ONNX ops (TensorRT fuses them); ort: the transformer's attention, "
                         "RMS norms, rotary embedding and adaptive LayerNorm as ONNX Runtime's fused kernels "
-                        "(ONNX Runtime only)")
+                        "(ONNX Runtime only); ort-kernels: ort plus fluxrt's own fused kernels for the remaining "
+                        "element-wise work (ONNX Runtime with the library of `fluxrt ort-ops build`)")
     e.add_argument("--transformer", type=Path, help="Black Forest Labs single-file transformer (flux1-*.safetensors)")
     e.add_argument("--vae", type=Path, help="Black Forest Labs single-file autoencoder (ae.safetensors)")
     e.set_defaults(func=cmd_export)
+
+    o = sub.add_parser("ort-ops", help="fluxrt's ONNX Runtime kernel library (for --attention ort-kernels graphs)")
+    o_sub = o.add_subparsers(dest="action", required=True)
+    ob = o_sub.add_parser("build", help="compile it (CUDA kernels with nvcc, CPU kernels with the C++ compiler)")
+    ob.add_argument("--out", type=Path, help="library file to write (default: the cache location the runtime "
+                                             "looks in when FLUXRT_ORT_OPS is unset)")
+    ob.add_argument("--cpu-only", action="store_true", help="CPU (float32) kernels only, no nvcc needed")
+    ob.add_argument("--cuda-archs", help="compute capabilities, e.g. '90;120' (default: 80,86,89,90,100,120 "
+                                         "or $FLUXRT_CUDA_ARCHS)")
+    ob.set_defaults(func=cmd_ort_ops)
 
     b = sub.add_parser("build", help="build TensorRT plans from an export folder")
     b.add_argument("onnx_dir", type=Path, help="export folder written by fluxrt export")

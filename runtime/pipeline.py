@@ -55,7 +55,13 @@ def make_runner(folder, name: str, backend: str, cuda_graph: bool = False) -> Ru
                                 f"'trt', got {backend!r}")
     spec, precision = folder.spec(name), folder.graph_precision(name)
     if backend in ("ort-cpu", "ort-cuda"):
-        return OrtRunner(spec, precision, verified_graph(folder, name), backend=backend, cuda_graph=cuda_graph)
+        custom_ops = None
+        if folder.record(name).get("attention") == "ort-kernels":
+            from fluxrt.runtime.ort_ops import library_path
+
+            custom_ops = library_path()
+        return OrtRunner(spec, precision, verified_graph(folder, name), backend=backend, cuda_graph=cuda_graph,
+                         custom_ops=custom_ops)
     if backend == "torch":
         from fluxrt.export.torch_runner import TorchRunner  # export extra: the reference backend
 

@@ -124,7 +124,10 @@ class OrtRunner(Runner):
 
     def __init__(self, spec: ComponentSpec, precision: str, onnx_path: str | Path, backend: str = "ort-cpu",
                  session_options: Any = None, cuda_graph: bool = False, provider_options: dict | None = None,
-                 disabled_optimizers: tuple[str, ...] | None = None, max_cuda_graphs: int = 8):
+                 disabled_optimizers: tuple[str, ...] | None = None, max_cuda_graphs: int = 8,
+                 custom_ops: str | Path | None = None):
+        """``custom_ops``: fluxrt's ONNX Runtime op library (runtime/ort_ops.py), registered on the
+        session, for graphs exported with ``--attention ort-kernels``."""
         super().__init__(spec, precision)
         if backend not in ORT_PROVIDERS:
             raise ValueError(f"OrtRunner backend {backend!r} is not one of {list(ORT_PROVIDERS)}")
@@ -140,6 +143,7 @@ class OrtRunner(Runner):
         if disabled_optimizers is None:  # ONNX Runtime graph transformers to skip, by name
             disabled_optimizers = ORT_CUDA_DISABLED_OPTIMIZERS if backend == "ort-cuda" else ()
         self.disabled_optimizers = tuple(disabled_optimizers)
+        self.custom_ops = Path(custom_ops) if custom_ops is not None else None
         self.session = None
         self._graph_io = {}  # input shapes -> (input buffers, output buffers, binding, run options)
 
@@ -162,6 +166,10 @@ class OrtRunner(Runner):
             raise EngineError(f"{self.name}: backend ort-cuda needs onnxruntime-gpu with CUDA; this onnxruntime "
                               f"offers {ort.get_available_providers()}")
         options = self.session_options or ort.SessionOptions()
+        if self.custom_ops is not None:
+            from fluxrt.runtime.ort_ops import check_library
+
+            options.register_custom_ops_library(str(check_library(self.custom_ops, self.device)))
         try:
             extra = {"disabled_optimizers": list(self.disabled_optimizers)} if self.disabled_optimizers else {}
             self.session = ort.InferenceSession(str(self.onnx_path), options, providers=self.providers(), **extra)

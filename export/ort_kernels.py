@@ -1,0 +1,313 @@
+"""The transformer graph for fluxrt's own ONNX Runtime kernels (``--attention ort-kernels``).
+
+The fused ONNX Runtime graph (export/ort_fusions.py) leaves, per (1 double + 2 single) blocks at
+1024x1024 on an H100, 2.7 ms of element-wise kernels where torch.compile spends 0.6 ms: bias adds,
+RMS norms, rotary embedding, concatenations, LayerNorm modulation, gated residuals, fp16 clips,
+each one ONNX Runtime kernel reading and writing the whole activation. Here the blocks are
+rewritten around three custom ops (domain "fluxrt", kernels in runtime/ort_ops/fluxrt_ops.cu),
+each one pass over memory, float32 inside:
+
+- ``NormRope``: the query/key projections' bias add, per-head RMS norm and rotary embedding, and
+  the joining of the text and image streams (the value projections: bias add and joining only);
+- ``AdaLayerNorm``: ``LayerNorm(x) * (1 + scale) + shift`` (AdaLayerNormZero's modulation);
+- ``GatedResidual``: ``residual + gate * (x [+ x2] + bias)``, with the fp16 clip when the model
+  clips. The single blocks' output projection over ``cat(attention, mlp)`` becomes two matrix
+  products summed here, so the 15360-wide concatenation is never written.
+
+The single blocks run as one stack on the joined [text; image] sequence, instead of joining and
+splitting it around every block. Attention is ``com.microsoft.MultiHeadAttention`` as in the fused
+graph; the matrix products stay MatMul (their biases land in the ops above), the MLP's
+MatMul + bias + tanh-GELU is left to ONNX Runtime's FastGelu fusion.
+
+Runs on ONNX Runtime with the library registered (runtime/ort_ops.py), CPU (float32) or CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fluxrt.errors import ExportError
+from fluxrt.export.ort_fusions import RotaryTables, attention
+
+DOMAIN = "fluxrt"  # = runtime/ort_ops.py DOMAIN (the export does not import the runtime)
+FP16_CLAMP = 65504.0  # diffusers clips fp16 block outputs to the float16 range
+
+
+# ---- torch custom ops: the reference the kernels are tested against --------------------------------
+
+@torch.library.custom_op("fluxrt::norm_rope", mutates_args=())
+def norm_rope(x0: torch.Tensor, bias0: Optional[torch.Tensor], weight0: Optional[torch.Tensor],
+              x1: Optional[torch.Tensor], bias1: Optional[torch.Tensor], weight1: Optional[torch.Tensor],
+              cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], num_heads: int, epsilon: float) -> torch.Tensor:
+    """x0 [B, L0, H*D] and x1 [B, L1, H*D] joined along the sequence; per head: + bias, RMS norm
+    with ``weight`` (when given), rotary embedding with cos/sin [L0+L1, D/2] (when given)."""
+    def head_rows(x, bias, weight):
+        v = x.float() + (bias.float() if bias is not None else 0.0)
+        v = v.unflatten(-1, (num_heads, -1))
+        if weight is not None:
+            v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + epsilon) * weight.float()
+        return v
+
+    v = head_rows(x0, bias0, weight0)
+    if x1 is not None:
+        v = torch.cat([v, head_rows(x1, bias1, weight1)], dim=1)
+    if cos is not None:
+        c, s = cos.float()[None, :, None, :], sin.float()[None, :, None, :]
+        even, odd = v[..., 0::2], v[..., 1::2]
+        v = torch.stack([even * c - odd * s, odd * c + even * s], dim=-1)
+    return v.flatten(2).to(x0.dtype)
+
+
+@norm_rope.register_fake
+def _(x0, bias0, weight0, x1, bias1, weight1, cos, sin, num_heads, epsilon):
+    if x1 is None:
+        return torch.empty_like(x0)
+    return x0.new_empty((x0.shape[0], x0.shape[1] + x1.shape[1], x0.shape[2]))
+
+
+@torch.library.custom_op("fluxrt::ada_layer_norm", mutates_args=())
+def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """x [B, L, C]; scale, shift [B, C]: LayerNorm(x) * (1 + scale) + shift, float32 inside."""
+    y = F.layer_norm(x.float(), (x.shape[-1],), eps=epsilon)
+    return (y * (1 + scale.float()[:, None]) + shift.float()[:, None]).to(x.dtype)
+
+
+@ada_layer_norm.register_fake
+def _(x, scale, shift, epsilon):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fluxrt::gated_residual", mutates_args=())
+def gated_residual(residual: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor,
+                   x2: Optional[torch.Tensor], clamp: float) -> torch.Tensor:
+    """residual + gate[:, None] * (x + x2 + bias), clamped to ±clamp when clamp > 0."""
+    v = x.float()
+    if x2 is not None:
+        v = v + x2.float()
+    if bias is not None:
+        v = v + bias.float()
+    y = residual.float() + gate.float()[:, None] * v
+    if clamp > 0:
+        y = y.clamp(-clamp, clamp)
+    return y.to(residual.dtype)
+
+
+@gated_residual.register_fake
+def _(residual, x, bias, gate, x2, clamp):
+    return torch.empty_like(residual)
+
+
+# ---- module rewrites -------------------------------------------------------------------------------
+
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """The matrix product alone: the bias is added by the op that consumes it."""
+    return F.linear(x, layer.weight)
+
+
+def _eps(module, what: str) -> float:
+    eps = getattr(module, "eps", None)
+    if eps is None:
+        raise ExportError(f"{what} has no eps; fluxrt's kernels need FLUX's LayerNorm/RMSNorm")
+    return float(eps)
+
+
+def _check_norms(attn, names: tuple[str, ...]) -> float:
+    """The query/key RMS norms' common epsilon (one per NormRope op)."""
+    eps = set()
+    for n in names:
+        norm = getattr(attn, n, None)
+        if not isinstance(norm, nn.RMSNorm) or norm.weight is None:
+            raise ExportError(f"attention {n} is {type(norm).__name__}, expected an nn.RMSNorm with a weight (FLUX)")
+        eps.add(_eps(norm, n))
+    if len(eps) != 1:
+        raise ExportError(f"attention norms {names} have different epsilons {sorted(eps)}; one NormRope needs one")
+    return eps.pop()
+
+
+def _ff_layers(ff: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """diffusers' FeedForward as (activation with its input projection, output projection)."""
+    net = list(getattr(ff, "net", []))
+    rest = [m for m in net[1:] if not isinstance(m, (nn.Dropout, nn.Identity))]
+    if not net or not hasattr(net[0], "proj") or len(rest) != 1 or not isinstance(rest[0], nn.Linear):
+        raise ExportError(f"feed-forward {type(ff).__name__} is not diffusers' [GELU(proj), Dropout, Linear]")
+    return net[0], rest[0]
+
+
+def _no_kwargs(joint_attention_kwargs) -> None:
+    if joint_attention_kwargs:
+        raise ExportError(f"joint_attention_kwargs {sorted(joint_attention_kwargs)} (IP-Adapter, ...) are not "
+                          f"supported by the ort-kernels export")
+
+
+def _rotary(image_rotary_emb):
+    if image_rotary_emb is None:
+        return None, None
+    return image_rotary_emb
+
+
+class KernelDoubleBlock(nn.Module):
+    """diffusers' FluxTransformerBlock through the fluxrt ops; same call and outputs."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        attn = block.attn
+        if getattr(attn, "fused_projections", False) or attn.added_kv_proj_dim is None:
+            raise ExportError("double block attention must have separate text projections and unfused QKV")
+        self.eps_qk = _check_norms(attn, ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))
+        self.eps_ln = {n: _eps(getattr(block, n), n) for n in ("norm2", "norm2_context")}
+        self.eps_ln.update({n: _eps(getattr(block, n).norm, f"{n}.norm") for n in ("norm1", "norm1_context")})
+        self.ff_in, self.ff_out = _ff_layers(block.ff)
+        self.ffc_in, self.ffc_out = _ff_layers(block.ff_context)
+        self.block = block
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        _no_kwargs(joint_attention_kwargs)
+        b, attn = self.block, self.block.attn
+        heads = attn.heads
+        clamp = FP16_CLAMP if encoder_hidden_states.dtype == torch.float16 else 0.0
+        mods = b.norm1.linear(b.norm1.silu(temb)).chunk(6, dim=1)
+        cmods = b.norm1_context.linear(b.norm1_context.silu(temb)).chunk(6, dim=1)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mods
+        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmods
+
+        x = ada_layer_norm(hidden_states, scale, shift, self.eps_ln["norm1"])
+        cx = ada_layer_norm(encoder_hidden_states, c_scale, c_shift, self.eps_ln["norm1_context"])
+        cos, sin = _rotary(image_rotary_emb)
+        q = norm_rope(_linear(cx, attn.add_q_proj), attn.add_q_proj.bias, attn.norm_added_q.weight,
+                      _linear(x, attn.to_q), attn.to_q.bias, attn.norm_q.weight, cos, sin, heads, self.eps_qk)
+        k = norm_rope(_linear(cx, attn.add_k_proj), attn.add_k_proj.bias, attn.norm_added_k.weight,
+                      _linear(x, attn.to_k), attn.to_k.bias, attn.norm_k.weight, cos, sin, heads, self.eps_qk)
+        v = norm_rope(_linear(cx, attn.add_v_proj), attn.add_v_proj.bias, None,
+                      _linear(x, attn.to_v), attn.to_v.bias, None, None, None, heads, self.eps_qk)
+        out = attention(q, k, v, heads)
+        text = encoder_hidden_states.shape[1]
+        c_out, out = out.split_with_sizes([text, out.shape[1] - text], dim=1)
+
+        h = gated_residual(hidden_states, _linear(out, attn.to_out[0]), attn.to_out[0].bias, gate, None, 0.0)
+        x = ada_layer_norm(h, scale_mlp, shift_mlp, self.eps_ln["norm2"])
+        h = gated_residual(h, _linear(self.ff_in(x), self.ff_out), self.ff_out.bias, gate_mlp, None, 0.0)
+
+        e = gated_residual(encoder_hidden_states, _linear(c_out, attn.to_add_out), attn.to_add_out.bias, c_gate,
+                           None, 0.0)
+        cx = ada_layer_norm(e, c_scale_mlp, c_shift_mlp, self.eps_ln["norm2_context"])
+        e = gated_residual(e, _linear(self.ffc_in(cx), self.ffc_out), self.ffc_out.bias, c_gate_mlp, None, clamp)
+        return e, h
+
+
+class SplitProjection(nn.Module):
+    """A single block's proj_out over cat(attention [C], mlp [M]) as its two column blocks."""
+
+    def __init__(self, proj: nn.Linear, attention_width: int):
+        super().__init__()
+        w = proj.weight.detach()
+        self.w_attn = nn.Parameter(w[:, :attention_width].contiguous(), requires_grad=False)
+        self.w_mlp = nn.Parameter(w[:, attention_width:].contiguous(), requires_grad=False)
+        self.bias = proj.bias
+
+
+class KernelSingleStack(nn.Module):
+    """All of diffusers' FluxSingleTransformerBlocks through the fluxrt ops, on the joined
+    [text; image] sequence: called once where diffusers calls each block, same outputs."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        self.eps_qk, self.eps_ln, self.proj = [], [], nn.ModuleList()
+        for i, blk in enumerate(blocks):
+            self.eps_qk.append(_check_norms(blk.attn, ("norm_q", "norm_k")))
+            self.eps_ln.append(_eps(blk.norm.norm, f"single block {i} norm"))
+            width = blk.attn.to_q.out_features
+            if blk.proj_out.in_features != width + blk.proj_mlp.out_features:
+                raise ExportError(f"single block {i} proj_out takes {blk.proj_out.in_features} features, expected "
+                                  f"attention {width} + mlp {blk.proj_mlp.out_features}")
+            self.proj.append(SplitProjection(blk.proj_out, width))
+            blk.proj_out = None  # its weight now lives in SplitProjection (no second copy)
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        _no_kwargs(joint_attention_kwargs)
+        cos, sin = _rotary(image_rotary_emb)
+        clamp = FP16_CLAMP if hidden_states.dtype == torch.float16 else 0.0
+        text = encoder_hidden_states.shape[1]
+        h = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        for blk, proj, eps_qk, eps_ln in zip(self.blocks, self.proj, self.eps_qk, self.eps_ln):
+            attn, heads = blk.attn, blk.attn.heads
+            shift, scale, gate = blk.norm.linear(blk.norm.silu(temb)).chunk(3, dim=1)
+            x = ada_layer_norm(h, scale, shift, eps_ln)
+            mlp = blk.act_mlp(blk.proj_mlp(x))
+            q = norm_rope(_linear(x, attn.to_q), attn.to_q.bias, attn.norm_q.weight, None, None, None, cos, sin,
+                          heads, eps_qk)
+            k = norm_rope(_linear(x, attn.to_k), attn.to_k.bias, attn.norm_k.weight, None, None, None, cos, sin,
+                          heads, eps_qk)
+            out = attention(q, k, attn.to_v(x), heads)
+            h = gated_residual(h, F.linear(out, proj.w_attn), proj.bias, gate, F.linear(mlp, proj.w_mlp), clamp)
+        return h[:, :text], h[:, text:]
+
+
+def make_kernels(transformer: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Rewrite a diffusers FluxTransformer2DModel in place for the ort-kernels export."""
+    names = ("transformer_blocks", "single_transformer_blocks", "pos_embed")
+    missing = [n for n in names if not hasattr(transformer, n)]
+    if missing:
+        raise ExportError(f"{type(transformer).__name__} has no {missing}: not a diffusers FLUX transformer")
+    pe = transformer.pos_embed
+    transformer.pos_embed = RotaryTables(pe.theta, pe.axes_dim, torch.float32)  # the kernels read float32 tables
+    transformer.transformer_blocks = nn.ModuleList(KernelDoubleBlock(b) for b in transformer.transformer_blocks)
+    singles = list(transformer.single_transformer_blocks)
+    transformer.single_transformer_blocks = nn.ModuleList([KernelSingleStack(singles)] if singles else [])
+    return transformer
+
+
+# ---- ONNX translations -----------------------------------------------------------------------------
+
+@functools.cache
+def _ops():
+    from onnx.defs import OpSchema
+    from onnxscript.values import Op, Opset
+
+    A, opt = OpSchema.AttrType, OpSchema.FormalParameterOption.Optional
+    types = [("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""), ("F", ["tensor(float)"], "")]
+
+    def op(name, inputs, attributes):
+        schema = OpSchema(
+            name, DOMAIN, 1,
+            inputs=[OpSchema.FormalParameter(n, t, param_option=opt if o else OpSchema.FormalParameterOption.Single)
+                    for n, t, o in inputs],
+            outputs=[OpSchema.FormalParameter("y", "T")], type_constraints=types,
+            attributes=[OpSchema.Attribute(a, kind, required=False) for a, kind in attributes.items()])
+        return Op(Opset(DOMAIN, 1), name, schema)
+
+    return {
+        "norm_rope": op("NormRope", [("x0", "T", False), ("bias0", "T", True), ("weight0", "T", True),
+                                     ("x1", "T", True), ("bias1", "T", True), ("weight1", "T", True),
+                                     ("cos", "F", True), ("sin", "F", True)],
+                        {"num_heads": A.INT, "epsilon": A.FLOAT}),
+        "ada": op("AdaLayerNorm", [("x", "T", False), ("scale", "T", False), ("shift", "T", False)],
+                  {"epsilon": A.FLOAT}),
+        "gated": op("GatedResidual", [("residual", "T", False), ("x", "T", False), ("bias", "T", True),
+                                      ("gate", "T", False), ("x2", "T", True)], {"clamp": A.FLOAT}),
+    }
+
+
+def _norm_rope(x0, bias0, weight0, x1, bias1, weight1, cos, sin, num_heads: int, epsilon: float):
+    return _ops()["norm_rope"](x0, bias0, weight0, x1, bias1, weight1, cos, sin, num_heads=int(num_heads),
+                               epsilon=float(epsilon))
+
+
+def _ada_layer_norm(x, scale, shift, epsilon: float):
+    return _ops()["ada"](x, scale, shift, epsilon=float(epsilon))
+
+
+def _gated_residual(residual, x, bias, gate, x2, clamp: float):
+    return _ops()["gated"](residual, x, bias, gate, x2, clamp=float(clamp))
+
+
+def kernels_table() -> dict:
+    """``custom_translation_table`` entries for the ort-kernels export's custom ops."""
+    ops = torch.ops.fluxrt
+    return {ops.norm_rope.default: _norm_rope, ops.ada_layer_norm.default: _ada_layer_norm,
+            ops.gated_residual.default: _gated_residual}

@@ -1,0 +1,731 @@
+// fluxrt's ONNX Runtime custom-op library: the element-wise work of the FLUX transformer fused
+// into three kernels, for the graph that `fluxrt export --attention ort-kernels` writes.
+//
+// Domain "fluxrt", version 1. All arithmetic in float32; inputs and outputs in T (float, float16,
+// bfloat16 on CUDA; float on the CPU, where these kernels are the reference the CUDA ones are
+// tested against).
+//
+//   NormRope(x0, bias0?, weight0?, x1?, bias1?, weight1?, cos?, sin?) -> y      attrs num_heads, epsilon
+//     x0 [B, L0, H*D], x1 [B, L1, H*D] (joined after x0 along axis 1), bias [H*D], weight [D],
+//     cos/sin float32 [L0+L1, D/2].  Per row and head: v = x + bias; with a weight,
+//     v = v / sqrt(mean(v^2) + epsilon) * weight (RMS norm); with cos/sin, the pairs
+//     (v[2i], v[2i+1]) rotate by the angle (cos[l, i], sin[l, i]) (FLUX's interleaved rotary).
+//   AdaLayerNorm(x, scale, shift) -> y                                         attr epsilon
+//     x [B, L, C], scale/shift [B, C] or [B, 1, C]: LayerNorm(x) * (1 + scale) + shift.
+//   GatedResidual(residual, x, bias?, gate, x2?) -> y                          attr clamp
+//     residual, x, x2 [B, L, C], bias [C], gate [B, C] or [B, 1, C]:
+//     residual + gate * (x + x2 + bias), clamped to [-clamp, clamp] when clamp > 0.
+//
+// Built by runtime/ort_ops.py against ONNX Runtime's C API headers (ORT_API_VERSION >= 17).
+
+#include <onnxruntime_c_api.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#ifndef FLUXRT_CPU_ONLY
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+namespace fluxrt_ops {  // kernel names carry it: profiles tell these kernels apart
+
+constexpr uint32_t kOpVersion = 17;  // API and OrtCustomOp fields used here (CreateKernelV2, shape inference)
+const OrtApi* g_api = nullptr;
+
+struct Status {  // an OrtStatus* with a message naming the op
+  static OrtStatusPtr error(const std::string& op, const std::string& msg) {
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, ("fluxrt." + op + ": " + msg).c_str());
+  }
+};
+
+#define RETURN_IF(expr)                      \
+  do {                                       \
+    if (OrtStatusPtr _s = (expr)) return _s; \
+  } while (0)
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+struct In {
+  const void* data = nullptr;
+  std::vector<int64_t> shape;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  bool present() const { return data != nullptr || !shape.empty(); }
+  int64_t dim(int i) const { return shape[i < 0 ? shape.size() + i : i]; }
+  int64_t size() const {
+    int64_t n = 1;
+    for (auto d : shape) n *= d;
+    return n;
+  }
+};
+
+OrtStatusPtr get_input(OrtKernelContext* ctx, size_t index, In* out) {
+  size_t count = 0;
+  RETURN_IF(g_api->KernelContext_GetInputCount(ctx, &count));
+  if (index >= count) return nullptr;
+  const OrtValue* value = nullptr;
+  RETURN_IF(g_api->KernelContext_GetInput(ctx, index, &value));
+  if (value == nullptr) return nullptr;  // omitted optional input
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  RETURN_IF(g_api->GetTensorTypeAndShape(value, &info));
+  size_t rank = 0;
+  OrtStatusPtr s = g_api->GetDimensionsCount(info, &rank);
+  if (!s) {
+    out->shape.resize(rank);
+    s = g_api->GetDimensions(info, out->shape.data(), rank);
+  }
+  if (!s) s = g_api->GetTensorElementType(info, &out->type);
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  RETURN_IF(s);
+  void* data = nullptr;
+  RETURN_IF(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+  out->data = data;
+  if (out->data == nullptr && out->size() != 0) out->shape.clear();
+  return nullptr;
+}
+
+OrtStatusPtr get_output(OrtKernelContext* ctx, const std::vector<int64_t>& shape, void** data) {
+  OrtValue* value = nullptr;
+  RETURN_IF(g_api->KernelContext_GetOutput(ctx, 0, shape.data(), shape.size(), &value));
+  return g_api->GetTensorMutableData(value, data);
+}
+
+// ---- attributes ----------------------------------------------------------------------------------
+
+float attr_float(const OrtKernelInfo* info, const char* name, float fallback) {
+  float v = fallback;
+  if (OrtStatusPtr s = g_api->KernelInfoGetAttribute_float(info, name, &v)) {
+    g_api->ReleaseStatus(s);
+    return fallback;
+  }
+  return v;
+}
+
+int64_t attr_int(const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  int64_t v = fallback;
+  if (OrtStatusPtr s = g_api->KernelInfoGetAttribute_int64(info, name, &v)) {
+    g_api->ReleaseStatus(s);
+    return fallback;
+  }
+  return v;
+}
+
+struct Attrs {
+  int64_t num_heads = 0;
+  float epsilon = 1e-6f;
+  float clamp = 0.f;
+};
+
+// ---- shape checks shared by both devices ---------------------------------------------------------
+
+struct NormRopeArgs {
+  In x0, b0, w0, x1, b1, w1, cos, sin;
+  int64_t B = 0, L0 = 0, L1 = 0, C = 0, H = 0, D = 0;
+};
+
+OrtStatusPtr check_norm_rope(const Attrs& a, NormRopeArgs* p) {
+  const std::string op = "NormRope";
+  if (p->x0.shape.size() != 3) return Status::error(op, "x0 must be [B, L, H*D], got " + shape_str(p->x0.shape));
+  p->B = p->x0.dim(0), p->L0 = p->x0.dim(1), p->C = p->x0.dim(2), p->H = a.num_heads;
+  if (p->H <= 0 || p->C % p->H) {
+    return Status::error(op, "num_heads " + std::to_string(p->H) + " must be positive and divide the width " +
+                                 std::to_string(p->C));
+  }
+  p->D = p->C / p->H;
+  if (p->D % 2 || p->D > 512) {
+    return Status::error(op, "head size " + std::to_string(p->D) + " must be even and at most 512");
+  }
+  if (p->x1.present()) {
+    if (p->x1.shape.size() != 3 || p->x1.dim(0) != p->B || p->x1.dim(2) != p->C) {
+      return Status::error(op, "x1 must be [" + std::to_string(p->B) + ", L1, " + std::to_string(p->C) +
+                                   "] like x0, got " + shape_str(p->x1.shape));
+    }
+    p->L1 = p->x1.dim(1);
+    if (p->w0.present() != p->w1.present()) {
+      return Status::error(op, "weight0 and weight1 must both be given or both be omitted");
+    }
+  }
+  for (const In* b : {&p->b0, &p->b1}) {
+    if (b->present() && (b->shape.size() != 1 || b->dim(0) != p->C)) {
+      return Status::error(op, "bias must be [" + std::to_string(p->C) + "], got " + shape_str(b->shape));
+    }
+  }
+  for (const In* w : {&p->w0, &p->w1}) {
+    if (w->present() && (w->shape.size() != 1 || w->dim(0) != p->D)) {
+      return Status::error(op, "weight must be [" + std::to_string(p->D) + "] (one head), got " + shape_str(w->shape));
+    }
+  }
+  if (p->cos.present() != p->sin.present()) return Status::error(op, "cos and sin must both be given or both be omitted");
+  if (p->cos.present()) {
+    std::vector<int64_t> want = {p->L0 + p->L1, p->D / 2};
+    if (p->cos.shape != want || p->sin.shape != want) {
+      return Status::error(op, "cos and sin must be " + shape_str(want) + ", got " + shape_str(p->cos.shape) + " and " +
+                                   shape_str(p->sin.shape));
+    }
+    if (p->cos.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || p->sin.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      return Status::error(op, "cos and sin must be float32");
+    }
+  }
+  return nullptr;
+}
+
+struct AdaNormArgs {
+  In x, scale, shift;
+  int64_t rows = 0, L = 0, C = 0;
+};
+
+OrtStatusPtr check_per_sample(const std::string& op, const char* name, const In& t, int64_t B, int64_t C) {
+  bool ok = (t.shape.size() == 2 && t.dim(0) == B && t.dim(1) == C) ||
+            (t.shape.size() == 3 && t.dim(0) == B && t.dim(1) == 1 && t.dim(2) == C);
+  if (!ok) {
+    return Status::error(op, std::string(name) + " must be [" + std::to_string(B) + ", " + std::to_string(C) +
+                                 "] or [" + std::to_string(B) + ", 1, " + std::to_string(C) + "], got " +
+                                 shape_str(t.shape));
+  }
+  return nullptr;
+}
+
+OrtStatusPtr check_ada_norm(AdaNormArgs* p) {
+  const std::string op = "AdaLayerNorm";
+  if (p->x.shape.size() != 3) return Status::error(op, "x must be [B, L, C], got " + shape_str(p->x.shape));
+  p->L = p->x.dim(1), p->C = p->x.dim(2), p->rows = p->x.dim(0) * p->L;
+  RETURN_IF(check_per_sample(op, "scale", p->scale, p->x.dim(0), p->C));
+  return check_per_sample(op, "shift", p->shift, p->x.dim(0), p->C);
+}
+
+struct GatedArgs {
+  In residual, x, bias, gate, x2;
+  int64_t rows = 0, L = 0, C = 0;
+};
+
+OrtStatusPtr check_gated(GatedArgs* p) {
+  const std::string op = "GatedResidual";
+  if (p->residual.shape.size() != 3) {
+    return Status::error(op, "residual must be [B, L, C], got " + shape_str(p->residual.shape));
+  }
+  if (p->x.shape != p->residual.shape) {
+    return Status::error(op, "x must have the residual's shape " + shape_str(p->residual.shape) + ", got " +
+                                 shape_str(p->x.shape));
+  }
+  if (p->x2.present() && p->x2.shape != p->residual.shape) {
+    return Status::error(op, "x2 must have the residual's shape " + shape_str(p->residual.shape) + ", got " +
+                                 shape_str(p->x2.shape));
+  }
+  p->L = p->residual.dim(1), p->C = p->residual.dim(2), p->rows = p->residual.dim(0) * p->L;
+  if (p->bias.present() && (p->bias.shape.size() != 1 || p->bias.dim(0) != p->C)) {
+    return Status::error(op, "bias must be [" + std::to_string(p->C) + "], got " + shape_str(p->bias.shape));
+  }
+  return check_per_sample(op, "gate", p->gate, p->residual.dim(0), p->C);
+}
+
+// ---- CPU kernels (float32): the reference ----------------------------------------------------------
+
+void norm_rope_cpu(const Attrs& a, const NormRopeArgs& p, float* y) {
+  const int64_t L = p.L0 + p.L1;
+  std::vector<float> v(p.D);
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t l = 0; l < L; ++l) {
+      const bool first = l < p.L0;
+      const float* x = static_cast<const float*>(first ? p.x0.data : p.x1.data) +
+                       (b * (first ? p.L0 : p.L1) + (first ? l : l - p.L0)) * p.C;
+      const float* bias = static_cast<const float*>(first ? p.b0.data : p.b1.data);
+      const float* w = static_cast<const float*>(first ? p.w0.data : p.w1.data);
+      for (int64_t h = 0; h < p.H; ++h) {
+        double ss = 0;
+        for (int64_t d = 0; d < p.D; ++d) {
+          v[d] = x[h * p.D + d] + (bias ? bias[h * p.D + d] : 0.f);
+          ss += double(v[d]) * v[d];
+        }
+        const float r = w ? 1.f / std::sqrt(float(ss / p.D) + a.epsilon) : 1.f;
+        float* out = y + (b * L + l) * p.C + h * p.D;
+        for (int64_t i = 0; i < p.D / 2; ++i) {
+          float e = v[2 * i] * r * (w ? w[2 * i] : 1.f), o = v[2 * i + 1] * r * (w ? w[2 * i + 1] : 1.f);
+          if (p.cos.data) {
+            const float c = static_cast<const float*>(p.cos.data)[l * p.D / 2 + i];
+            const float s = static_cast<const float*>(p.sin.data)[l * p.D / 2 + i];
+            const float e2 = e * c - o * s;
+            o = o * c + e * s;
+            e = e2;
+          }
+          out[2 * i] = e, out[2 * i + 1] = o;
+        }
+      }
+    }
+}
+
+void ada_norm_cpu(const Attrs& a, const AdaNormArgs& p, float* y) {
+  const float* x = static_cast<const float*>(p.x.data);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const float* row = x + r * p.C;
+    const int64_t b = r / p.L;
+    double mean = 0, var = 0;
+    for (int64_t c = 0; c < p.C; ++c) mean += row[c];
+    mean /= p.C;
+    for (int64_t c = 0; c < p.C; ++c) var += (row[c] - mean) * (row[c] - mean);
+    const float rstd = 1.f / std::sqrt(float(var / p.C) + a.epsilon);
+    const float* sc = static_cast<const float*>(p.scale.data) + b * p.C;
+    const float* sh = static_cast<const float*>(p.shift.data) + b * p.C;
+    for (int64_t c = 0; c < p.C; ++c) y[r * p.C + c] = (row[c] - float(mean)) * rstd * (1.f + sc[c]) + sh[c];
+  }
+}
+
+void gated_cpu(const Attrs& a, const GatedArgs& p, float* y) {
+  const float* res = static_cast<const float*>(p.residual.data);
+  const float* x = static_cast<const float*>(p.x.data);
+  const float* x2 = static_cast<const float*>(p.x2.data);
+  const float* bias = static_cast<const float*>(p.bias.data);
+  const float* gate = static_cast<const float*>(p.gate.data);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int64_t b = r / p.L;
+    for (int64_t c = 0; c < p.C; ++c) {
+      const int64_t i = r * p.C + c;
+      float v = res[i] + gate[b * p.C + c] * (x[i] + (x2 ? x2[i] : 0.f) + (bias ? bias[c] : 0.f));
+      if (a.clamp > 0) v = std::fmin(std::fmax(v, -a.clamp), a.clamp);
+      y[i] = v;
+    }
+  }
+}
+
+// ---- CUDA kernels ----------------------------------------------------------------------------------
+
+#ifndef FLUXRT_CPU_ONLY
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T> struct Pair;  // two adjacent elements, one load
+template <> struct Pair<float> { using type = float2; };
+template <> struct Pair<__half> { using type = __half2; };
+template <> struct Pair<__nv_bfloat16> { using type = __nv_bfloat162; };
+__device__ __forceinline__ float2 to_f2(float2 v) { return v; }
+__device__ __forceinline__ float2 to_f2(__half2 v) { return __half22float2(v); }
+__device__ __forceinline__ float2 to_f2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+template <typename T> __device__ __forceinline__ typename Pair<T>::type from_f2(float a, float b);
+template <> __device__ __forceinline__ float2 from_f2<float>(float a, float b) { return make_float2(a, b); }
+template <> __device__ __forceinline__ __half2 from_f2<__half>(float a, float b) { return __floats2half2_rn(a, b); }
+template <> __device__ __forceinline__ __nv_bfloat162 from_f2<__nv_bfloat16>(float a, float b) {
+  return __floats2bfloat162_rn(a, b);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+constexpr int kWarps = 8;  // warps per block: one row (or head row) per warp
+
+// One warp per (b, l, head); each lane holds up to 8 pairs (head size <= 512).
+template <typename T>
+__global__ void norm_rope_kernel(const T* x0, const T* b0, const T* w0, const T* x1, const T* b1, const T* w1,
+                                 const float* cos, const float* sin, T* y, int64_t B, int64_t L0, int64_t L1,
+                                 int64_t H, int64_t D, float eps) {
+  using P = typename Pair<T>::type;
+  const int64_t L = L0 + L1;
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (row >= B * L * H) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t h = row % H, bl = row / H, l = bl % L, b = bl / L;
+  const bool first = l < L0;
+  const T* x = (first ? x0 + (b * L0 + l) * H * D : x1 + (b * L1 + (l - L0)) * H * D) + h * D;
+  const T* bias = first ? b0 : b1;
+  const T* w = first ? w0 : w1;
+  const int pairs = int(D / 2);
+  float e[8], o[8];
+  float ss = 0.f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const int p = lane + 32 * k;
+    e[k] = o[k] = 0.f;
+    if (p < pairs) {
+      float2 v = to_f2(reinterpret_cast<const P*>(x)[p]);
+      if (bias) {
+        const float2 bv = to_f2(reinterpret_cast<const P*>(bias + h * D)[p]);
+        v.x += bv.x, v.y += bv.y;
+      }
+      e[k] = v.x, o[k] = v.y;
+      ss += v.x * v.x + v.y * v.y;
+    }
+  }
+  float r = 1.f;
+  if (w) r = rsqrtf(warp_sum(ss) / float(D) + eps);
+  T* out = y + (b * L + l) * H * D + h * D;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const int p = lane + 32 * k;
+    if (p < pairs) {
+      float ev = e[k] * r, ov = o[k] * r;
+      if (w) {
+        const float2 wv = to_f2(reinterpret_cast<const P*>(w)[p]);
+        ev *= wv.x, ov *= wv.y;
+      }
+      if (cos) {
+        const float c = cos[l * pairs + p], s = sin[l * pairs + p];
+        const float e2 = ev * c - ov * s;
+        ov = ov * c + ev * s;
+        ev = e2;
+      }
+      reinterpret_cast<P*>(out)[p] = from_f2<T>(ev, ov);
+    }
+  }
+}
+
+// One warp per row: mean, then variance about the mean (the row stays in L1), then the output.
+template <typename T>
+__global__ void ada_norm_kernel(const T* x, const T* scale, const T* shift, T* y, int64_t rows, int64_t L,
+                                int64_t C, float eps) {
+  using P = typename Pair<T>::type;
+  const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t b = r / L, pairs = C / 2;
+  const P* row = reinterpret_cast<const P*>(x + r * C);
+  float s = 0.f;
+  for (int64_t p = lane; p < pairs; p += 32) {
+    const float2 v = to_f2(row[p]);
+    s += v.x + v.y;
+  }
+  const float mean = warp_sum(s) / float(C);
+  float q = 0.f;
+  for (int64_t p = lane; p < pairs; p += 32) {
+    const float2 v = to_f2(row[p]);
+    q += (v.x - mean) * (v.x - mean) + (v.y - mean) * (v.y - mean);
+  }
+  const float rstd = rsqrtf(warp_sum(q) / float(C) + eps);
+  const P* sc = reinterpret_cast<const P*>(scale + b * C);
+  const P* sh = reinterpret_cast<const P*>(shift + b * C);
+  P* out = reinterpret_cast<P*>(y + r * C);
+  for (int64_t p = lane; p < pairs; p += 32) {
+    const float2 v = to_f2(row[p]), a = to_f2(sc[p]), t = to_f2(sh[p]);
+    out[p] = from_f2<T>((v.x - mean) * rstd * (1.f + a.x) + t.x, (v.y - mean) * rstd * (1.f + a.y) + t.y);
+  }
+}
+
+// Pairs of elements, grid-stride: residual + gate * (x + x2 + bias).
+template <typename T>
+__global__ void gated_kernel(const T* res, const T* x, const T* x2, const T* bias, const T* gate, T* y, int64_t n_pairs,
+                             int64_t L, int64_t C, float clamp) {
+  using P = typename Pair<T>::type;
+  const int64_t cp = C / 2;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n_pairs; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = i % cp, b = i / cp / L;
+    float2 v = to_f2(reinterpret_cast<const P*>(x)[i]);
+    if (x2) {
+      const float2 u = to_f2(reinterpret_cast<const P*>(x2)[i]);
+      v.x += u.x, v.y += u.y;
+    }
+    if (bias) {
+      const float2 u = to_f2(reinterpret_cast<const P*>(bias)[c]);
+      v.x += u.x, v.y += u.y;
+    }
+    const float2 g = to_f2(reinterpret_cast<const P*>(gate)[b * cp + c]);
+    const float2 h = to_f2(reinterpret_cast<const P*>(res)[i]);
+    float a = h.x + g.x * v.x, d = h.y + g.y * v.y;
+    if (clamp > 0.f) a = fminf(fmaxf(a, -clamp), clamp), d = fminf(fmaxf(d, -clamp), clamp);
+    reinterpret_cast<P*>(y)[i] = from_f2<T>(a, d);
+  }
+}
+
+template <typename T> const T* ptr(const In& t) { return static_cast<const T*>(t.data); }
+
+OrtStatusPtr cuda_status(const std::string& op) {
+  cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) return nullptr;
+  return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, ("fluxrt." + op + ": CUDA launch failed: " + cudaGetErrorString(e)).c_str());
+}
+
+unsigned blocks_for(int64_t rows) { return unsigned((rows + kWarps - 1) / kWarps); }
+
+template <typename T>
+OrtStatusPtr norm_rope_cuda(cudaStream_t st, const Attrs& a, const NormRopeArgs& p, void* y) {
+  const int64_t rows = p.B * (p.L0 + p.L1) * p.H;
+  if (rows > 0)
+    norm_rope_kernel<T><<<blocks_for(rows), 32 * kWarps, 0, st>>>(
+        ptr<T>(p.x0), ptr<T>(p.b0), ptr<T>(p.w0), ptr<T>(p.x1), ptr<T>(p.b1), ptr<T>(p.w1), ptr<float>(p.cos),
+        ptr<float>(p.sin), static_cast<T*>(y), p.B, p.L0, p.L1, p.H, p.D, a.epsilon);
+  return cuda_status("NormRope");
+}
+
+template <typename T>
+OrtStatusPtr ada_norm_cuda(cudaStream_t st, const Attrs& a, const AdaNormArgs& p, void* y) {
+  if (p.rows > 0)
+    ada_norm_kernel<T><<<blocks_for(p.rows), 32 * kWarps, 0, st>>>(ptr<T>(p.x), ptr<T>(p.scale), ptr<T>(p.shift),
+                                                                    static_cast<T*>(y), p.rows, p.L, p.C, a.epsilon);
+  return cuda_status("AdaLayerNorm");
+}
+
+template <typename T>
+OrtStatusPtr gated_cuda(cudaStream_t st, const Attrs& a, const GatedArgs& p, void* y) {
+  const int64_t n_pairs = p.rows * p.C / 2;
+  if (n_pairs > 0) {
+    const int64_t blocks = std::min<int64_t>((n_pairs + 255) / 256, 132 * 32);
+    gated_kernel<T><<<unsigned(blocks), 256, 0, st>>>(ptr<T>(p.residual), ptr<T>(p.x), ptr<T>(p.x2), ptr<T>(p.bias),
+                                                      ptr<T>(p.gate), static_cast<T*>(y), n_pairs, p.L, p.C, a.clamp);
+  }
+  return cuda_status("GatedResidual");
+}
+#endif  // FLUXRT_CPU_ONLY
+
+// ---- ONNX Runtime glue -----------------------------------------------------------------------------
+
+enum class Kind { NormRope, AdaLayerNorm, GatedResidual };
+
+struct Op : OrtCustomOp {
+  Kind kind;
+  const char* name;
+  const char* provider;  // "CPUExecutionProvider" or "CUDAExecutionProvider"
+  ONNXTensorElementDataType type;
+  std::vector<ONNXTensorElementDataType> inputs;
+  std::vector<bool> optional;
+};
+
+struct Kernel {
+  const Op* op;
+  Attrs attrs;
+};
+
+const char* type_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    default: return "another type";
+  }
+}
+
+// Even widths only: the CUDA kernels move two elements per access.
+OrtStatusPtr check_even(const std::string& op, int64_t width) {
+  if (width % 2) return Status::error(op, "the last axis must have an even size, got " + std::to_string(width));
+  return nullptr;
+}
+
+OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
+  const Op& op = *k.op;
+  std::vector<In> in(op.inputs.size());
+  for (size_t i = 0; i < in.size(); ++i) RETURN_IF(get_input(ctx, i, &in[i]));
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (!in[i].present() && !op.optional[i]) {
+      return Status::error(op.name, "input " + std::to_string(i) + " is required");
+    }
+  }
+  void* stream = nullptr;
+  const bool cuda = std::strcmp(op.provider, "CUDAExecutionProvider") == 0;
+  if (cuda) RETURN_IF(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
+  void* y = nullptr;
+  switch (op.kind) {
+    case Kind::NormRope: {
+      NormRopeArgs p{in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7]};
+      RETURN_IF(check_norm_rope(k.attrs, &p));
+      RETURN_IF(get_output(ctx, {p.B, p.L0 + p.L1, p.C}, &y));
+      if (!cuda) return norm_rope_cpu(k.attrs, p, static_cast<float*>(y)), nullptr;
+#ifndef FLUXRT_CPU_ONLY
+      auto st = static_cast<cudaStream_t>(stream);
+      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return norm_rope_cuda<__half>(st, k.attrs, p, y);
+      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return norm_rope_cuda<__nv_bfloat16>(st, k.attrs, p, y);
+      return norm_rope_cuda<float>(st, k.attrs, p, y);
+#endif
+    }
+    case Kind::AdaLayerNorm: {
+      AdaNormArgs p{in[0], in[1], in[2]};
+      RETURN_IF(check_ada_norm(&p));
+      RETURN_IF(check_even(op.name, p.C));
+      RETURN_IF(get_output(ctx, p.x.shape, &y));
+      if (!cuda) return ada_norm_cpu(k.attrs, p, static_cast<float*>(y)), nullptr;
+#ifndef FLUXRT_CPU_ONLY
+      auto st = static_cast<cudaStream_t>(stream);
+      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return ada_norm_cuda<__half>(st, k.attrs, p, y);
+      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return ada_norm_cuda<__nv_bfloat16>(st, k.attrs, p, y);
+      return ada_norm_cuda<float>(st, k.attrs, p, y);
+#endif
+    }
+    case Kind::GatedResidual: {
+      GatedArgs p{in[0], in[1], in[2], in[3], in[4]};
+      RETURN_IF(check_gated(&p));
+      RETURN_IF(check_even(op.name, p.C));
+      RETURN_IF(get_output(ctx, p.residual.shape, &y));
+      if (!cuda) return gated_cpu(k.attrs, p, static_cast<float*>(y)), nullptr;
+#ifndef FLUXRT_CPU_ONLY
+      auto st = static_cast<cudaStream_t>(stream);
+      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return gated_cuda<__half>(st, k.attrs, p, y);
+      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return gated_cuda<__nv_bfloat16>(st, k.attrs, p, y);
+      return gated_cuda<float>(st, k.attrs, p, y);
+#endif
+    }
+  }
+  return Status::error(op.name, "unknown op");
+}
+
+OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp* base, const OrtApi*, const OrtKernelInfo* info, void** out) {
+  auto* k = new Kernel{static_cast<const Op*>(base), {}};
+  k->attrs.num_heads = attr_int(info, "num_heads", 0);
+  k->attrs.epsilon = attr_float(info, "epsilon", 1e-6f);
+  k->attrs.clamp = attr_float(info, "clamp", 0.f);
+  *out = k;
+  return nullptr;
+}
+
+OrtStatusPtr ORT_API_CALL compute_kernel(void* kernel, OrtKernelContext* ctx) {
+  try {
+    return compute(*static_cast<Kernel*>(kernel), ctx);
+  } catch (const std::exception& e) {
+    return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, (std::string("fluxrt: ") + e.what()).c_str());
+  }
+}
+
+void ORT_API_CALL destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
+
+// Dims and symbolic names of an input's shape, false where the input is absent or has no rank.
+bool input_dims(OrtShapeInferContext* ctx, size_t index, ONNXTensorElementDataType* type, std::vector<int64_t>* dims,
+                std::vector<std::string>* names) {
+  size_t count = 0;
+  if (OrtStatusPtr s = g_api->ShapeInferContext_GetInputCount(ctx, &count)) return g_api->ReleaseStatus(s), false;
+  if (index >= count) return false;
+  OrtTensorTypeAndShapeInfo* info = nullptr;  // owned by the context
+  if (OrtStatusPtr s = g_api->ShapeInferContext_GetInputTypeShape(ctx, index, &info)) {
+    return g_api->ReleaseStatus(s), false;  // an omitted optional input
+  }
+  size_t rank = 0;
+  OrtStatusPtr s = g_api->GetTensorElementType(info, type);
+  if (!s) s = g_api->GetDimensionsCount(info, &rank);
+  std::vector<const char*> raw(rank, nullptr);
+  dims->assign(rank, 0);
+  if (!s) s = g_api->GetDimensions(info, dims->data(), rank);
+  if (!s) s = g_api->GetSymbolicDimensions(info, raw.data(), rank);
+  if (s) return g_api->ReleaseStatus(s), false;
+  names->clear();
+  for (auto n : raw) names->push_back(n ? n : "");
+  return rank > 0;
+}
+
+// The output has input 0's type and shape, but for NormRope's joined axis: L0 + L1, as a number
+// when both are known, else as the symbolic name "L0+L1" (equal names, equal lengths).
+OrtStatusPtr ORT_API_CALL infer_shape(const OrtCustomOp* base, OrtShapeInferContext* ctx) {
+  const Op* op = static_cast<const Op*>(base);
+  ONNXTensorElementDataType type, type1;
+  std::vector<int64_t> dims, dims1;
+  std::vector<std::string> names, names1;
+  if (!input_dims(ctx, 0, &type, &dims, &names)) return nullptr;  // nothing known to pass on
+  if (op->kind == Kind::NormRope && dims.size() == 3 && input_dims(ctx, 3, &type1, &dims1, &names1) &&
+      dims1.size() == 3) {
+    if (dims[1] >= 0 && dims1[1] >= 0) {
+      dims[1] += dims1[1];
+      names[1] = "";
+    } else {
+      auto part = [](int64_t d, const std::string& n) { return d >= 0 ? std::to_string(d) : (n.empty() ? "?" : n); };
+      names[1] = part(dims[1], names[1]) + "+" + part(dims1[1], names1[1]);
+      dims[1] = -1;
+    }
+  }
+  std::vector<const char*> ptrs;
+  for (auto& n : names) ptrs.push_back(n.c_str());
+  OrtTensorTypeAndShapeInfo* out = nullptr;
+  RETURN_IF(g_api->CreateTensorTypeAndShapeInfo(&out));
+  OrtStatusPtr s = g_api->SetTensorElementType(out, type);
+  if (!s) s = g_api->SetDimensions(out, dims.data(), dims.size());
+  if (!s) s = g_api->SetSymbolicDimensions(out, ptrs.data(), ptrs.size());
+  if (!s) s = g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, out);
+  g_api->ReleaseTensorTypeAndShapeInfo(out);
+  return s;
+}
+
+Op make_op(Kind kind, const char* name, const char* provider, ONNXTensorElementDataType t) {
+  Op op{};
+  op.version = kOpVersion;
+  op.kind = kind, op.name = name, op.provider = provider, op.type = t;
+  const auto F = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  switch (kind) {
+    case Kind::NormRope:
+      op.inputs = {t, t, t, t, t, t, F, F};
+      op.optional = {false, true, true, true, true, true, true, true};
+      break;
+    case Kind::AdaLayerNorm:
+      op.inputs = {t, t, t};
+      op.optional = {false, false, false};
+      break;
+    case Kind::GatedResidual:
+      op.inputs = {t, t, t, t, t};
+      op.optional = {false, false, true, false, true};
+      break;
+  }
+  op.CreateKernel = nullptr;
+  op.KernelCompute = nullptr;
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = compute_kernel;
+  op.KernelDestroy = destroy_kernel;
+  op.GetName = [](const OrtCustomOp* o) { return static_cast<const Op*>(o)->name; };
+  op.GetExecutionProviderType = [](const OrtCustomOp* o) { return static_cast<const Op*>(o)->provider; };
+  op.GetInputTypeCount = [](const OrtCustomOp* o) { return static_cast<const Op*>(o)->inputs.size(); };
+  op.GetInputType = [](const OrtCustomOp* o, size_t i) { return static_cast<const Op*>(o)->inputs[i]; };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+  op.GetOutputType = [](const OrtCustomOp* o, size_t) { return static_cast<const Op*>(o)->type; };
+  op.GetInputCharacteristic = [](const OrtCustomOp* o, size_t i) {
+    return static_cast<const Op*>(o)->optional[i] ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.InferOutputShapeFn = infer_shape;
+  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  op.GetEndVersion = [](const OrtCustomOp*) { return 1; };
+  return op;
+}
+
+std::vector<Op>& registry() {
+  static std::vector<Op> ops = [] {
+    std::vector<Op> v;
+    const std::pair<Kind, const char*> kinds[] = {
+        {Kind::NormRope, "NormRope"}, {Kind::AdaLayerNorm, "AdaLayerNorm"}, {Kind::GatedResidual, "GatedResidual"}};
+    for (auto& [kind, name] : kinds) {
+      v.push_back(make_op(kind, name, "CPUExecutionProvider", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
+#ifndef FLUXRT_CPU_ONLY
+      for (auto t : {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+                     ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16})
+        v.push_back(make_op(kind, name, "CUDAExecutionProvider", t));
+#endif
+    }
+    return v;
+  }();
+  return ops;
+}
+
+}  // namespace fluxrt_ops
+
+using namespace fluxrt_ops;
+
+extern "C" {
+
+// Registers the domain "fluxrt" on the session options (SessionOptions.register_custom_ops_library).
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                const OrtApiBase* base) {
+  g_api = base->GetApi(kOpVersion);
+  if (g_api == nullptr) return nullptr;  // cannot even report: this ONNX Runtime predates API 17
+  OrtCustomOpDomain* domain = nullptr;
+  RETURN_IF(g_api->CreateCustomOpDomain("fluxrt", &domain));
+  for (Op& op : registry()) RETURN_IF(g_api->CustomOpDomain_Add(domain, &op));
+  return g_api->AddCustomOpDomain(options, domain);
+}
+
+// "cuda" when the CUDA kernels were compiled in, "cpu" otherwise (read by runtime/ort_ops.py).
+__attribute__((visibility("default"))) const char* FluxrtOpsDevices() {
+#ifdef FLUXRT_CPU_ONLY
+  return "cpu";
+#else
+  return "cpu,cuda";
+#endif
+}
+}
