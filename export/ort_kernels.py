@@ -4,7 +4,7 @@ The fused ONNX Runtime graph (export/ort_fusions.py) leaves, per (1 double + 2 s
 1024x1024 on an H100, 2.7 ms of element-wise kernels where torch.compile spends 0.6 ms: bias adds,
 RMS norms, rotary embedding, concatenations, LayerNorm modulation, gated residuals, fp16 clips,
 each one ONNX Runtime kernel reading and writing the whole activation. Here the blocks are
-rewritten around three custom ops (domain "fluxrt", kernels in runtime/ort_ops/fluxrt_ops.cu),
+rewritten around four custom ops (domain "fluxrt", kernels in runtime/ort_ops/fluxrt_ops.cu),
 each one pass over memory, float32 inside:
 
 - ``NormRope``: the query/key projections' bias add, per-head RMS norm and rotary embedding, and
@@ -12,12 +12,14 @@ each one pass over memory, float32 inside:
 - ``AdaLayerNorm``: ``LayerNorm(x) * (1 + scale) + shift`` (AdaLayerNormZero's modulation);
 - ``GatedResidual``: ``residual + gate * (x [+ x2] + bias)``, with the fp16 clip when the model
   clips. The single blocks' output projection over ``cat(attention, mlp)`` becomes two matrix
-  products summed here, so the 15360-wide concatenation is never written.
+  products summed here, so the 15360-wide concatenation is never written; their value bias is
+  folded into that projection's bias (attention passes a bias on v through unchanged);
+- ``BiasGelu``: the MLPs' bias add and tanh GELU (ONNX Runtime's FastGelu is not vectorized in
+  bfloat16: twice the time).
 
 The single blocks run as one stack on the joined [text; image] sequence, instead of joining and
 splitting it around every block. Attention is ``com.microsoft.MultiHeadAttention`` as in the fused
-graph; the matrix products stay MatMul (their biases land in the ops above), the MLP's
-MatMul + bias + tanh-GELU is left to ONNX Runtime's FastGelu fusion.
+graph; the matrix products stay MatMul (their biases land in the ops above).
 
 Runs on ONNX Runtime with the library registered (runtime/ort_ops.py), CPU (float32) or CUDA.
 """
@@ -102,6 +104,18 @@ def _(residual, x, bias, gate, x2, clamp):
     return torch.empty_like(residual)
 
 
+@torch.library.custom_op("fluxrt::bias_gelu", mutates_args=())
+def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """GELU (tanh approximation) of x + bias, float32 inside."""
+    v = x.float() + (bias.float() if bias is not None else 0.0)
+    return F.gelu(v, approximate="tanh").to(x.dtype)
+
+
+@bias_gelu.register_fake
+def _(x, bias):
+    return torch.empty_like(x)
+
+
 # ---- module rewrites -------------------------------------------------------------------------------
 
 def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -129,13 +143,21 @@ def _check_norms(attn, names: tuple[str, ...]) -> float:
     return eps.pop()
 
 
-def _ff_layers(ff: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """diffusers' FeedForward as (activation with its input projection, output projection)."""
+def _ff_layers(ff: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """diffusers' FeedForward as (input projection, output projection), tanh GELU between."""
     net = list(getattr(ff, "net", []))
     rest = [m for m in net[1:] if not isinstance(m, (nn.Dropout, nn.Identity))]
-    if not net or not hasattr(net[0], "proj") or len(rest) != 1 or not isinstance(rest[0], nn.Linear):
+    if (not net or not isinstance(getattr(net[0], "proj", None), nn.Linear) or len(rest) != 1
+            or not isinstance(rest[0], nn.Linear)):
         raise ExportError(f"feed-forward {type(ff).__name__} is not diffusers' [GELU(proj), Dropout, Linear]")
-    return net[0], rest[0]
+    _check_tanh_gelu(net[0], "feed-forward activation")
+    return net[0].proj, rest[0]
+
+
+def _check_tanh_gelu(module: nn.Module, what: str) -> None:
+    if getattr(module, "approximate", None) != "tanh":
+        raise ExportError(f"{what} is {type(module).__name__}(approximate={getattr(module, 'approximate', None)!r}); "
+                          f"the BiasGelu kernel computes FLUX's tanh approximation")
 
 
 def _no_kwargs(joint_attention_kwargs) -> None:
@@ -190,24 +212,31 @@ class KernelDoubleBlock(nn.Module):
 
         h = gated_residual(hidden_states, _linear(out, attn.to_out[0]), attn.to_out[0].bias, gate, None, 0.0)
         x = ada_layer_norm(h, scale_mlp, shift_mlp, self.eps_ln["norm2"])
-        h = gated_residual(h, _linear(self.ff_in(x), self.ff_out), self.ff_out.bias, gate_mlp, None, 0.0)
+        x = bias_gelu(_linear(x, self.ff_in), self.ff_in.bias)
+        h = gated_residual(h, _linear(x, self.ff_out), self.ff_out.bias, gate_mlp, None, 0.0)
 
         e = gated_residual(encoder_hidden_states, _linear(c_out, attn.to_add_out), attn.to_add_out.bias, c_gate,
                            None, 0.0)
         cx = ada_layer_norm(e, c_scale_mlp, c_shift_mlp, self.eps_ln["norm2_context"])
-        e = gated_residual(e, _linear(self.ffc_in(cx), self.ffc_out), self.ffc_out.bias, c_gate_mlp, None, clamp)
+        cx = bias_gelu(_linear(cx, self.ffc_in), self.ffc_in.bias)
+        e = gated_residual(e, _linear(cx, self.ffc_out), self.ffc_out.bias, c_gate_mlp, None, clamp)
         return e, h
 
 
 class SplitProjection(nn.Module):
-    """A single block's proj_out over cat(attention [C], mlp [M]) as its two column blocks."""
+    """A single block's proj_out over cat(attention [C], mlp [M]) as its two column blocks, with
+    the value projection's bias folded into the bias: softmax weights sum to 1, so attention
+    passes a bias on v straight through, and proj_out maps it to the constant W_attn @ b_v."""
 
-    def __init__(self, proj: nn.Linear, attention_width: int):
+    def __init__(self, proj: nn.Linear, attention_width: int, value_bias: torch.Tensor | None):
         super().__init__()
         w = proj.weight.detach()
         self.w_attn = nn.Parameter(w[:, :attention_width].contiguous(), requires_grad=False)
         self.w_mlp = nn.Parameter(w[:, attention_width:].contiguous(), requires_grad=False)
-        self.bias = proj.bias
+        bias = proj.bias.detach().float() if proj.bias is not None else torch.zeros(w.shape[0])
+        if value_bias is not None:
+            bias = bias + self.w_attn.float() @ value_bias.detach().float()
+        self.bias = nn.Parameter(bias.to(w.dtype), requires_grad=False)
 
 
 class KernelSingleStack(nn.Module):
@@ -224,7 +253,8 @@ class KernelSingleStack(nn.Module):
             if blk.proj_out.in_features != width + blk.proj_mlp.out_features:
                 raise ExportError(f"single block {i} proj_out takes {blk.proj_out.in_features} features, expected "
                                   f"attention {width} + mlp {blk.proj_mlp.out_features}")
-            self.proj.append(SplitProjection(blk.proj_out, width))
+            _check_tanh_gelu(blk.act_mlp, f"single block {i} act_mlp")
+            self.proj.append(SplitProjection(blk.proj_out, width, blk.attn.to_v.bias))
             blk.proj_out = None  # its weight now lives in SplitProjection (no second copy)
         self.blocks = nn.ModuleList(blocks)
 
@@ -238,12 +268,12 @@ class KernelSingleStack(nn.Module):
             attn, heads = blk.attn, blk.attn.heads
             shift, scale, gate = blk.norm.linear(blk.norm.silu(temb)).chunk(3, dim=1)
             x = ada_layer_norm(h, scale, shift, eps_ln)
-            mlp = blk.act_mlp(blk.proj_mlp(x))
+            mlp = bias_gelu(_linear(x, blk.proj_mlp), blk.proj_mlp.bias)
             q = norm_rope(_linear(x, attn.to_q), attn.to_q.bias, attn.norm_q.weight, None, None, None, cos, sin,
                           heads, eps_qk)
             k = norm_rope(_linear(x, attn.to_k), attn.to_k.bias, attn.norm_k.weight, None, None, None, cos, sin,
                           heads, eps_qk)
-            out = attention(q, k, attn.to_v(x), heads)
+            out = attention(q, k, _linear(x, attn.to_v), heads)  # to_v's bias is in proj.bias
             h = gated_residual(h, F.linear(out, proj.w_attn), proj.bias, gate, F.linear(mlp, proj.w_mlp), clamp)
         return h[:, :text], h[:, text:]
 
@@ -290,6 +320,7 @@ def _ops():
                   {"epsilon": A.FLOAT}),
         "gated": op("GatedResidual", [("residual", "T", False), ("x", "T", False), ("bias", "T", True),
                                       ("gate", "T", False), ("x2", "T", True)], {"clamp": A.FLOAT}),
+        "gelu": op("BiasGelu", [("x", "T", False), ("bias", "T", True)], {}),
     }
 
 
@@ -306,8 +337,12 @@ def _gated_residual(residual, x, bias, gate, x2, clamp: float):
     return _ops()["gated"](residual, x, bias, gate, x2, clamp=float(clamp))
 
 
+def _bias_gelu(x, bias):
+    return _ops()["gelu"](x, bias)
+
+
 def kernels_table() -> dict:
     """``custom_translation_table`` entries for the ort-kernels export's custom ops."""
     ops = torch.ops.fluxrt
     return {ops.norm_rope.default: _norm_rope, ops.ada_layer_norm.default: _ada_layer_norm,
-            ops.gated_residual.default: _gated_residual}
+            ops.gated_residual.default: _gated_residual, ops.bias_gelu.default: _bias_gelu}

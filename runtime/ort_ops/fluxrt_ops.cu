@@ -1,5 +1,5 @@
 // fluxrt's ONNX Runtime custom-op library: the element-wise work of the FLUX transformer fused
-// into three kernels, for the graph that `fluxrt export --attention ort-kernels` writes.
+// into four kernels, for the graph that `fluxrt export --attention ort-kernels` writes.
 //
 // Domain "fluxrt", version 1. All arithmetic in float32; inputs and outputs in T (float, float16,
 // bfloat16 on CUDA; float on the CPU, where these kernels are the reference the CUDA ones are
@@ -15,6 +15,8 @@
 //   GatedResidual(residual, x, bias?, gate, x2?) -> y                          attr clamp
 //     residual, x, x2 [B, L, C], bias [C], gate [B, C] or [B, 1, C]:
 //     residual + gate * (x + x2 + bias), clamped to [-clamp, clamp] when clamp > 0.
+//   BiasGelu(x, bias?) -> y
+//     x [..., C], bias [C]: GELU with the tanh approximation of x + bias.
 //
 // Built by runtime/ort_ops.py against ONNX Runtime's C API headers (ORT_API_VERSION >= 17).
 
@@ -226,6 +228,21 @@ OrtStatusPtr check_gated(GatedArgs* p) {
   return check_per_sample(op, "gate", p->gate, p->residual.dim(0), p->C);
 }
 
+struct BiasGeluArgs {
+  In x, bias;
+  int64_t C = 0;
+};
+
+OrtStatusPtr check_bias_gelu(BiasGeluArgs* p) {
+  const std::string op = "BiasGelu";
+  if (p->x.shape.empty()) return Status::error(op, "x must have at least one axis, got a scalar");
+  p->C = p->x.dim(-1);
+  if (p->bias.present() && (p->bias.shape.size() != 1 || p->bias.dim(0) != p->C)) {
+    return Status::error(op, "bias must be [" + std::to_string(p->C) + "], got " + shape_str(p->bias.shape));
+  }
+  return nullptr;
+}
+
 // ---- CPU kernels (float32): the reference ----------------------------------------------------------
 
 void norm_rope_cpu(const Attrs& a, const NormRopeArgs& p, float* y) {
@@ -291,6 +308,16 @@ void gated_cpu(const Attrs& a, const GatedArgs& p, float* y) {
       if (a.clamp > 0) v = std::fmin(std::fmax(v, -a.clamp), a.clamp);
       y[i] = v;
     }
+  }
+}
+
+void bias_gelu_cpu(const BiasGeluArgs& p, float* y) {
+  const float* x = static_cast<const float*>(p.x.data);
+  const float* bias = static_cast<const float*>(p.bias.data);
+  const int64_t n = p.x.size();
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] + (bias ? bias[i % p.C] : 0.f);
+    y[i] = 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
   }
 }
 
@@ -438,6 +465,140 @@ __global__ void gated_kernel(const T* res, const T* x, const T* x2, const T* bia
   }
 }
 
+// Eight adjacent elements, one 16-byte access (two for float): the memory-bound kernels' unit.
+template <typename T> struct alignas(16) Vec8 { T v[8]; };
+
+template <typename T> __device__ __forceinline__ void load8(const T* p, float* out) {
+  const Vec8<T> a = *reinterpret_cast<const Vec8<T>*>(p);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = to_f(a.v[i]);
+}
+
+template <typename T> __device__ __forceinline__ void store8(T* p, const float* in) {
+  Vec8<T> a;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) a.v[i] = from_f<T>(in[i]);
+  *reinterpret_cast<Vec8<T>*>(p) = a;
+}
+
+// NormRope when the head size D is a multiple of 8 and D/8 divides 32: D/8 threads per head row,
+// eight elements (four pairs) each; the row's sum of squares is reduced among those threads.
+template <typename T>
+__global__ void norm_rope_vec8_kernel(const T* x0, const T* b0, const T* w0, const T* x1, const T* b1, const T* w1,
+                                      const float* cos, const float* sin, T* y, int64_t B, int64_t L0, int64_t L1,
+                                      int64_t H, int D, float eps) {
+  const int tpr = D / 8;  // threads per head row
+  const int64_t L = L0 + L1;
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t row = t / tpr;
+  const int j = int(t % tpr);
+  const bool active = row < B * L * H;
+  const int64_t r = active ? row : 0;
+  const int64_t h = r % H, bl = r / H, l = bl % L, b = bl / L;
+  const bool first = l < L0;
+  const T* x = (first ? x0 + (b * L0 + l) * H * D : x1 + (b * L1 + (l - L0)) * H * D) + h * D + 8 * j;
+  const T* bias = first ? b0 : b1;
+  const T* w = first ? w0 : w1;
+  float v[8], u[8];
+  load8(x, v);
+  if (bias) {
+    load8(bias + h * D + 8 * j, u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] += u[i];
+  }
+  if (w) {
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) ss += v[i] * v[i];
+    for (int o = tpr / 2; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const float rr = rsqrtf(ss / float(D) + eps);
+    load8(w + 8 * j, u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] *= rr * u[i];
+  }
+  if (cos) {
+    const float4 c = *reinterpret_cast<const float4*>(cos + l * (D / 2) + 4 * j);
+    const float4 s = *reinterpret_cast<const float4*>(sin + l * (D / 2) + 4 * j);
+    const float cc[4] = {c.x, c.y, c.z, c.w}, sn[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float e = v[2 * k], o = v[2 * k + 1];
+      v[2 * k] = e * cc[k] - o * sn[k];
+      v[2 * k + 1] = o * cc[k] + e * sn[k];
+    }
+  }
+  if (active) store8(y + (b * L + l) * H * D + h * D + 8 * j, v);
+}
+
+// AdaLayerNorm when C is a multiple of 8: one warp per row, eight elements per access; the row
+// is read three times (mean, variance about it, output), the last two from cache.
+template <typename T>
+__global__ void ada_norm_vec8_kernel(const T* x, const T* scale, const T* shift, T* y, int64_t rows, int64_t L,
+                                     int64_t C, float eps) {
+  const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t b = r / L;
+  const T* row = x + r * C;
+  float v[8], a[8], t[8];
+  float s = 0.f;
+  for (int64_t c = 8 * lane; c < C; c += 256) {
+    load8(row + c, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s += v[i];
+  }
+  const float mean = warp_sum(s) / float(C);
+  float q = 0.f;
+  for (int64_t c = 8 * lane; c < C; c += 256) {
+    load8(row + c, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q += (v[i] - mean) * (v[i] - mean);
+  }
+  const float rstd = rsqrtf(warp_sum(q) / float(C) + eps);
+  for (int64_t c = 8 * lane; c < C; c += 256) {
+    load8(row + c, v);
+    load8(scale + b * C + c, a);
+    load8(shift + b * C + c, t);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = (v[i] - mean) * rstd * (1.f + a[i]) + t[i];
+    store8(y + r * C + c, v);
+  }
+}
+
+__device__ __forceinline__ float gelu_tanh(float v) {
+  return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
+
+// BiasGelu: gelu_tanh(x + bias), eight elements per thread when C is a multiple of 8, else one.
+template <typename T>
+__global__ void bias_gelu_kernel(const T* x, const T* bias, T* y, int64_t n, int64_t C, bool vec8) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  if (vec8) {
+    float v[8], u[8];
+    for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 8; i < n; i += stride * 8) {
+      load8(x + i, v);
+      if (bias) {
+        load8(bias + i % C, u);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[k] += u[k];
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] = gelu_tanh(v[k]);
+      store8(y + i, v);
+    }
+    return;
+  }
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    y[i] = from_f<T>(gelu_tanh(to_f(x[i]) + (bias ? to_f(bias[i % C]) : 0.f)));
+  }
+}
+
+bool aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16) return false;
+  return true;
+}
+
 template <typename T> const T* ptr(const In& t) { return static_cast<const T*>(t.data); }
 
 OrtStatusPtr cuda_status(const std::string& op) {
@@ -451,7 +612,14 @@ unsigned blocks_for(int64_t rows) { return unsigned((rows + kWarps - 1) / kWarps
 template <typename T>
 OrtStatusPtr norm_rope_cuda(cudaStream_t st, const Attrs& a, const NormRopeArgs& p, void* y) {
   const int64_t rows = p.B * (p.L0 + p.L1) * p.H;
-  if (rows > 0)
+  const bool vec8 = p.D % 8 == 0 && 32 % (p.D / 8) == 0 &&
+                    aligned16({p.x0.data, p.b0.data, p.w0.data, p.x1.data, p.b1.data, p.w1.data, p.cos.data, p.sin.data, y});
+  if (rows > 0 && vec8) {
+    const int64_t threads = rows * (p.D / 8);
+    norm_rope_vec8_kernel<T><<<unsigned((threads + 255) / 256), 256, 0, st>>>(
+        ptr<T>(p.x0), ptr<T>(p.b0), ptr<T>(p.w0), ptr<T>(p.x1), ptr<T>(p.b1), ptr<T>(p.w1), ptr<float>(p.cos),
+        ptr<float>(p.sin), static_cast<T*>(y), p.B, p.L0, p.L1, p.H, int(p.D), a.epsilon);
+  } else if (rows > 0)
     norm_rope_kernel<T><<<blocks_for(rows), 32 * kWarps, 0, st>>>(
         ptr<T>(p.x0), ptr<T>(p.b0), ptr<T>(p.w0), ptr<T>(p.x1), ptr<T>(p.b1), ptr<T>(p.w1), ptr<float>(p.cos),
         ptr<float>(p.sin), static_cast<T*>(y), p.B, p.L0, p.L1, p.H, p.D, a.epsilon);
@@ -460,7 +628,10 @@ OrtStatusPtr norm_rope_cuda(cudaStream_t st, const Attrs& a, const NormRopeArgs&
 
 template <typename T>
 OrtStatusPtr ada_norm_cuda(cudaStream_t st, const Attrs& a, const AdaNormArgs& p, void* y) {
-  if (p.rows > 0)
+  if (p.rows > 0 && p.C % 8 == 0 && aligned16({p.x.data, p.scale.data, p.shift.data, y}))
+    ada_norm_vec8_kernel<T><<<blocks_for(p.rows), 32 * kWarps, 0, st>>>(ptr<T>(p.x), ptr<T>(p.scale), ptr<T>(p.shift),
+                                                                         static_cast<T*>(y), p.rows, p.L, p.C, a.epsilon);
+  else if (p.rows > 0)
     ada_norm_kernel<T><<<blocks_for(p.rows), 32 * kWarps, 0, st>>>(ptr<T>(p.x), ptr<T>(p.scale), ptr<T>(p.shift),
                                                                     static_cast<T*>(y), p.rows, p.L, p.C, a.epsilon);
   return cuda_status("AdaLayerNorm");
@@ -476,11 +647,23 @@ OrtStatusPtr gated_cuda(cudaStream_t st, const Attrs& a, const GatedArgs& p, voi
   }
   return cuda_status("GatedResidual");
 }
+
+template <typename T>
+OrtStatusPtr bias_gelu_cuda(cudaStream_t st, const BiasGeluArgs& p, void* y) {
+  const int64_t n = p.x.size();
+  const bool vec8 = p.C % 8 == 0 && aligned16({p.x.data, p.bias.data, y});
+  const int64_t work = vec8 ? n / 8 : n;
+  if (n > 0) {
+    const int64_t blocks = std::min<int64_t>((work + 255) / 256, 132 * 32);
+    bias_gelu_kernel<T><<<unsigned(blocks), 256, 0, st>>>(ptr<T>(p.x), ptr<T>(p.bias), static_cast<T*>(y), n, p.C, vec8);
+  }
+  return cuda_status("BiasGelu");
+}
 #endif  // FLUXRT_CPU_ONLY
 
 // ---- ONNX Runtime glue -----------------------------------------------------------------------------
 
-enum class Kind { NormRope, AdaLayerNorm, GatedResidual };
+enum class Kind { NormRope, AdaLayerNorm, GatedResidual, BiasGelu };
 
 struct Op : OrtCustomOp {
   Kind kind;
@@ -561,6 +744,18 @@ OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
       if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return gated_cuda<__half>(st, k.attrs, p, y);
       if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return gated_cuda<__nv_bfloat16>(st, k.attrs, p, y);
       return gated_cuda<float>(st, k.attrs, p, y);
+#endif
+    }
+    case Kind::BiasGelu: {
+      BiasGeluArgs p{in[0], in[1]};
+      RETURN_IF(check_bias_gelu(&p));
+      RETURN_IF(get_output(ctx, p.x.shape, &y));
+      if (!cuda) return bias_gelu_cpu(p, static_cast<float*>(y)), nullptr;
+#ifndef FLUXRT_CPU_ONLY
+      auto st = static_cast<cudaStream_t>(stream);
+      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return bias_gelu_cuda<__half>(st, p, y);
+      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return bias_gelu_cuda<__nv_bfloat16>(st, p, y);
+      return bias_gelu_cuda<float>(st, p, y);
 #endif
     }
   }
@@ -658,6 +853,10 @@ Op make_op(Kind kind, const char* name, const char* provider, ONNXTensorElementD
       op.inputs = {t, t, t, t, t};
       op.optional = {false, false, true, false, true};
       break;
+    case Kind::BiasGelu:
+      op.inputs = {t, t};
+      op.optional = {false, true};
+      break;
   }
   op.CreateKernel = nullptr;
   op.KernelCompute = nullptr;
@@ -689,7 +888,8 @@ std::vector<Op>& registry() {
   static std::vector<Op> ops = [] {
     std::vector<Op> v;
     const std::pair<Kind, const char*> kinds[] = {
-        {Kind::NormRope, "NormRope"}, {Kind::AdaLayerNorm, "AdaLayerNorm"}, {Kind::GatedResidual, "GatedResidual"}};
+        {Kind::NormRope, "NormRope"}, {Kind::AdaLayerNorm, "AdaLayerNorm"}, {Kind::GatedResidual, "GatedResidual"},
+        {Kind::BiasGelu, "BiasGelu"}};
     for (auto& [kind, name] : kinds) {
       v.push_back(make_op(kind, name, "CPUExecutionProvider", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
 #ifndef FLUXRT_CPU_ONLY
