@@ -9,7 +9,8 @@ t(u) = a + b*u, so two slices give a and b and the full model (u = 19) is a + 19
 measured at two depths the same way (24 layers in the full model); CLIP-L and the VAE decoder whole.
 
 torch eager and torch.compile run diffusers' and transformers' modules as they are (bf16). fluxrt's
-path is its ONNX export (the transformer fused for ONNX Runtime unless ``--attention portable``)
+path is its ONNX export (the transformer fused for ONNX Runtime unless ``--attention portable``;
+``--attention ort-kernels,ort`` times the graph with fluxrt's own kernels beside the stock-op one)
 run by the runtime's ``OrtRunner`` on CUDA: inputs and outputs bound on the device, a CUDA graph
 where capture succeeds, the runtime's session settings (``--ort-variants`` times others beside
 them). ``--profile N`` adds N calls under CUPTI per measurement: kernel time by kernel and kind.

@@ -468,7 +468,7 @@ def test_cuda_kernels_transformer_equals_cpu_and_replays_in_a_cuda_graph(ops_lib
     runner = OrtRunner(component_spec("transformer", dims), "fp32", path, backend="ort-cuda", cuda_graph=True,
                        custom_ops=ops_library).activate()
     device_feed = {k: cupy.asarray(v) for k, v in feed.items()}
-    first = cupy.asnumpy(runner.infer(device_feed)["noise_pred"])
-    again = cupy.asnumpy(runner.infer(device_feed)["noise_pred"])  # replayed
+    first = cupy.asnumpy(runner.infer(device_feed)["latent"])
+    again = cupy.asnumpy(runner.infer(device_feed)["latent"])  # replayed
     np.testing.assert_allclose(first, want, rtol=5e-3, atol=5e-3)  # the runner's session: TF32 products
     np.testing.assert_array_equal(again, first)
