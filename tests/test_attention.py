@@ -213,5 +213,5 @@ def test_unsupported_attention_is_refused_by_name(tmp_path):
 
 def test_attention_mode_is_checked():
     assert translation_table("portable") is None
-    with pytest.raises(ValueError, match=r"attention mode 'trt' is not one of \('portable', 'ort'\)"):
+    with pytest.raises(ValueError, match=r"attention mode 'trt' is not one of \('portable', 'ort', 'ort-kernels'\)"):
         translation_table("trt")

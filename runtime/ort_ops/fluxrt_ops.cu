@@ -694,6 +694,19 @@ OrtStatusPtr check_even(const std::string& op, int64_t width) {
   return nullptr;
 }
 
+#ifdef FLUXRT_CPU_ONLY
+#define LAUNCH(fn, ...) return Status::error(op.name, "this build has no CUDA kernels")
+#else
+// The CUDA launcher for the op's element type.
+template <typename F> OrtStatusPtr by_type(ONNXTensorElementDataType t, F&& launch) {
+  if (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return launch(__half{});
+  if (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return launch(__nv_bfloat16{});
+  return launch(float{});
+}
+#define LAUNCH(fn, ...) \
+  return by_type(op.type, [&](auto tag) { return fn<decltype(tag)>(static_cast<cudaStream_t>(stream), __VA_ARGS__, y); })
+#endif
+
 OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
   const Op& op = *k.op;
   std::vector<In> in(op.inputs.size());
@@ -713,12 +726,7 @@ OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
       RETURN_IF(check_norm_rope(k.attrs, &p));
       RETURN_IF(get_output(ctx, {p.B, p.L0 + p.L1, p.C}, &y));
       if (!cuda) return norm_rope_cpu(k.attrs, p, static_cast<float*>(y)), nullptr;
-#ifndef FLUXRT_CPU_ONLY
-      auto st = static_cast<cudaStream_t>(stream);
-      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return norm_rope_cuda<__half>(st, k.attrs, p, y);
-      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return norm_rope_cuda<__nv_bfloat16>(st, k.attrs, p, y);
-      return norm_rope_cuda<float>(st, k.attrs, p, y);
-#endif
+      LAUNCH(norm_rope_cuda, k.attrs, p);
     }
     case Kind::AdaLayerNorm: {
       AdaNormArgs p{in[0], in[1], in[2]};
@@ -726,12 +734,7 @@ OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
       RETURN_IF(check_even(op.name, p.C));
       RETURN_IF(get_output(ctx, p.x.shape, &y));
       if (!cuda) return ada_norm_cpu(k.attrs, p, static_cast<float*>(y)), nullptr;
-#ifndef FLUXRT_CPU_ONLY
-      auto st = static_cast<cudaStream_t>(stream);
-      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return ada_norm_cuda<__half>(st, k.attrs, p, y);
-      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return ada_norm_cuda<__nv_bfloat16>(st, k.attrs, p, y);
-      return ada_norm_cuda<float>(st, k.attrs, p, y);
-#endif
+      LAUNCH(ada_norm_cuda, k.attrs, p);
     }
     case Kind::GatedResidual: {
       GatedArgs p{in[0], in[1], in[2], in[3], in[4]};
@@ -739,24 +742,14 @@ OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
       RETURN_IF(check_even(op.name, p.C));
       RETURN_IF(get_output(ctx, p.residual.shape, &y));
       if (!cuda) return gated_cpu(k.attrs, p, static_cast<float*>(y)), nullptr;
-#ifndef FLUXRT_CPU_ONLY
-      auto st = static_cast<cudaStream_t>(stream);
-      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return gated_cuda<__half>(st, k.attrs, p, y);
-      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return gated_cuda<__nv_bfloat16>(st, k.attrs, p, y);
-      return gated_cuda<float>(st, k.attrs, p, y);
-#endif
+      LAUNCH(gated_cuda, k.attrs, p);
     }
     case Kind::BiasGelu: {
       BiasGeluArgs p{in[0], in[1]};
       RETURN_IF(check_bias_gelu(&p));
       RETURN_IF(get_output(ctx, p.x.shape, &y));
       if (!cuda) return bias_gelu_cpu(p, static_cast<float*>(y)), nullptr;
-#ifndef FLUXRT_CPU_ONLY
-      auto st = static_cast<cudaStream_t>(stream);
-      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return bias_gelu_cuda<__half>(st, p, y);
-      if (op.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return bias_gelu_cuda<__nv_bfloat16>(st, p, y);
-      return bias_gelu_cuda<float>(st, p, y);
-#endif
+      LAUNCH(bias_gelu_cuda, p);
     }
   }
   return Status::error(op.name, "unknown op");
