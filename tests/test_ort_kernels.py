@@ -472,3 +472,20 @@ def test_cuda_kernels_transformer_equals_cpu_and_replays_in_a_cuda_graph(ops_lib
     again = cupy.asnumpy(runner.infer(device_feed)["latent"])  # replayed
     np.testing.assert_allclose(first, want, rtol=5e-3, atol=5e-3)  # the runner's session: TF32 products
     np.testing.assert_array_equal(again, first)
+
+
+def test_cli_builds_the_library_and_reports_bad_arguments(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "lib" / ort_ops.LIBRARY_NAME
+    r = subprocess.run([sys.executable, "-m", "fluxrt.cli", "ort-ops", "build", "--cpu-only", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"(cpu) to {out}" in r.stdout and f"{ort_ops.ENV_LIBRARY}={out}" in r.stdout
+    assert ort_ops.library_devices(out) == {"cpu"}
+    assert not list(out.parent.glob(".*tmp*"))  # nothing half-written left beside it
+    r = subprocess.run([sys.executable, "-m", "fluxrt.cli", "ort-ops", "build", "--cuda-archs", "sm_90", "--out",
+                        str(tmp_path / "x.so")], capture_output=True, text=True)
+    assert r.returncode != 0 and "compute capabilities like '90', got ['sm_90']" in r.stderr
+    assert not (tmp_path / "x.so").exists()
