@@ -104,7 +104,7 @@ class TransformerGraph(nn.Module):
         elif rewrite == "kernels":
             from fluxrt.export.ort_kernels import make_kernels
 
-            model = make_kernels(model, self.dtype)
+            model = make_kernels(model)
         elif rewrite == "portable":
             model = make_portable(model)
         self.model = model

@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fluxrt.components import ORT_OPS_DOMAIN
 from fluxrt.errors import ExportError
+from fluxrt.export.attention import ort_op
 from fluxrt.export.ort_fusions import RotaryTables, attention
 
-DOMAIN = "fluxrt"  # = runtime/ort_ops.py DOMAIN (the export does not import the runtime)
 FP16_CLAMP = 65504.0  # diffusers clips fp16 block outputs to the float16 range
 
 
@@ -278,7 +279,7 @@ class KernelSingleStack(nn.Module):
         return h[:, :text], h[:, text:]
 
 
-def make_kernels(transformer: nn.Module, dtype: torch.dtype) -> nn.Module:
+def make_kernels(transformer: nn.Module) -> nn.Module:
     """Rewrite a diffusers FluxTransformer2DModel in place for the ort-kernels export."""
     names = ("transformer_blocks", "single_transformer_blocks", "pos_embed")
     missing = [n for n in names if not hasattr(transformer, n)]
@@ -297,30 +298,16 @@ def make_kernels(transformer: nn.Module, dtype: torch.dtype) -> nn.Module:
 @functools.cache
 def _ops():
     from onnx.defs import OpSchema
-    from onnxscript.values import Op, Opset
 
-    A, opt = OpSchema.AttrType, OpSchema.FormalParameterOption.Optional
-    types = [("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""), ("F", ["tensor(float)"], "")]
-
-    def op(name, inputs, attributes):
-        schema = OpSchema(
-            name, DOMAIN, 1,
-            inputs=[OpSchema.FormalParameter(n, t, param_option=opt if o else OpSchema.FormalParameterOption.Single)
-                    for n, t, o in inputs],
-            outputs=[OpSchema.FormalParameter("y", "T")], type_constraints=types,
-            attributes=[OpSchema.Attribute(a, kind, required=False) for a, kind in attributes.items()])
-        return Op(Opset(DOMAIN, 1), name, schema)
-
+    A = OpSchema.AttrType
     return {
-        "norm_rope": op("NormRope", [("x0", "T", False), ("bias0", "T", True), ("weight0", "T", True),
-                                     ("x1", "T", True), ("bias1", "T", True), ("weight1", "T", True),
-                                     ("cos", "F", True), ("sin", "F", True)],
-                        {"num_heads": A.INT, "epsilon": A.FLOAT}),
-        "ada": op("AdaLayerNorm", [("x", "T", False), ("scale", "T", False), ("shift", "T", False)],
-                  {"epsilon": A.FLOAT}),
-        "gated": op("GatedResidual", [("residual", "T", False), ("x", "T", False), ("bias", "T", True),
-                                      ("gate", "T", False), ("x2", "T", True)], {"clamp": A.FLOAT}),
-        "gelu": op("BiasGelu", [("x", "T", False), ("bias", "T", True)], {}),
+        "norm_rope": ort_op(ORT_OPS_DOMAIN, "NormRope",
+                            ["x0", "bias0?", "weight0?", "x1?", "bias1?", "weight1?", "cos?", "sin?"],
+                            {"num_heads": A.INT, "epsilon": A.FLOAT}, float32_inputs=("cos", "sin")),
+        "ada": ort_op(ORT_OPS_DOMAIN, "AdaLayerNorm", ["x", "scale", "shift"], {"epsilon": A.FLOAT}),
+        "gated": ort_op(ORT_OPS_DOMAIN, "GatedResidual", ["residual", "x", "bias?", "gate", "x2?"],
+                        {"clamp": A.FLOAT}),
+        "gelu": ort_op(ORT_OPS_DOMAIN, "BiasGelu", ["x", "bias?"], {}),
     }
 
 

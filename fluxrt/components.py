@@ -27,6 +27,9 @@ COMPONENTS = ("clip", "t5", "transformer", "vae_decoder", "vae_encoder")
 VARIANTS = ("dev", "schnell")
 # numpy / ONNX names of each precision's floating dtype
 PRECISION_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# the ONNX domain of fluxrt's own ONNX Runtime ops: written by export/ort_kernels.py, served by the
+# library runtime/ort_ops.py builds (runtime/ort_ops/fluxrt_ops.cu registers the same name)
+ORT_OPS_DOMAIN = "fluxrt"
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from fluxrt.components import ORT_OPS_DOMAIN as DOMAIN
 from fluxrt.errors import EngineError
-
-DOMAIN = "fluxrt"
 SOURCE = Path(__file__).parent / "ort_ops" / "fluxrt_ops.cu"
 LIBRARY_NAME = "libfluxrt_ort_ops.so"
 ENV_LIBRARY = "FLUXRT_ORT_OPS"

@@ -163,7 +163,7 @@ def test_kernel_blocks_equal_diffusers_in_torch():
     """The rewritten transformer (custom ops on their torch references; split output projection,
     one single-block stack) against diffusers' FluxTransformer2DModel, fp32."""
     model = tiny_transformer()
-    rewritten = ort_kernels.make_kernels(copy.deepcopy(model), torch.float32)
+    rewritten = ort_kernels.make_kernels(copy.deepcopy(model))
     assert len(rewritten.single_transformer_blocks) == 1
     with torch.no_grad():
         want, got = model(**transformer_args())[0], rewritten(**transformer_args())[0]
@@ -174,12 +174,12 @@ def test_kernel_rewrite_refuses_what_it_cannot_compute():
     model = tiny_transformer()
     model.transformer_blocks[0].attn.norm_k = torch.nn.LayerNorm(32)
     with pytest.raises(ExportError, match="norm_k is LayerNorm, expected an nn.RMSNorm"):
-        ort_kernels.make_kernels(model, torch.float32)
+        ort_kernels.make_kernels(model)
     model = tiny_transformer()
     model.single_transformer_blocks[1].act_mlp = torch.nn.GELU()
     with pytest.raises(ExportError, match=r"single block 1 act_mlp is GELU\(approximate='none'\).*tanh"):
-        ort_kernels.make_kernels(model, torch.float32)
-    rewritten = ort_kernels.make_kernels(tiny_transformer(), torch.float32)
+        ort_kernels.make_kernels(model)
+    rewritten = ort_kernels.make_kernels(tiny_transformer())
     with pytest.raises(ExportError, match=r"joint_attention_kwargs \['extra'\].*not supported"), torch.no_grad():
         rewritten(**transformer_args(), joint_attention_kwargs={"extra": 1})
 

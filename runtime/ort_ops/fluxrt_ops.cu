@@ -679,15 +679,6 @@ struct Kernel {
   Attrs attrs;
 };
 
-const char* type_name(ONNXTensorElementDataType t) {
-  switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
-    default: return "another type";
-  }
-}
-
 // Even widths only: the CUDA kernels move two elements per access.
 OrtStatusPtr check_even(const std::string& op, int64_t width) {
   if (width % 2) return Status::error(op, "the last axis must have an even size, got " + std::to_string(width));
