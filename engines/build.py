@@ -9,54 +9,24 @@ leaves a half file.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 from typing import Iterable
 
-from fluxrt.components import ACT, PRECISION_DTYPE, ComponentSpec, ModelDims
-from fluxrt.engines.profiles import ShapeEnvelope, profile_shapes
-from fluxrt.engines.trt import import_trt, is_rtx, library_info
+from fluxrt.components import ACT, ComponentSpec, ModelDims, ShapeEnvelope
+from fluxrt.dtypes import DTYPE_PRECISION as ACT_PRECISIONS
+from fluxrt.dtypes import from_trt
+from fluxrt.engines.profiles import profile_shapes
 from fluxrt.errors import EngineError
-
-# TensorRT DataType member name -> numpy / ONNX dtype name
-DTYPE_NAMES = {
-    "FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
-    "INT32": "int32", "INT64": "int64", "BOOL": "bool", "FP8": "float8_e4m3fn", "INT4": "int4",
-    "FP4": "float4_e2m1fn", "E8M0": "float8_e8m0fnu",
-}
-ACT_PRECISIONS = {v: k for k, v in PRECISION_DTYPE.items()}  # "float16" -> "fp16"
+from fluxrt.files import atomic_write_bytes
+from fluxrt.trt import import_trt, is_rtx, library_info, make_logger
 
 
 def log(msg: str) -> None:
     print(f"[fluxrt build] {msg}", file=sys.stderr, flush=True)
-
-
-def dtype_name(dtype) -> str:
-    return DTYPE_NAMES.get(dtype.name, dtype.name.lower())
-
-
-def make_logger(trt: ModuleType, echo: bool):
-    """A TensorRT logger that keeps errors for exception messages and echoes warnings if asked."""
-
-    class CollectingLogger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, msg):
-            level = int(severity)
-            if level <= int(trt.ILogger.Severity.ERROR):
-                self.errors.append(msg)
-            if echo and level <= int(trt.ILogger.Severity.WARNING):
-                log(f"TensorRT {severity.name.lower()}: {msg}")
-
-    return CollectingLogger()
 
 
 def make_progress_monitor(trt: ModuleType, label: str, max_depth: int = 2):
@@ -105,14 +75,14 @@ def network_io(network, profile=None) -> dict:
     inputs = []
     for i in range(network.num_inputs):
         t = network.get_input(i)
-        entry = {"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
+        entry = {"name": t.name, "dtype": from_trt(t.dtype), "shape": list(t.shape)}
         if profile is not None:
             entry["profile"] = [list(s) for s in profile.get_shape(t.name)]
         inputs.append(entry)
     outputs = []
     for i in range(network.num_outputs):
         t = network.get_output(i)
-        outputs.append({"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape)})
+        outputs.append({"name": t.name, "dtype": from_trt(t.dtype), "shape": list(t.shape)})
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -195,17 +165,6 @@ def attach_timing_cache(trt: ModuleType, config, path: Path):
     return cache
 
 
-def atomic_write_bytes(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def peak_rss_bytes() -> int | None:
     """This process's peak resident set size so far (not only the build's)."""
     try:
@@ -278,7 +237,7 @@ def build_engine(onnx_path: str | Path, spec: ComponentSpec, dims: ModelDims, en
         "compute_capabilities": targets,
         "optimization_level": optimization_level,
         "workspace_bytes": workspace_bytes,
-        "envelope": asdict(envelope),
+        "envelope": envelope.to_json(),
         "io": network_io(network, profile),
         "build_seconds": seconds,
         "peak_rss_bytes": peak_rss_bytes(),

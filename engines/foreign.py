@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fluxrt.artifacts import EXPORT_FORMAT
 from fluxrt.components import ModelDims
+from fluxrt.dtypes import DTYPE_PRECISION as PRECISION
+from fluxrt.dtypes import from_onnx
 from fluxrt.errors import ExportError
-
-DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 6: "int32", 7: "int64"}
-PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def graph_io(path: Path) -> tuple[dict, dict]:
@@ -26,7 +26,7 @@ def graph_io(path: Path) -> tuple[dict, dict]:
     model = onnx.load(str(path), load_external_data=False)
 
     def describe(values):
-        return {v.name: (DTYPES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
+        return {v.name: (from_onnx(v.type.tensor_type.elem_type),
                          [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values}
 
     return describe(model.graph.input), describe(model.graph.output)
@@ -79,6 +79,6 @@ def manifest_for(root: str | Path) -> dict:
         precision = PRECISION.get(floats[0], "fp32") if floats else "fp32"
         components[name] = {"file": str(path.relative_to(root)), "precision": precision,
                             "inputs": list(inputs), "outputs": list(outputs), "attention": "portable"}
-    return {"format": "fluxrt-export/1", "variant": dims["variant"], "precision": PRECISION.get(act, "fp32"),
+    return {"format": EXPORT_FORMAT, "variant": dims["variant"], "precision": PRECISION.get(act, "fp32"),
             "dims": ModelDims(**dims).to_json(), "components": components,
             "source": {"path": str(root.resolve()), "fingerprint": None, "foreign": True}}

@@ -18,7 +18,8 @@
 4. Write: every linear's MatMul/Gemm node is renamed to its module path, the graph is checked
    to keep the component's input and output names and dtypes, and it is written under a
    temporary name and renamed (``NAME.onnx.data`` beside it over 2 GB), with a provenance
-   sidecar ``NAME.onnx.json`` holding the returned record.
+   record ``NAME.json`` (``transformer.fp8.onnx`` -> ``transformer.fp8.json``) holding the returned
+   record: the settings, the source graph's fingerprint and the new graph's own, written last.
 
 Calibration runs every prompt through the whole sampling loop, so for a real model it is meant
 for a GPU (``backend="ort-cuda"``, which also calibrates on CUDA); on CPU keep it to the tiny
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -45,16 +45,16 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from fluxrt.artifacts import EXTERNAL_DATA_BYTES, ExportFolder, graph_fingerprint
+from fluxrt.components import STAGES, VARIANT_DEFAULTS
+from fluxrt.dtypes import Array, array_module
 from fluxrt.errors import EngineError, ExportError
-from fluxrt.files import atomic_write_text
-from fluxrt.runtime.runners import Array, Runner, array_module
+from fluxrt.files import atomic_write_json
+from fluxrt.runner import Runner
 
 PROMPTS_FILE = "calibration_prompts.txt"
 BACKENDS = ("ort-cpu", "ort-cuda")
 LINEAR_CLASS = "torch.nn.modules.linear.Linear"
-EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph itself (as the exporter)
-# Every pipeline stage runs during calibration, so the folder needs them all.
-PIPELINE_GRAPHS = ("clip", "t5", "transformer", "vae_decoder")
 
 
 @dataclass(frozen=True)
@@ -133,9 +133,7 @@ class Fp8Settings:
 
     def resolve(self, variant: str) -> dict:
         """These settings with the variant's defaults filled in."""
-        from fluxrt.runtime.pipeline import DEFAULTS
-
-        d = DEFAULTS[variant]
+        d = VARIANT_DEFAULTS[variant]
         if variant == "schnell" and self.guidance_scale is not None:
             raise ValueError(f"Fp8Settings.guidance_scale {self.guidance_scale!r}: FLUX.1-schnell has no guidance input")
         out = asdict(self)
@@ -203,16 +201,14 @@ class RecordingRunner(Runner):
         return self.inner.infer(feed)
 
 
-def open_export(export_dir: Path, component: str):
-    """The export folder, with every graph the sampling loop needs; errors as EngineError."""
-    from fluxrt.runtime.artifacts import ExportFolder
-
+def open_export(export_dir: Path, component: str) -> ExportFolder:
+    """The export folder, with every graph the sampling loop needs (each runs); errors as EngineError."""
     what = f"FP8 calibration of {component}"
     if not export_dir.is_dir():
         raise EngineError(f"{what}: export folder {export_dir} does not exist")
     try:
         folder = ExportFolder.open(export_dir)
-        for name in dict.fromkeys((component,) + PIPELINE_GRAPHS):
+        for name in dict.fromkeys((component,) + STAGES):
             folder.graph_path(name)
     except ExportError as e:
         raise EngineError(f"{what}: {e}") from None
@@ -222,15 +218,16 @@ def open_export(export_dir: Path, component: str):
 def capture_feeds(export_dir: str | Path, prompts: Sequence[str], settings: Fp8Settings,
                   component: str = "transformer") -> list[dict[str, np.ndarray]]:
     """Run the sampling loop on ``prompts`` and return ``component``'s feeds, in call order."""
+    from fluxrt.runtime.backends import make_runners
     from fluxrt.runtime.pipeline import FluxPipeline
     from fluxrt.runtime.tokenizer import PromptTruncatedWarning
 
     check_component(component)
     folder = open_export(Path(export_dir), component)
     p = settings.resolve(folder.variant)
-    pipe = FluxPipeline.load(folder.root, backend=settings.backend)
-    recorder = RecordingRunner(pipe.runners[component]).activate()
-    pipe.runners[component] = recorder
+    runners = make_runners(folder, settings.backend)
+    recorder = RecordingRunner(runners[component])
+    pipe = FluxPipeline(folder, {**runners, component: recorder})
     with warnings.catch_warnings():
         # long prompts cut at a short max_sequence_length are still valid samples: that is what
         # the model sees at that length
@@ -337,11 +334,11 @@ def calibration_reader(feeds: list[dict[str, np.ndarray]]):
     return CapturedFeeds()
 
 
-def stage_source(source: Path, data_file: str | None, staging: Path) -> Path:
-    """Copy the source graph (and its data file) into ``staging``: ModelOpt rewrites the graph it
-    is given in place (shape inference) and writes intermediate files beside it, and the export
-    folder must stay as it is.  A link would let it write through."""
-    for name in [source.name] + ([data_file] if data_file else []):
+def stage_source(source: Path, files: list[str], staging: Path) -> Path:
+    """Copy the source graph's files (the graph and its external data) into ``staging``: ModelOpt
+    rewrites the graph it is given in place (shape inference) and writes intermediate files beside
+    it, and the export folder must stay as it is.  A link would let it write through."""
+    for name in files:
         shutil.copyfile(source.parent / name, staging / name)
     return staging / source.name
 
@@ -453,10 +450,15 @@ def log(msg: str) -> None:
     print(f"[fluxrt fp8] {msg}", file=sys.stderr, flush=True)
 
 
+def record_path(out_onnx: Path) -> Path:
+    """``transformer.fp8.onnx`` -> ``transformer.fp8.json``: the graph's provenance record."""
+    return Path(out_onnx).with_suffix(".json")
+
+
 def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: str = "transformer",
                   prompts: Sequence[str] | None = None, settings: Fp8Settings = Fp8Settings()) -> dict:
     """Calibrate ``component`` of an export folder on ``prompts`` (default: the bundled ones) and
-    write its FP8 Q/DQ graph to ``out_onnx``; return the record also written to ``out_onnx.json``."""
+    write its FP8 Q/DQ graph to ``out_onnx``; return the record also written to ``record_path(out_onnx)``."""
     import onnx
     import onnxruntime
 
@@ -466,7 +468,12 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
         raise ValueError(f"settings must be an Fp8Settings, got {type(settings).__name__}")
     export_dir, out_onnx = Path(export_dir), Path(out_onnx)
     folder = open_export(export_dir, component)
-    source, record = folder.graph_path(component), folder.record(component)
+    try:
+        source, record = folder.verified_graph(component), folder.record(component)
+    except ExportError as e:
+        raise EngineError(f"FP8 calibration of {component}: {e}") from None
+    source_files = sorted(record["fingerprint"]["files"])
+    external = len(source_files) > 1
     what = f"FP8 calibration of {component}: {source}"
     if not out_onnx.parent.is_dir():
         raise EngineError(f"{what}: output folder {out_onnx.parent} does not exist")
@@ -490,10 +497,9 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        staged = stage_source(source, record.get("data_file"), staging)
+        staged = stage_source(source, source_files, staging)
         quantized_path = staging / "quantized.onnx"
-        run_modelopt(quantize, staged, quantized_path, feeds, selected, settings.backend,
-                     external=record.get("data_file") is not None)
+        run_modelopt(quantize, staged, quantized_path, feeds, selected, settings.backend, external=external)
         model = onnx.load(str(quantized_path))
         check_same_io(source_model, model, what)
         done, missed = quantized_linears(model, selected)
@@ -510,14 +516,15 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
     excluded.update({path: "left out by ModelOpt (GEMV or unsupported pattern)" for path in missed})
     out = dict(
         component=component, file=str(out_onnx), data_file=data_file,
-        source=dict(export_dir=str(export_dir), file=source.name, sha256=record.get("sha256"),
+        fingerprint=graph_fingerprint(out_onnx),
+        source=dict(export_dir=str(export_dir), file=source.name, fingerprint=record["fingerprint"]["sha256"],
                     precision=record.get("precision"), variant=folder.variant,
-                    fingerprint=folder.manifest.get("source", {}).get("fingerprint")),
+                    checkpoint=folder.manifest.get("source", {}).get("fingerprint")),
         quantization=dict(mode="fp8", dtype="FLOAT8E4M3FN",
                           activations="per tensor, scale = max |x| over all samples / 448",
                           weights="per output channel, scale = max |w| / 448",
                           modelopt_scale_factor=factor),  # applied to ModelOpt's scales; see rescale_to_fp8_range
-        settings=resolved, prompts=chosen,
+        calibration=asdict(settings), settings=resolved, prompts=chosen,
         prompts_sha256=hashlib.sha256("\n".join(chosen).encode()).hexdigest(),
         num_samples=len(feeds), quantized=sorted(done), excluded=dict(sorted(excluded.items())),
         library=dict(name="nvidia-modelopt", version=modelopt_version),
@@ -525,7 +532,7 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
         seconds=dict(capture=round(captured - start, 2), quantize=round(quantized_at - captured, 2),
                      total=round(time.perf_counter() - start, 2)),
     )
-    atomic_write_text(out_onnx.with_name(f"{out_onnx.name}.json"), json.dumps(out, indent=2))
+    atomic_write_json(record_path(out_onnx), out)  # last: a graph without its record is never trusted
     log(f"{component}: {len(done)} linears in FP8, {len(excluded)} kept; wrote {out_onnx} "
         f"in {out['seconds']['total']:.1f}s")
     return out

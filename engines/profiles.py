@@ -6,44 +6,9 @@ axes turn it into per-input (min, opt, max) shapes, so the builder never hard-co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from fluxrt.components import ComponentSpec, ModelDims, Range, ShapeEnvelope
 
-from fluxrt.components import ComponentSpec, ModelDims
-
-Range = tuple[int, int, int]  # (min, opt, max)
 Shape = tuple[int, ...]
-SIDE_MULTIPLE = 16  # VAE factor 8 x 2x2 latent packing
-
-
-def check_range(what: str, value: Range) -> None:
-    if (not isinstance(value, tuple) or len(value) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise ValueError(f"ShapeEnvelope.{what} must be a (min, opt, max) tuple of ints, got {value!r}")
-    lo, opt, hi = value
-    if not 0 < lo <= opt <= hi:
-        raise ValueError(f"ShapeEnvelope.{what} {value}: need 0 < min <= opt <= max")
-
-
-@dataclass(frozen=True)
-class ShapeEnvelope:
-    """The shapes an engine accepts, in user terms: (min, opt, max) of each.
-
-    ``text_length`` is T5 tokens (512 for dev; pass (1, 256, 256) for schnell); CLIP is always
-    its fixed length.  ``image_side`` bounds both image height and width, in pixels.
-    """
-
-    batch: Range = (1, 1, 4)
-    text_length: Range = (1, 512, 512)
-    image_side: Range = (512, 1024, 1536)
-
-    def __post_init__(self) -> None:
-        check_range("batch", self.batch)
-        check_range("text_length", self.text_length)
-        check_range("image_side", self.image_side)
-        bad = [s for s in self.image_side if s % SIDE_MULTIPLE]
-        if bad:
-            raise ValueError(f"ShapeEnvelope.image_side {self.image_side}: {bad} not a multiple of "
-                             f"{SIDE_MULTIPLE} pixels (VAE factor 8 x 2x2 latent patches)")
 
 
 def axis_sizes(envelope: ShapeEnvelope, dims: ModelDims) -> dict[str, Range]:

@@ -33,11 +33,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fluxrt.errors import ExportError
+from fluxrt.export.onnx_ops import MSFT_DOMAIN, mha_op
 
-MSFT_DOMAIN = "com.microsoft"
-ATTENTION_MODES = ("portable", "ort", "ort-kernels")
-# portable: standard ops (TensorRT, any runtime); ort: fused, ONNX Runtime only; ort-kernels: also
-# fluxrt's own fused kernels (export/ort_kernels.py), ONNX Runtime with runtime/ort_ops.py's library
 
 
 def _unsupported(op_name: str, attn_mask, dropout_p: float, is_causal: bool, enable_gqa: bool = False) -> None:
@@ -69,36 +66,6 @@ def _static_heads(op_name: str, query, key, value) -> tuple[int, int]:
     return heads, head_dim
 
 
-def ort_op(domain: str, name: str, inputs: list[str], attributes: dict[str, object],
-           float32_inputs: tuple[str, ...] = ()):
-    """An onnxscript op for an ONNX Runtime operator (or a custom one), with the part of its schema
-    used here: onnx has no schemas for these ops and the exporter's op recorder needs one to build
-    the node. ``inputs``: names, "name?" for an optional one; ``float32_inputs``: those that are
-    float32 whatever the model dtype; ``attributes``: name -> ``onnx.defs.OpSchema.AttrType``."""
-    from onnx.defs import OpSchema
-    from onnxscript.values import Op, Opset
-
-    option = OpSchema.FormalParameterOption
-    params = [OpSchema.FormalParameter(i.rstrip("?"), "F" if i.rstrip("?") in float32_inputs else "T",
-                                       param_option=option.Optional if i.endswith("?") else option.Single)
-              for i in inputs]
-    types = [("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(int64)"], "")]
-    if float32_inputs:
-        types.append(("F", ["tensor(float)"], ""))
-    schema = OpSchema(
-        name, domain, 1, inputs=params, outputs=[OpSchema.FormalParameter("output", "T")], type_constraints=types,
-        attributes=[OpSchema.Attribute(a, kind, required=False) for a, kind in attributes.items()],
-    )
-    return Op(Opset(domain, 1), name, schema)
-
-
-def _mha_op():
-    from onnx.defs import OpSchema
-
-    return ort_op(MSFT_DOMAIN, "MultiHeadAttention", ["query", "key", "value"],
-                  {"num_heads": OpSchema.AttrType.INT, "scale": OpSchema.AttrType.FLOAT})
-
-
 def _mha(op_name: str, query, key, value, scale: float | None):
     """q, k, v: [B, H, L, D] -> attention output [B, H, L, D], through one MultiHeadAttention."""
     from onnxscript import opset18 as op
@@ -107,7 +74,7 @@ def _mha(op_name: str, query, key, value, scale: float | None):
     to_bsd = op.Constant(value_ints=[0, 0, heads * head_dim])  # 0 keeps B and L, which are dynamic
     q, k, v = (op.Reshape(op.Transpose(t, perm=[0, 2, 1, 3]), to_bsd) for t in (query, key, value))
     attrs = {"num_heads": heads} if scale is None else {"num_heads": heads, "scale": float(scale)}
-    out = _mha_op()(q, k, v, **attrs)  # [B, L, H*D]
+    out = mha_op()(q, k, v, **attrs)  # [B, L, H*D]
     out = op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head_dim]))
     return op.Transpose(out, perm=[0, 2, 1, 3])
 
@@ -178,24 +145,6 @@ def ort_attention_table() -> dict:
         aten._scaled_dot_product_cudnn_attention.default: sdpa_cudnn,
         aten._scaled_dot_product_fused_attention_overrideable.default: sdpa_overrideable,
     }
-
-
-def translation_table(attention: str) -> dict | None:
-    """The exporter's ``custom_translation_table`` for an attention mode (None: torch's own).
-    "ort" also translates the fused export's custom ops (export/ort_fusions.py), "ort-kernels"
-    those of export/ort_kernels.py too."""
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention mode {attention!r} is not one of {ATTENTION_MODES}")
-    if attention == "portable":
-        return None
-    from fluxrt.export.ort_fusions import fused_table
-
-    table = {**ort_attention_table(), **fused_table()}
-    if attention == "ort-kernels":
-        from fluxrt.export.ort_kernels import kernels_table
-
-        table.update(kernels_table())
-    return table
 
 
 def count_attention_nodes(onnx_path: str | Path) -> dict[str, int]:

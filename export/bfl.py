@@ -4,8 +4,8 @@ BFL publishes FLUX.1 as ``flux1-dev.safetensors`` / ``flux1-schnell.safetensors`
 keys such as ``double_blocks.0.img_attn.qkv.weight``, sometimes under ``model.diffusion_model.``)
 and ``ae.safetensors`` (the autoencoder, LDM-style keys such as ``encoder.down.0.block.0.conv1.weight``).
 
-Each layout is described once, as a list of :class:`Rule` s built from the model's sizes; the same
-rules convert in both directions.  Sizes are inferred from tensor shapes, so this works at any width
+Each layout is described once, as a list of :class:`Rule` s built from the model's sizes; the tests
+apply the same rules in the other direction (tests/bfl_writers.py) to write BFL files of their own.  Sizes are inferred from tensor shapes, so this works at any width
 and depth, and on meta tensors (config inference from a file's header).  Every key of the input must
 be consumed and every expected key present, or :class:`~fluxrt.errors.CheckpointError` names them.
 """
@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fluxrt.components import VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 from fluxrt.errors import CheckpointError
-from fluxrt.export.checkpoint import check_keys
+from fluxrt.export.weights import check_keys
 
 BFL_PREFIX = "model.diffusion_model."
-FLUX_SCALING_FACTOR = 0.3611
-FLUX_SHIFT_FACTOR = 0.1159
 BFL_NORM_GROUPS = 32  # BFL's autoencoder hard-codes GroupNorm(32, ...); the files do not record it
 MLP_RATIO = 4  # diffusers' FluxTransformer2DModel fixes it; so does every FLUX.1 release
 
@@ -76,22 +75,6 @@ def to_diffusers_tensors(rule: Rule, t: torch.Tensor) -> tuple[torch.Tensor, ...
     return (t[:, :, 0, 0],)
 
 
-def to_bfl_tensor(rule: Rule, ts: list[torch.Tensor]) -> torch.Tensor:
-    if rule.op == SAME:
-        return ts[0]
-    if rule.op == SPLIT:
-        rows = [t.shape[0] for t in ts]
-        if rows != list(rule.sizes):
-            raise CheckpointError(f"tensors {list(rule.diffusers)} have {rows} rows, expected {list(rule.sizes)}")
-        return torch.cat(ts, dim=0)
-    if rule.op == SWAP:
-        return swap_halves(ts[0], rule.diffusers[0])
-    if ts[0].ndim != 2:
-        raise CheckpointError(f"tensor {rule.diffusers[0]!r} has shape {tuple(ts[0].shape)}, "
-                              "expected a linear weight [C, C]")
-    return ts[0][:, :, None, None]
-
-
 def swap_halves(t: torch.Tensor, key: str) -> torch.Tensor:
     if t.shape[0] % 2:
         raise CheckpointError(f"tensor {key!r} has {t.shape[0]} rows, expected an even number (shift and scale halves)")
@@ -105,11 +88,6 @@ def apply_to_diffusers(sd: dict[str, torch.Tensor], rules: list[Rule], what: str
     for r in rules:
         out.update(zip(r.diffusers, to_diffusers_tensors(r, sd[r.bfl])))
     return out
-
-
-def apply_to_bfl(sd: dict[str, torch.Tensor], rules: list[Rule], what: str) -> dict[str, torch.Tensor]:
-    check_keys(sd, {k for r in rules for k in r.diffusers}, what)
-    return {r.bfl: to_bfl_tensor(r, [sd[k] for k in r.diffusers]) for r in rules}
 
 
 # ---- reading sizes ------------------------------------------------------------------------------
@@ -257,15 +235,6 @@ def transformer_bfl_to_diffusers(sd: dict[str, torch.Tensor]) -> tuple[dict[str,
     return converted, config
 
 
-def transformer_diffusers_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The exact inverse of :func:`transformer_bfl_to_diffusers` (keys without prefix)."""
-    what = "diffusers FluxTransformer2DModel"
-    lay = FluxLayout(count_indexed(sd, "transformer_blocks"), count_indexed(sd, "single_transformer_blocks"),
-                     shape_of(sd, "x_embedder.weight", what)[0],
-                     any(k.startswith("time_text_embed.guidance_embedder.") for k in sd))
-    return apply_to_bfl(sd, transformer_rules(lay), f"{what} (expected {lay.describe()})")
-
-
 # ---- autoencoder ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VaeLayout:
@@ -355,8 +324,8 @@ def norm_groups(channels: tuple[int, ...], given: int | None) -> int:
 
 
 def vae_bfl_to_diffusers(sd: dict[str, torch.Tensor], *, norm_num_groups: int | None = None,
-                         scaling_factor: float = FLUX_SCALING_FACTOR,
-                         shift_factor: float | None = FLUX_SHIFT_FACTOR) -> tuple[dict[str, torch.Tensor], dict]:
+                         scaling_factor: float = VAE_SCALING_FACTOR,
+                         shift_factor: float | None = VAE_SHIFT_FACTOR) -> tuple[dict[str, torch.Tensor], dict]:
     """A BFL autoencoder as a diffusers ``AutoencoderKL`` state dict, and its config.
 
     GroupNorm's group count is not in the weights: ``norm_num_groups=None`` means BFL's 32, and is
@@ -382,10 +351,3 @@ def vae_bfl_to_diffusers(sd: dict[str, torch.Tensor], *, norm_num_groups: int | 
         use_post_quant_conv=lay.post_quant_conv,
     )
     return converted, config
-
-
-def vae_diffusers_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The exact inverse of :func:`vae_bfl_to_diffusers`."""
-    what = "diffusers AutoencoderKL"
-    lay = vae_layout(sd, "encoder.down_blocks", "resnets", what)
-    return apply_to_bfl(sd, vae_rules(lay), f"{what} (expected {lay.describe()})")

@@ -10,131 +10,23 @@ needs about one copy of the weights in the requested dtype.
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from fluxrt.components import ModelDims
 from fluxrt.errors import CheckpointError
+from fluxrt.export import bfl
+from fluxrt.export.weights import (
+    TORCH_DTYPES, assign_weights, match_prefix, module_on_meta, read_state_dict, safetensors_header, weight_files,
+)
+from fluxrt.files import read_json
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TRANSFORMERS_WEIGHTS = "model.safetensors"
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{what}: file {path} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{what}: {path} is not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{what}: {path} must hold a JSON object, found {type(data).__name__}")
-    return data
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, validated against the file's size."""
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} is missing")
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path} is not a safetensors file: {size} bytes, too short for a header")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 100 * 2**20):
-                raise CheckpointError(f"{path} is not a safetensors file: header length {n} exceeds the file")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path} is truncated: its header needs {8 + n + end} bytes, the file has {size}")
-    return header
-
-
-def weight_files(folder: Path, single_name: str) -> list[Path]:
-    """The safetensors files of one component folder: a single file, or the shards its index lists."""
-    single = folder / single_name
-    index = folder / f"{single_name}.index.json"
-    if index.is_file():
-        data = read_json(index, f"shard index of {folder.name}")
-        weight_map = data.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"shard index {index} has no 'weight_map' object")
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise CheckpointError(
-                f"shard index {index} lists {len(shards)} shards but {len(missing)} are missing: {missing[:5]}"
-            )
-        return [folder / s for s in shards]
-    if single.is_file():
-        return [single]
-    raise CheckpointError(f"{folder} holds no weights: expected {single_name} or {single_name}.index.json")
-
-
-def read_state_dict(files: list[Path], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        safetensors_header(path)
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    return state
-
-
-def check_keys(state: dict, expected: set[str], what: str, optional: set[str] = frozenset()) -> None:
-    missing = sorted(expected - set(state) - optional)
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:4]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:4]})")
-        raise CheckpointError(f"{what}: wrong key set: {'; '.join(parts)}")
-
-
-def match_prefix(state: dict, expected: set[str], prefix: str) -> dict:
-    """transformers 4 wrote CLIP keys under ``text_model.``, transformers 5 modules have none (or the
-    reverse): rename the file's keys to the module's convention."""
-    has = any(k.startswith(prefix) for k in state)
-    wants = any(k.startswith(prefix) for k in expected)
-    if has and not wants:
-        return {k.removeprefix(prefix): v for k, v in state.items()}
-    if wants and not has:
-        return {prefix + k: v for k, v in state.items()}
-    return state
-
-
-def module_on_meta(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    with torch.device("meta"):
-        return factory()
-
-
-def assign_weights(module: torch.nn.Module, state: dict, what: str, optional: set[str] = frozenset()) -> torch.nn.Module:
-    expected = set(module.state_dict())
-    check_keys(state, expected, what, optional)
-    for key, tensor in module.state_dict().items():
-        if key in state and tuple(state[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"{what}: tensor {key!r} has shape {tuple(state[key].shape)}, the config expects {tuple(tensor.shape)}"
-            )
-    module.load_state_dict(state, strict=False, assign=True)
-    assert not any(p.is_meta for p in module.parameters()), f"{what}: parameters left on meta"
-    return module.eval().requires_grad_(False)
+__all__ = ["Checkpoint", "TORCH_DTYPES"]
 
 
 @dataclass(frozen=True)
@@ -152,7 +44,7 @@ class Checkpoint:
         root = Path(root)
         if not root.is_dir():
             raise CheckpointError(f"checkpoint folder {root} does not exist")
-        index = read_json(root / "model_index.json", "checkpoint")
+        index = read_json(root / "model_index.json", "checkpoint", CheckpointError)
         if index.get("_class_name") not in ("FluxPipeline", None):
             raise CheckpointError(
                 f"{root / 'model_index.json'}: _class_name is {index.get('_class_name')!r}, expected 'FluxPipeline'"
@@ -168,7 +60,7 @@ class Checkpoint:
     # ---- configs -------------------------------------------------------------------------
     def config(self, sub: str) -> dict:
         name = "scheduler_config.json" if sub == "scheduler" else "config.json"
-        return read_json(self.root / sub / name, f"{sub} config")
+        return read_json(self.root / sub / name, f"{sub} config", CheckpointError)
 
     def transformer_config(self) -> dict:
         if self.transformer_file:
@@ -262,8 +154,6 @@ class Checkpoint:
 
     # ---- BFL single files ---------------------------------------------------------------------
     def _bfl_transformer(self, load: bool = False) -> tuple[dict, dict]:
-        from fluxrt.export import bfl
-
         state = self._bfl_state(self.transformer_file, "transformer", load)
         try:
             return bfl.transformer_bfl_to_diffusers(state)
@@ -271,21 +161,17 @@ class Checkpoint:
             raise CheckpointError(f"transformer {self.transformer_file}: {e}") from None
 
     def _bfl_vae(self, load: bool = False) -> tuple[dict, dict]:
-        from fluxrt.export import bfl
-
         state = self._bfl_state(self.vae_file, "vae", load)
         kwargs = {}
         diffusers_vae = self.root / "vae" / "config.json"
         if diffusers_vae.is_file():
-            cfg = read_json(diffusers_vae, "vae config")
+            cfg = read_json(diffusers_vae, "vae config", CheckpointError)
             kwargs = {k: cfg[k] for k in ("scaling_factor", "shift_factor", "norm_num_groups") if k in cfg}
         return bfl.vae_bfl_to_diffusers(state, **kwargs)
 
     @staticmethod
     def _bfl_state(path: Path, kind: str, load: bool) -> dict:
         """The file's tensors (``load``) or, for config inference, meta tensors of the right shapes."""
-        from fluxrt.export import bfl
-
         header = safetensors_header(path)
         keys = [k for k in header if k != "__metadata__"]
         found = bfl.detect_bfl_kind(keys)

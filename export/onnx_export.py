@@ -1,6 +1,6 @@
 """Export a FLUX.1 checkpoint's networks to ONNX, into a self-contained export folder.
 
-Folder layout (everything later stages need, nothing else):
+Folder layout (everything later stages need, nothing else; the format is ``fluxrt.artifacts``):
     manifest.json                 variant, precision, dims, per-graph records, source fingerprint
     clip.onnx t5.onnx transformer.onnx vae_decoder.onnx vae_encoder.onnx   (+ NAME.onnx.data over 2 GB)
     tokenizer/tokenizer.json      CLIP tokenizer (tokenizers JSON, converted by transformers)
@@ -24,20 +24,23 @@ from pathlib import Path
 
 import torch
 
-from fluxrt.components import COMPONENTS, PRECISIONS, ComponentSpec, ModelDims, component_precision, component_spec
+from fluxrt.artifacts import (
+    EXPORT_FORMAT, EXPORT_MANIFEST, EXTERNAL_DATA_BYTES, graph_fingerprint, write_export_manifest,
+)
+from fluxrt.components import (
+    ATTENTION_MODES, COMPONENTS, PRECISIONS, ComponentSpec, ModelDims, component_precision, component_spec,
+)
+from fluxrt.dtypes import numpy_dtype
 from fluxrt.errors import ExportError
-from fluxrt.files import atomic_write_text, sha256_file
 from fluxrt.export import graphs
-from fluxrt.export.attention import ATTENTION_MODES, translation_table
-from fluxrt.export.checkpoint import TORCH_DTYPES, Checkpoint
+from fluxrt.export.checkpoint import Checkpoint
 from fluxrt.export.memory import PeakMemory
 from fluxrt.export.ort_fusions import fuse_graph
+from fluxrt.export.weights import TORCH_DTYPES
+from fluxrt.files import atomic_write_text, read_json
 
-MANIFEST = "manifest.json"
-FORMAT = "fluxrt-export/1"
 OPSET = 20
 OPSET_BF16 = 22  # Conv, InstanceNormalization and others accept bfloat16 only from opset 22
-EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph itself
 # example sizes for tracing: none is 1 (torch.export would specialise it) and no two are equal
 EXAMPLE = dict(B=2, S=7, h=6, w=10)
 USER_COMPONENTS = ("clip", "t5", "transformer", "vae")  # "vae" exports vae_decoder and vae_encoder
@@ -47,9 +50,13 @@ USER_COMPONENTS = ("clip", "t5", "transformer", "vae")  # "vae" exports vae_deco
 class ExportRequest:
     components: tuple[str, ...]
     precision: str
-    attention: str = "portable"  # "ort": fused com.microsoft.MultiHeadAttention, ONNX Runtime only
+    attention: str = "portable"  # see fluxrt.components.ATTENTION_MODES
+    external_data_bytes: int = EXTERNAL_DATA_BYTES  # graphs with more weights keep them in NAME.onnx.data
 
     def __post_init__(self) -> None:
+        if isinstance(self.external_data_bytes, bool) or not isinstance(self.external_data_bytes, int) \
+                or self.external_data_bytes < 0:
+            raise ValueError(f"external_data_bytes must be a non-negative integer, got {self.external_data_bytes!r}")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_MODES}")
         if self.precision not in PRECISIONS:
@@ -112,9 +119,6 @@ def dynamic_shapes(spec: ComponentSpec, dims: ModelDims) -> dict:
     return {t.name: {i: axes[d] for i, d in t.dynamic_axes().items()} for t in spec.inputs}
 
 
-TRANSFORMER_REWRITES = {"portable": "portable", "ort": "fused", "ort-kernels": "kernels"}
-
-
 def load_graph_module(name: str, ckpt: Checkpoint, precision: str, attention: str = "portable") -> torch.nn.Module:
     dtype = TORCH_DTYPES[precision]
     if name == "clip":
@@ -131,7 +135,7 @@ def load_graph_module(name: str, ckpt: Checkpoint, precision: str, attention: st
         return graphs.T5Graph(model)
     if name == "transformer":
         return graphs.TransformerGraph(ckpt.load_transformer(dtype), guidance=ckpt.dims().guidance,
-                                       rewrite=TRANSFORMER_REWRITES[attention])
+                                       rewrite=attention)
     vae = ckpt.load_vae(dtype)
     return graphs.VaeDecoderGraph(vae) if name == "vae_decoder" else graphs.VaeEncoderGraph(vae)
 
@@ -144,7 +148,8 @@ def param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, attention: str = "portable") -> dict:
+def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, attention: str = "portable",
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict:
     """Trace one component and write ``out_dir/NAME.onnx`` (+ ``.data``) atomically; return its record."""
     dims = ckpt.dims()
     spec = component_spec(name, dims)
@@ -162,18 +167,18 @@ def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, att
                 module, example_inputs(spec, dims, graph_precision), dynamo=True, opset_version=opset_for(graph_precision),
                 input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_shapes=dynamic_shapes(spec, dims), verbose=False,
-                custom_translation_table=translation_table(attention) if name == "transformer" else None,
+                custom_translation_table=graphs.translation_table(attention) if name == "transformer" else None,
             )
             fusions = fuse_graph(program.model) if name == "transformer" and attention == "ort" else None
         log(f"{name}: traced in {time.perf_counter() - t1:.1f}s; writing")
-        external = nbytes > EXTERNAL_DATA_BYTES
+        external = nbytes > external_data_bytes
         path = out_dir / f"{name}.onnx"
         write_program(program, path, external)
         del program, module
-    check_graph(path, spec, graph_precision)
+    opset = check_graph(path, spec, graph_precision)
     record = dict(
-        file=path.name, data_file=f"{path.name}.data" if external else None, precision=graph_precision,
-        sha256=sha256_file(path), weights_bytes=nbytes, export_seconds=round(time.perf_counter() - t0, 2),
+        file=path.name, precision=graph_precision, opset=opset, fingerprint=graph_fingerprint(path),
+        weights_bytes=nbytes, export_seconds=round(time.perf_counter() - t0, 2),
         peak_rss_bytes=mem.peak_bytes, inputs=spec.input_names, outputs=spec.output_names,
         attention=attention if name == "transformer" else "portable",
     )
@@ -197,8 +202,9 @@ def write_program(program, path: Path, external: bool) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_graph(path: Path, spec: ComponentSpec, precision: str) -> None:
-    """The written graph has the spec's names and dtypes, and no float64 (TensorRT has none)."""
+def check_graph(path: Path, spec: ComponentSpec, precision: str) -> int:
+    """The written graph has the spec's names and dtypes, and no float64 (TensorRT has none);
+    returns its opset (of the default domain)."""
     import onnx
     from onnx import TensorProto
 
@@ -209,7 +215,7 @@ def check_graph(path: Path, spec: ComponentSpec, precision: str) -> None:
         raise ExportError(f"{path}: inputs {got_in} / outputs {got_out}, expected {spec.input_names} / "
                           f"{spec.output_names}")
     for value, t in zip(list(model.graph.input) + list(model.graph.output), spec.inputs + spec.outputs):
-        want = onnx.helper.np_dtype_to_tensor_dtype(np_dtype(t.resolved_dtype(precision)))
+        want = onnx.helper.np_dtype_to_tensor_dtype(numpy_dtype(t.resolved_dtype(precision)))
         if value.type.tensor_type.elem_type != want:
             raise ExportError(f"{path}: tensor {t.name!r} has ONNX dtype {value.type.tensor_type.elem_type}, "
                               f"expected {want} ({t.resolved_dtype(precision)})")
@@ -218,16 +224,7 @@ def check_graph(path: Path, spec: ComponentSpec, precision: str) -> None:
     doubles += [i.name for i in model.graph.initializer if i.data_type == TensorProto.DOUBLE]
     if doubles:
         raise ExportError(f"{path}: float64 tensors {doubles[:5]} would not build in TensorRT")
-
-
-def np_dtype(name: str):
-    import numpy as np
-
-    if name == "bfloat16":
-        import ml_dtypes  # onnx depends on it
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def copy_side_files(ckpt: Checkpoint, out_dir: Path) -> None:
@@ -245,15 +242,13 @@ def copy_side_files(ckpt: Checkpoint, out_dir: Path) -> None:
 
 
 def read_manifest(out_dir: Path) -> dict | None:
-    path = out_dir / MANIFEST
+    path = out_dir / EXPORT_MANIFEST
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path} is not readable JSON ({e})") from None
-    if data.get("format") != FORMAT:
-        raise ExportError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
+    data = read_json(path, "export manifest", ExportError)
+    if data.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path}: format {data.get('format')!r}, expected {EXPORT_FORMAT!r} (another fluxrt "
+                          f"version's export: use another folder)")
     return data
 
 
@@ -283,9 +278,10 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | Path, request: ExportRequ
     copy_side_files(ckpt, out_dir)
     records = dict(manifest.get("components", {}))
     for name in request.graphs:
-        records[name] = export_graph(name, ckpt, request.precision, out_dir, request.attention)
+        records[name] = export_graph(name, ckpt, request.precision, out_dir, request.attention,
+                                     request.external_data_bytes)
         manifest = dict(
-            format=FORMAT, variant=dims.variant, precision=request.precision, dims=dims.to_json(),
+            variant=dims.variant, precision=request.precision, dims=dims.to_json(),
             source=dict(path=str(ckpt.root.resolve()), fingerprint=fingerprint,
                         transformer_file=str(ckpt.transformer_file) if ckpt.transformer_file else None,
                         vae_file=str(ckpt.vae_file) if ckpt.vae_file else None),
@@ -294,7 +290,7 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | Path, request: ExportRequ
             shapes=dict(batch="dynamic", text_length=f"1..{dims.t5_max_length} (T5), {dims.clip_max_length} (CLIP)",
                         image=f"multiples of {2 * dims.vae_scale_factor} px"),
             transformer_config={k: v for k, v in ckpt.transformer_config().items() if not k.startswith("_")},
-            opset=opset_for(request.precision), versions=library_versions(), components=records,
+            versions=library_versions(), components=records,
         )
-        atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
-    return manifest
+        write_export_manifest(out_dir, manifest)
+    return read_manifest(out_dir)

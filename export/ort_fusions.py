@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from fluxrt.errors import ExportError
-from fluxrt.export.attention import MSFT_DOMAIN, _mha_op, ort_op
-from fluxrt.export.graphs import rotary_angles
+from fluxrt.export.onnx_ops import MSFT_DOMAIN, mha_op, ort_op
+from fluxrt.export.portable import rotary_angles
 
 
 # ---- torch custom ops: what the graph computes, and the reference ONNX Runtime must match --------
@@ -176,7 +176,7 @@ def _ops():
                       {"axis": A.INT, "epsilon": A.FLOAT, "stash_type": A.INT}),
         "rotary": ort_op(MSFT_DOMAIN, "RotaryEmbedding", ["input", "position_ids", "cos_cache", "sin_cache"],
                          {"interleaved": A.INT, "num_heads": A.INT}),
-        "mha": _mha_op(),
+        "mha": mha_op(),
     }
 
 

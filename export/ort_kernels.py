@@ -21,7 +21,7 @@ The single blocks run as one stack on the joined [text; image] sequence, instead
 splitting it around every block. Attention is ``com.microsoft.MultiHeadAttention`` as in the fused
 graph; the matrix products stay MatMul (their biases land in the ops above).
 
-Runs on ONNX Runtime with the library registered (runtime/ort_ops.py), CPU (float32) or CUDA.
+Runs on ONNX Runtime with the library registered (runtime/ort_ops/), CPU (float32) or CUDA.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import nn
 
 from fluxrt.components import ORT_OPS_DOMAIN
 from fluxrt.errors import ExportError
-from fluxrt.export.attention import ort_op
+from fluxrt.export.onnx_ops import ort_op
 from fluxrt.export.ort_fusions import RotaryTables, attention
 
 FP16_CLAMP = 65504.0  # diffusers clips fp16 block outputs to the float16 range

@@ -272,7 +272,7 @@ def write_runtime_tokenizer(src_dir: Path, dst_file: Path, kind: str) -> None:
     Works for the tiny folders and for real FLUX ones (CLIP: vocab.json + merges.txt; T5:
     spiece.model and/or tokenizer.json): transformers builds the backend tokenizer either way.
     """
-    from fluxrt.runtime.tokenizer import PAD_TOKENS
+    from fluxrt.components import PAD_TOKENS
 
     tokenizer = load_checkpoint_tokenizer(src_dir, kind)
     if str(tokenizer.pad_token) != PAD_TOKENS[kind]:

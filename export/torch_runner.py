@@ -1,5 +1,9 @@
-"""The torch reference backend: the checkpoint's own torch modules behind the runtime's runner
-interface, so the same denoise loop runs over torch, ONNX Runtime and TensorRT alike."""
+"""The torch reference backend: the checkpoint's own torch modules behind the runner interface, so
+the same denoise loop runs over torch, ONNX Runtime and TensorRT alike.  It needs torch, so it
+lives here and reaches a pipeline by injection:
+
+    FluxPipeline.load("out/onnx", runners=torch_runners(ExportFolder.open("out/onnx")))
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,13 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from fluxrt.components import ComponentSpec
+from fluxrt.artifacts import ExportFolder
+from fluxrt.components import STAGES, ComponentSpec
+from fluxrt.dtypes import Array
+from fluxrt.errors import CheckpointError
 from fluxrt.export.checkpoint import Checkpoint
 from fluxrt.export.onnx_export import load_graph_module
-from fluxrt.runtime.runners import Array, Runner
+from fluxrt.runner import Runner
 
 
 class TorchRunner(Runner):
@@ -25,10 +32,8 @@ class TorchRunner(Runner):
         self.module: torch.nn.Module | None = None
 
     @classmethod
-    def from_export_folder(cls, folder, name: str, device: str = "cpu") -> "TorchRunner":
-        src = folder.manifest["source"]
-        ckpt = Checkpoint.open(src["path"], transformer_file=src.get("transformer_file"), vae_file=src.get("vae_file"))
-        return cls(folder.spec(name), folder.graph_precision(name), ckpt, device)
+    def from_export_folder(cls, folder: ExportFolder, name: str, device: str = "cpu") -> "TorchRunner":
+        return torch_runners(folder, (name,), device)[name]
 
     def _activate(self) -> None:
         self.module = load_graph_module(self.name, self.checkpoint, self.precision).to(self.torch_device)
@@ -42,6 +47,26 @@ class TorchRunner(Runner):
             out = self.module(*args)
         outs = out if isinstance(out, tuple) else (out,)
         return {n: from_torch(t, self.device) for n, t in zip(self.spec.output_names, outs)}
+
+
+def source_checkpoint(folder: ExportFolder) -> Checkpoint:
+    """The checkpoint the export was made from, if it is still the same one (by its fingerprint)."""
+    src = folder.manifest["source"]
+    if src.get("foreign") or not src.get("path"):
+        raise CheckpointError(f"export folder {folder.root} records no source checkpoint; the torch backend needs one")
+    ckpt = Checkpoint.open(src["path"], transformer_file=src.get("transformer_file"), vae_file=src.get("vae_file"))
+    got = ckpt.fingerprint()
+    if got != src.get("fingerprint"):
+        raise CheckpointError(f"checkpoint {ckpt.root} changed since {folder.root} was exported from it (fingerprint "
+                              f"{got[:12]}, the manifest recorded {str(src.get('fingerprint'))[:12]}): the torch "
+                              f"backend would not run the exported model; export again")
+    return ckpt
+
+
+def torch_runners(folder: ExportFolder, stages: tuple[str, ...] = STAGES, device: str = "cpu") -> dict[str, TorchRunner]:
+    """Torch runners for ``stages`` of an export folder, from its (fingerprint-checked) source checkpoint."""
+    ckpt = source_checkpoint(folder)
+    return {s: TorchRunner(folder.spec(s), folder.graph_precision(s), ckpt, device) for s in stages}
 
 
 def to_torch(x: Array, device: torch.device) -> torch.Tensor:

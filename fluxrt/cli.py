@@ -1,4 +1,6 @@
-"""The ``fluxrt`` command line: one console script, one subcommand per pipeline stage.
+"""The ``fluxrt`` command line: one console script, one subcommand per pipeline stage, and the one
+place that wires the stages together (the torch reference backend into the runtime's pipeline, the
+export folder into the engine builder).
 
 Heavy libraries are imported inside each subcommand, so ``fluxrt generate`` never loads torch.
 Errors fluxrt raises on purpose become one line on stderr and exit status 2, without a traceback.
@@ -11,9 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+from fluxrt.components import ATTENTION_MODES, VARIANT_DEFAULTS
 from fluxrt.errors import FluxRTError
 
-ATTENTION_CHOICES = ("portable", "ort", "ort-kernels")  # = fluxrt.export.attention.ATTENTION_MODES
+BACKEND_CHOICES = ("ort-cpu", "ort-cuda", "trt", "torch")  # fluxrt.runtime.backends.BACKENDS and torch
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
@@ -39,23 +42,53 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"in {total:.1f}s")
 
 
+def load_pipeline(path: Path, backend: str | None, cuda_graph: bool, check=None):
+    """The pipeline of an export or engine folder on ``backend`` (torch: the export side's reference
+    runners, injected).  ``check(folder)`` runs after the files are verified and before any is loaded."""
+    from fluxrt.artifacts import open_folder
+    from fluxrt.runtime import FluxPipeline
+    from fluxrt.runtime.backends import BackendOptions, make_runners
+
+    folder = open_folder(path)
+    if backend == "torch":
+        if folder.kind != "export":
+            raise UsageError(f"--backend torch runs the checkpoint an export folder was made from; {path} is an "
+                             f"engine folder")
+        if cuda_graph:
+            raise UsageError("--cuda-graph replays the ort-cuda transformer; --backend torch has none")
+        from fluxrt.export.torch_runner import torch_runners
+
+        runners = torch_runners(folder)
+    else:
+        runners = make_runners(folder, backend, BackendOptions(cuda_graph=cuda_graph))
+    if check is not None:
+        check(folder)
+    return FluxPipeline(folder, runners)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import json
 
     from PIL.PngImagePlugin import PngInfo
 
-    from fluxrt.runtime import FluxPipeline
+    from fluxrt.runtime.params import GenerationParams
     from fluxrt.runtime.pipeline import progress_bar
 
     if args.out.suffix.lower() != ".png":  # reported before any work
         raise UsageError(f"--out must name a .png file, got {args.out}")
-    if args.engines and (args.engines / "engines.json").is_file():
-        check_engine_folder(args)
-    pipe = FluxPipeline.load(args.engines or args.onnx, backend=args.backend, cuda_graph=args.cuda_graph)
-    out = pipe(prompt=args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
-               guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length,
-               num_images_per_prompt=args.num_images, seed=args.seed, output_type="pil",
-               callback=progress_bar("fluxrt generate:"))
+    call = dict(prompt=args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
+                guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length,
+                num_images_per_prompt=args.num_images, seed=args.seed)
+
+    def check(folder) -> None:  # every argument, and the engines' envelope, before any plan or graph loads
+        from fluxrt.artifacts import check_envelope
+
+        p = GenerationParams.resolve(folder.dims, **call)
+        if folder.kind == "engines":
+            check_envelope(folder.envelope, p.batch, p.height, p.width, p.max_sequence_length)
+
+    pipe = load_pipeline(args.engines or args.onnx, args.backend, args.cuda_graph, check)
+    out = pipe(**call, output_type="pil", callback=progress_bar("fluxrt generate:"))
     settings = dict(out.settings, prompt=args.prompt, model=str(args.engines or args.onnx),
                     variant=pipe.variant, precision=pipe.folder.precision,
                     backends={k: r.backend for k, r in pipe.runners.items()})
@@ -94,9 +127,10 @@ def fp8_settings(args: argparse.Namespace):
 
 def cmd_ort_ops(args: argparse.Namespace) -> None:
     from fluxrt.runtime import ort_ops
+    from fluxrt.runtime.ort_ops.build import build
 
     archs = tuple(a for a in args.cuda_archs.replace(",", ";").split(";") if a) if args.cuda_archs else None
-    path = ort_ops.build(args.out, cuda=False if args.cpu_only else None, archs=archs)
+    path = build(args.out, cuda=False if args.cpu_only else None, archs=archs, include=args.ort_include)
     devices = sorted(ort_ops.library_devices(path))
     print(f"built fluxrt's ONNX Runtime kernels ({', '.join(devices)}) to {path}")
     if args.out is not None:
@@ -104,13 +138,12 @@ def cmd_ort_ops(args: argparse.Namespace) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    from fluxrt.engines.folder import STAGES, BuildSettings, build_folder
-    from fluxrt.engines.profiles import ShapeEnvelope
-    from fluxrt.engines.trt import import_trt
-    from fluxrt.runtime.artifacts import ExportFolder
+    from fluxrt.components import STAGES, ShapeEnvelope
+    from fluxrt.engines.folder import BuildSettings, build_folder, open_export
+    from fluxrt.trt import import_trt
 
-    export = ExportFolder.open(args.onnx_dir)
-    max_text = 512 if export.variant == "dev" else 256
+    export = open_export(args.onnx_dir)
+    max_text = VARIANT_DEFAULTS[export.variant]["max_sequence_length"]
     text = parse_range(args.text_length, "text-length") if args.text_length else (1, max_text, max_text)
     components = tuple(c.strip() for c in args.components.split(",")) if args.components else STAGES
     try:
@@ -133,7 +166,7 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from fluxrt.runtime.bench import BenchConfig, BenchSettings, bench_pipelines
+    from fluxrt.bench.pipelines import BenchConfig, BenchSettings, bench_pipelines
 
     configs = []
     for item in args.run:
@@ -159,23 +192,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_synthetic(args: argparse.Namespace) -> None:
-    from fluxrt.export import bench_synthetic
+    from fluxrt.bench import synthetic
 
-    bench_synthetic.main(args.rest)
-
-
-def check_engine_folder(args: argparse.Namespace) -> None:
-    """Before any plan is deserialized: the plans' integrity, then the sizes they were built for."""
-    from fluxrt.engines.folder import EngineFolder, current_gpu
-    from fluxrt.engines.trt import import_trt, library_info
-    from fluxrt.runtime.pipeline import DEFAULTS, STAGES, check_envelope
-
-    folder = EngineFolder.open(args.engines)
-    lib, gpu = library_info(import_trt()), current_gpu()
-    for name in STAGES:
-        folder.verify_plan(name, lib, gpu)
-    text = args.max_sequence_length or DEFAULTS[folder.variant]["max_sequence_length"]
-    check_envelope(folder.envelope, args.num_images, args.height, args.width, text)
+    synthetic.main(args.rest)
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
@@ -185,12 +204,11 @@ def output_paths(out: Path, n: int) -> list[Path]:
 
 
 def write_png(image, path: Path, info) -> None:
-    import os
+    from fluxrt.files import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 class UsageError(FluxRTError):
@@ -213,7 +231,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     e.add_argument("--components", default="clip,t5,transformer,vae",
                    help="comma-separated subset of clip,t5,transformer,vae (default: all)")
-    e.add_argument("--attention", choices=ATTENTION_CHOICES, default="portable",
+    e.add_argument("--attention", choices=ATTENTION_MODES, default="portable",
                    help="portable: standard ONNX ops (TensorRT fuses them); ort: the transformer's attention, "
                         "RMS norms, rotary embedding and adaptive LayerNorm as ONNX Runtime's fused kernels "
                         "(ONNX Runtime only); ort-kernels: ort plus fluxrt's own fused kernels for the remaining "
@@ -230,10 +248,14 @@ def parser() -> argparse.ArgumentParser:
     ob.add_argument("--cpu-only", action="store_true", help="CPU (float32) kernels only, no nvcc needed")
     ob.add_argument("--cuda-archs", help="compute capabilities, e.g. '90;120' (default: 80,86,89,90,100,120 "
                                          "or $FLUXRT_CUDA_ARCHS)")
+    ob.add_argument("--ort-include", type=Path, help="folder holding ONNX Runtime's C API headers "
+                                                     "(onnxruntime_c_api.h); default: $FLUXRT_ORT_INCLUDE, an installed "
+                                                     "development package, else apt-get download libonnxruntime-dev")
     ob.set_defaults(func=cmd_ort_ops)
 
     b = sub.add_parser("build", help="build TensorRT plans from an export folder")
-    b.add_argument("onnx_dir", type=Path, help="export folder written by fluxrt export")
+    b.add_argument("onnx_dir", type=Path, help="export folder written by fluxrt export (or a folder of ONNX graphs in "
+                                              "Black Forest Labs' published layout)")
     b.add_argument("--out", type=Path, required=True, help="engine folder to write or update")
     b.add_argument("--precision", choices=("fp16", "bf16", "fp8"), required=True,
                    help="fp16/bf16 need an export of that precision; fp8 calibrates the transformer from an "
@@ -291,7 +313,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-sequence-length", type=int, help="T5 tokens; default 512 (dev), 256 (schnell)")
     g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--backend", choices=("ort-cpu", "ort-cuda", "trt", "torch"),
+    g.add_argument("--backend", choices=BACKEND_CHOICES,
                    help="default: trt for --engines, ort-cpu for --onnx")
     g.add_argument("--cuda-graph", action="store_true",
                    help="ort-cuda: replay the transformer's steps from a CUDA graph (captured on the first step)")

@@ -18,18 +18,31 @@ Named dynamic axes: ``B`` batch, ``S`` text length, ``N`` image tokens
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from fluxrt.dtypes import PRECISION_DTYPE
 
 ACT = "act"  # the floating dtype of the graph's precision
 DTYPES = ("int32", "float32", ACT)
 PRECISIONS = ("fp32", "fp16", "bf16")
 COMPONENTS = ("clip", "t5", "transformer", "vae_decoder", "vae_encoder")
+STAGES = ("clip", "t5", "transformer", "vae_decoder")  # what text-to-image runs; the VAE encoder is optional
 VARIANTS = ("dev", "schnell")
-# numpy / ONNX names of each precision's floating dtype
-PRECISION_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+VARIANT_DEFAULTS = {  # each variant's published sampling settings
+    "dev": dict(num_inference_steps=28, guidance_scale=3.5, max_sequence_length=512),
+    "schnell": dict(num_inference_steps=4, guidance_scale=None, max_sequence_length=256),
+}
+# FLUX.1's VAE latent normalisation, for configs and single files that do not record it
+VAE_SCALING_FACTOR = 0.3611
+VAE_SHIFT_FACTOR = 0.1159
+PAD_TOKENS = {"clip": "<|endoftext|>", "t5": "<pad>"}  # what FLUX's tokenizer/ and tokenizer_2/ pad with
+# how the transformer's attention and element-wise work reach the graph: portable (standard ops,
+# TensorRT fuses them), ort (ONNX Runtime's fused kernels), ort-kernels (ort plus fluxrt's own kernels)
+ATTENTION_MODES = ("portable", "ort", "ort-kernels")
 # the ONNX domain of fluxrt's own ONNX Runtime ops: written by export/ort_kernels.py, served by the
-# library runtime/ort_ops.py builds (runtime/ort_ops/fluxrt_ops.cu registers the same name)
+# library of runtime/ort_ops/ (fluxrt_ops.cu registers the same name)
 ORT_OPS_DOMAIN = "fluxrt"
+SIDE_MULTIPLE = 16  # image sides in pixels: VAE factor 8 x 2x2 latent packing
 
 
 @dataclass(frozen=True)
@@ -96,7 +109,6 @@ class ModelDims:
     latent_channels: int = 16
     vae_scale_factor: int = 8
     image_channels: int = 3
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -126,7 +138,7 @@ class ModelDims:
         return self.variant == "dev"
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelDims":
@@ -220,3 +232,44 @@ def component_precision(name: str, precision: str) -> str:
     if name.startswith("vae"):
         return "fp32"
     return precision
+
+
+Range = tuple[int, int, int]  # (min, opt, max)
+
+
+def check_range(what: str, value: Range) -> None:
+    if (not isinstance(value, tuple) or len(value) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"ShapeEnvelope.{what} must be a (min, opt, max) tuple of ints, got {value!r}")
+    lo, opt, hi = value
+    if not 0 < lo <= opt <= hi:
+        raise ValueError(f"ShapeEnvelope.{what} {value}: need 0 < min <= opt <= max")
+
+
+@dataclass(frozen=True)
+class ShapeEnvelope:
+    """The shapes an engine accepts, in user terms: (min, opt, max) of each.
+
+    ``text_length`` is T5 tokens (512 for dev; pass (1, 256, 256) for schnell); CLIP is always
+    its fixed length.  ``image_side`` bounds both image height and width, in pixels.
+    """
+
+    batch: Range = (1, 1, 4)
+    text_length: Range = (1, 512, 512)
+    image_side: Range = (512, 1024, 1536)
+
+    def __post_init__(self) -> None:
+        check_range("batch", self.batch)
+        check_range("text_length", self.text_length)
+        check_range("image_side", self.image_side)
+        bad = [s for s in self.image_side if s % SIDE_MULTIPLE]
+        if bad:
+            raise ValueError(f"ShapeEnvelope.image_side {self.image_side}: {bad} not a multiple of "
+                             f"{SIDE_MULTIPLE} pixels (VAE factor 8 x 2x2 latent patches)")
+
+    def to_json(self) -> dict:
+        return {"batch": list(self.batch), "text_length": list(self.text_length), "image_side": list(self.image_side)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ShapeEnvelope":
+        return cls(**{k: tuple(v) for k, v in data.items()})

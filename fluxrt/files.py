@@ -1,10 +1,19 @@
-"""Small file helpers every stage uses: content hashes and writes that never leave half a file."""
+"""File helpers every stage uses: one JSON reader, one hasher, writes that never leave half a file,
+and the lock and clean-up that keep concurrent writers of one folder apart."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+from fluxrt.errors import FluxRTError
 
 
 def sha256_file(path: Path) -> str:
@@ -15,8 +24,67 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_json(path: Path, what: str, error: type[FluxRTError] = FluxRTError) -> dict:
+    """The JSON object in ``path``; ``error`` (naming ``what`` and the path) if it is missing,
+    unreadable, not JSON or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what}: {path} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{what}: {path} is not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{what}: {path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed over ``path`` when the block
+    completes, deleted when it raises."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name beside ``path``, then rename over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def remove_leftovers(folder: Path, *patterns: str) -> None:
+    """Delete temporaries a killed writer left behind; call it holding the lock their writers hold."""
+    for pattern in patterns:
+        for path in Path(folder).glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if needed) for the duration of the block."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from fluxrt.errors import InvalidInputError
-from fluxrt.runtime.runners import Array, array_module
+from fluxrt.dtypes import Array, array_module
 
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 # options of diffusers' scheduler that FLUX's configs leave unset or false; each changes the schedule

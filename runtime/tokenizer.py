@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from fluxrt.components import PAD_TOKENS
 from fluxrt.errors import ExportError, InvalidInputError
 
-PAD_TOKENS = {"clip": "<|endoftext|>", "t5": "<pad>"}  # what FLUX's tokenizer/ and tokenizer_2/ pad with
 ENCODER_NAMES = {"clip": "CLIP", "t5": "T5"}
 
 

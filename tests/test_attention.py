@@ -15,10 +15,12 @@ import torch
 from fluxrt.components import ModelDims, component_spec
 from fluxrt.errors import ExportError
 from fluxrt.export import onnx_export
-from fluxrt.export.attention import MSFT_DOMAIN, count_attention_nodes, ort_attention_table, translation_table
-from fluxrt.export.graphs import TransformerGraph
+from fluxrt.export.attention import count_attention_nodes, ort_attention_table
+from fluxrt.export.graphs import TransformerGraph, translation_table
+from fluxrt.export.onnx_ops import MSFT_DOMAIN
 from fluxrt.export.ort_fusions import fuse_graph
 from fluxrt.export.tiny import perturb
+from fluxrt.export.weights import TORCH_DTYPES
 
 TINY = dict(num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2, in_channels=64,
             joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 14, 14))
@@ -39,7 +41,7 @@ def reference():
 
 def wrapped(model, precision: str, rewrite: str = "portable") -> TransformerGraph:
     """The exporter's module: a copy of ``model`` in ``precision`` with the export's rewrites."""
-    return TransformerGraph(copy.deepcopy(model).to(onnx_export.TORCH_DTYPES[precision]), guidance=True,
+    return TransformerGraph(copy.deepcopy(model).to(TORCH_DTYPES[precision]), guidance=True,
                             rewrite=rewrite).eval()
 
 

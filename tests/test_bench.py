@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from fluxrt.runtime import bench
+from fluxrt.bench import pipelines as bench
 
 
 def test_flop_count_of_full_flux_dev():
@@ -67,7 +67,7 @@ def test_bench_cli_errors(tmp_path):
 def test_kernel_classes_and_report_rows():
     """CUPTI kernel names as torch, Triton and ONNX Runtime emit them land in the right class; the
     report's kernel table carries each class's time."""
-    from fluxrt.export.bench_synthetic import KERNEL_COLUMNS, kernel_class, kernel_rows, ort_label
+    from fluxrt.bench.synthetic import KERNEL_COLUMNS, kernel_class, kernel_rows, ort_label
 
     names = {
         "nvjet_sm90_hsh_192x192_64x3_2x1_v_bz_coopB_NNN": "gemm",

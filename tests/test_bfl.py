@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fluxrt.errors import CheckpointError
+from bfl_writers import transformer_diffusers_to_bfl, vae_diffusers_to_bfl
 from fluxrt.export import bfl
 
 TRANSFORMER = dict(num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2, in_channels=64,
@@ -58,7 +59,7 @@ def on_meta(sd: dict) -> dict:
 def test_transformer_round_trip(guidance):
     sd = tiny_transformer(guidance).state_dict()
     expected = dict(TRANSFORMER, axes_dims_rope=[4, 14, 14], guidance_embeds=guidance, patch_size=1, out_channels=64)
-    single = bfl.transformer_diffusers_to_bfl(sd)
+    single = transformer_diffusers_to_bfl(sd)
     back, config = bfl.transformer_bfl_to_diffusers(single)
     assert config == expected
     assert_identical(back, sd)
@@ -70,7 +71,7 @@ def test_transformer_round_trip(guidance):
 @pytest.mark.parametrize("kwargs", [VAE, VAE_32], ids=["groups4", "groups32"])
 def test_vae_round_trip(kwargs):
     sd = tiny_vae(kwargs).state_dict()
-    single = bfl.vae_diffusers_to_bfl(sd)
+    single = vae_diffusers_to_bfl(sd)
     back, config = bfl.vae_bfl_to_diffusers(single, norm_num_groups=kwargs["norm_num_groups"])
     listed = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
     assert config == dict(listed, scaling_factor=0.3611, shift_factor=0.1159)
@@ -78,12 +79,12 @@ def test_vae_round_trip(kwargs):
 
 
 def test_vae_groups_default_to_bfl_32():
-    single = bfl.vae_diffusers_to_bfl(tiny_vae(VAE_32).state_dict())
+    single = vae_diffusers_to_bfl(tiny_vae(VAE_32).state_dict())
     assert bfl.vae_bfl_to_diffusers(on_meta(single))[1]["norm_num_groups"] == 32
 
 
 def test_vae_scaling_is_the_callers():
-    single = bfl.vae_diffusers_to_bfl(tiny_vae(VAE).state_dict())
+    single = vae_diffusers_to_bfl(tiny_vae(VAE).state_dict())
     config = bfl.vae_bfl_to_diffusers(single, norm_num_groups=4, scaling_factor=0.13, shift_factor=None)[1]
     assert (config["scaling_factor"], config["shift_factor"]) == (0.13, None)
 
@@ -120,7 +121,7 @@ def bfl_flux_keys(depth: int, depth_single: int, guidance: bool) -> set[str]:
 
 @pytest.mark.parametrize("guidance", [True, False])
 def test_transformer_has_bfls_key_set_and_shapes(guidance):
-    single = bfl.transformer_diffusers_to_bfl(tiny_transformer(guidance).state_dict())
+    single = transformer_diffusers_to_bfl(tiny_transformer(guidance).state_dict())
     assert set(single) == bfl_flux_keys(2, 2, guidance)
     w, mlp = WIDTH, 4 * WIDTH
     shapes = {"double_blocks.1.img_attn.qkv.weight": (3 * w, w), "double_blocks.0.txt_mod.lin.weight": (6 * w, w),
@@ -149,7 +150,7 @@ def test_diffusers_converter_reads_our_transformer_back(guidance):
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
     sd = tiny_transformer(guidance).state_dict()
-    single = {bfl.BFL_PREFIX + k: v for k, v in bfl.transformer_diffusers_to_bfl(sd).items()}
+    single = {bfl.BFL_PREFIX + k: v for k, v in transformer_diffusers_to_bfl(sd).items()}
     ref = convert_flux_transformer_checkpoint_to_diffusers(padded_linear1(single))
     split = (".attn.to_q.", ".attn.to_k.", ".attn.to_v.", ".proj_mlp.")
     ref = {k: v[:sd[k].shape[0]] if k.startswith("single_") and any(s in k for s in split) else v
@@ -162,7 +163,7 @@ def test_diffusers_converter_reads_our_vae_back(kwargs):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     sd = tiny_vae(kwargs).state_dict()
-    assert_identical(convert_ldm_vae_checkpoint(bfl.vae_diffusers_to_bfl(sd), kwargs), sd)
+    assert_identical(convert_ldm_vae_checkpoint(vae_diffusers_to_bfl(sd), kwargs), sd)
 
 
 # ---- 3. the converted weights compute the same thing ---------------------------------------------
@@ -171,7 +172,7 @@ def test_transformer_forward_after_round_trip(guidance):
     from diffusers import FluxTransformer2DModel
 
     model = tiny_transformer(guidance)
-    state, config = bfl.transformer_bfl_to_diffusers(bfl.transformer_diffusers_to_bfl(model.state_dict()))
+    state, config = bfl.transformer_bfl_to_diffusers(transformer_diffusers_to_bfl(model.state_dict()))
     fresh = FluxTransformer2DModel(**config)
     fresh.load_state_dict(state, strict=True)
     g = torch.Generator().manual_seed(3)
@@ -189,7 +190,7 @@ def test_vae_forward_after_round_trip():
     from diffusers import AutoencoderKL
 
     model = tiny_vae(VAE)
-    state, config = bfl.vae_bfl_to_diffusers(bfl.vae_diffusers_to_bfl(model.state_dict()), norm_num_groups=4)
+    state, config = bfl.vae_bfl_to_diffusers(vae_diffusers_to_bfl(model.state_dict()), norm_num_groups=4)
     fresh = AutoencoderKL(**config)
     fresh.load_state_dict(state, strict=True)
     image = torch.randn(1, 3, 32, 24, generator=torch.Generator().manual_seed(4))
@@ -201,12 +202,12 @@ def test_vae_forward_after_round_trip():
 # ---- 4. errors -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dev_single() -> dict:
-    return bfl.transformer_diffusers_to_bfl(tiny_transformer(True).state_dict())
+    return transformer_diffusers_to_bfl(tiny_transformer(True).state_dict())
 
 
 @pytest.fixture(scope="module")
 def ae_single() -> dict:
-    return bfl.vae_diffusers_to_bfl(tiny_vae(VAE).state_dict())
+    return vae_diffusers_to_bfl(tiny_vae(VAE).state_dict())
 
 
 def test_missing_transformer_key_is_named(dev_single):
@@ -246,7 +247,7 @@ def test_diffusers_side_mismatch_is_named(dev_single):
     with pytest.raises(CheckpointError, match=r"diffusers FluxTransformer2DModel .*1 missing "
                                               r"\(e.g. \['proj_out.bias'\]\); "
                                               r"1 unexpected \(e.g. \['norm_out.extra.weight'\]\)"):
-        bfl.transformer_diffusers_to_bfl(sd)
+        transformer_diffusers_to_bfl(sd)
 
 
 def test_vae_mismatches_are_named(ae_single):

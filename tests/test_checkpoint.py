@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from bfl_writers import transformer_diffusers_to_bfl, vae_diffusers_to_bfl
 from fluxrt.errors import CheckpointError
-from fluxrt.export import bfl
 from fluxrt.export.checkpoint import Checkpoint
 
 
@@ -57,8 +57,8 @@ def test_loader_equals_diffusers(variant, tiny_checkpoints):
 
 def write_bfl_files(root, out_dir):
     ckpt = Checkpoint.open(root)
-    tr = bfl.transformer_diffusers_to_bfl(ckpt.load_transformer(torch.float32).state_dict())
-    ae = bfl.vae_diffusers_to_bfl(ckpt.load_vae(torch.float32).state_dict())
+    tr = transformer_diffusers_to_bfl(ckpt.load_transformer(torch.float32).state_dict())
+    ae = vae_diffusers_to_bfl(ckpt.load_vae(torch.float32).state_dict())
     save_file({k: v.contiguous() for k, v in tr.items()}, out_dir / "flux1-tiny.safetensors")
     save_file({k: v.contiguous() for k, v in ae.items()}, out_dir / "ae.safetensors")
     return out_dir / "flux1-tiny.safetensors", out_dir / "ae.safetensors"

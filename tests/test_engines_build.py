@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from fluxrt.components import ModelDims, component_spec
-from fluxrt.engines import trt as trt_picker
+from fluxrt import trt as trt_picker
 from fluxrt.engines.build import build_engine
-from fluxrt.engines.profiles import ShapeEnvelope, profile_shapes
+from fluxrt.components import ShapeEnvelope
+from fluxrt.engines.profiles import profile_shapes
 from fluxrt.errors import EngineError
-from fluxrt.export.checkpoint import TORCH_DTYPES
+from fluxrt.export.weights import TORCH_DTYPES
 from fluxrt.export.onnx_export import dynamic_shapes, example_inputs, opset_for
 
 DIMS = ModelDims("dev", clip_hidden_size=8, t5_d_model=8, t5_max_length=64, in_channels=16,
@@ -259,7 +260,7 @@ def test_build_plan_matches_spec_and_profile(trt, component_graph, tmp_path):
 
 
 def test_inspect_plan_reads_the_same_io_back(trt, stand_ins, tmp_path):
-    from fluxrt.engines.inspection import inspect_plan
+    from plan_inspection import inspect_plan
 
     spec = component_spec("transformer", DIMS)
     plan = tmp_path / "transformer.plan"
@@ -294,7 +295,7 @@ def test_build_prints_progress(trt, stand_ins, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("component", ["clip", "t5", "transformer", "vae_decoder", "vae_encoder"])
 def test_build_real_tiny_export(trt, fp32_exports, component, tmp_path):
-    from fluxrt.runtime.artifacts import ExportFolder
+    from fluxrt.artifacts import ExportFolder
 
     folder = ExportFolder.open(fp32_exports["dev"])
     spec = folder.spec(component)

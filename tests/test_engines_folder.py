@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from fluxrt.components import component_spec
-from fluxrt.engines.folder import BuildSettings, EngineFolder, build_folder, current_gpu, up_to_date
-from fluxrt.engines.profiles import ShapeEnvelope, profile_shapes
+from fluxrt.artifacts import EngineFolder, current_gpu
+from fluxrt.engines.folder import BuildSettings, build_folder, up_to_date
+from fluxrt.components import ShapeEnvelope
+from fluxrt.engines.profiles import profile_shapes
 from fluxrt.errors import EngineError, ExportError
 
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (fluxrt[trt-rtx]) is not installed")
@@ -186,7 +188,7 @@ def test_trt_runner_matches_onnx_runtime(precision, half_exports, tmp_path):
     module, gpu = gpu_trt()
     import onnxruntime as ort
 
-    from fluxrt.engines.runner import TrtRunner
+    from fluxrt.runtime.trt import TrtRunner
 
     targets = None if module.__name__ == "tensorrt" else (gpu["compute_capability"],)
     out = tmp_path / "eng"

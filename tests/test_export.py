@@ -17,7 +17,8 @@ from onnx.reference import ReferenceEvaluator
 
 from fluxrt.components import component_spec
 from fluxrt.errors import ExportError
-from fluxrt.export.checkpoint import TORCH_DTYPES, Checkpoint
+from fluxrt.export.checkpoint import Checkpoint
+from fluxrt.export.weights import TORCH_DTYPES
 from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
 
 VARIANTS = ("dev", "schnell")

@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 
 from fluxrt.cli import main
-from fluxrt.engines.folder import STAGES, BuildSettings, EngineFolder, graph_sha256, up_to_date
-from fluxrt.engines.profiles import ShapeEnvelope
+from fluxrt.artifacts import EngineFolder, graph_fingerprint
+from fluxrt.components import STAGES
+from fluxrt.engines.folder import BuildSettings, up_to_date
+from fluxrt.components import ShapeEnvelope
 from fluxrt.errors import EngineError, FluxRTError
 from fluxrt.runtime import FluxPipeline
 
@@ -52,7 +54,7 @@ def actions(stdout: str) -> dict[str, str]:
 
 def rebuild_reasons(export: Path, out: Path) -> dict[str, str | None]:
     """Why a later build would rebuild each component; None: it keeps (and so trusts) the plan."""
-    return {name: up_to_date(out, name, graph_sha256(export / f"{name}.onnx"), SETTINGS, LIB) for name in STAGES}
+    return {name: up_to_date(out, name, graph_fingerprint(export / f"{name}.onnx"), SETTINGS, LIB) for name in STAGES}
 
 
 def leftovers(out: Path) -> list[str]:
@@ -162,7 +164,7 @@ def test_corrupted_plans_are_refused(concurrent_build, tmp_path, capsys):
 
 def test_plans_for_another_gpu_or_library_are_refused(concurrent_build, tmp_path, monkeypatch, capsys):
     out = damaged_copy(concurrent_build, tmp_path)
-    monkeypatch.setattr("fluxrt.engines.runner.import_trt", lambda prefer=None: trt)
+    monkeypatch.setattr("fluxrt.runtime.trt.import_trt", lambda prefer=None: trt)
     monkeypatch.setattr("fluxrt.engines.folder.current_gpu", lambda: {"name": "NVIDIA H100", "compute_capability":
                                                                       "SM90"})
     refused(out, r"clip plan .* was built for \['SM89'\]; this GPU \(NVIDIA H100\) is SM90: rebuild it here",

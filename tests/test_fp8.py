@@ -21,9 +21,9 @@ import pytest
 from fluxrt.engines import fp8
 from fluxrt.engines.fp8 import Fp8Settings, bundled_prompts, calibrate_fp8, capture_feeds
 from fluxrt.errors import EngineError
-from fluxrt.runtime.artifacts import ExportFolder
+from fluxrt.artifacts import ExportFolder
 from fluxrt.runtime.pipeline import FluxPipeline
-from fluxrt.runtime.runners import OrtRunner
+from fluxrt.runtime.ort import OrtRunner
 
 CALIBRATION = Fp8Settings(num_prompts=4, num_inference_steps=3, height=64, width=64, max_sequence_length=16, seed=0)
 HELD_OUT_PROMPTS = ["a blue bicycle leaning against a brick wall", "portrait of a cat wearing a crown, oil painting",
@@ -249,7 +249,7 @@ def test_t5_quantizes_attention_and_gated_mlp_inputs(dev, tmp_path):
 
 @pytest.fixture(scope="module")
 def trt_rtx():
-    from fluxrt.engines.trt import import_trt
+    from fluxrt.trt import import_trt
 
     try:
         return import_trt("tensorrt-rtx")
@@ -260,7 +260,7 @@ def trt_rtx():
 @pytest.mark.parametrize("target", ["SM89", "SM120"])
 def test_trt_rtx_builds_the_fp8_graph(quantized, dev, trt_rtx, target, tmp_path):
     from fluxrt.engines.build import build_engine
-    from fluxrt.engines.profiles import ShapeEnvelope
+    from fluxrt.components import ShapeEnvelope
 
     path, _ = quantized
     folder = ExportFolder.open(dev)

@@ -90,7 +90,7 @@ def test_fused_transformer_half_precision_close_to_fp32(exports, precision, boun
 
 
 def test_ort_cuda_sessions_skip_matmul_add_fusion(exports):
-    from fluxrt.runtime.runners import ORT_CUDA_DISABLED_OPTIMIZERS
+    from fluxrt.runtime.ort import ORT_CUDA_DISABLED_OPTIMIZERS
 
     pipe = FluxPipeline.load(exports["ort-fp16"], backend="ort-cuda")
     runner = pipe.runners["transformer"]

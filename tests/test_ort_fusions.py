@@ -149,13 +149,12 @@ def test_fused_export_op_census(tmp_path):
 
     from fluxrt.components import ModelDims, component_spec
     from fluxrt.export import onnx_export
-    from fluxrt.export.attention import translation_table
-    from fluxrt.export.graphs import TransformerGraph
+    from fluxrt.export.graphs import TransformerGraph, translation_table
 
     dims = ModelDims("dev", clip_hidden_size=32, t5_d_model=32, joint_attention_dim=32, pooled_projection_dim=32)
     spec = component_spec("transformer", dims)
     torch.manual_seed(0)
-    module = TransformerGraph(FluxTransformer2DModel(**TINY), guidance=True, rewrite="fused").eval()
+    module = TransformerGraph(FluxTransformer2DModel(**TINY), guidance=True, rewrite="ort").eval()
     with torch.no_grad():
         program = torch.onnx.export(
             module, onnx_export.example_inputs(spec, dims, "fp32"), dynamo=True, opset_version=20,
@@ -186,7 +185,7 @@ def test_fused_export_generates_the_portable_images_and_is_refused_by_the_engine
     import shutil
 
     from fluxrt.engines.folder import BuildSettings, build_folder
-    from fluxrt.engines.profiles import ShapeEnvelope
+    from fluxrt.components import ShapeEnvelope
     from fluxrt.errors import EngineError
     from fluxrt.export.checkpoint import Checkpoint
     from fluxrt.export.onnx_export import ExportRequest, export_checkpoint

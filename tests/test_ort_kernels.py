@@ -306,12 +306,11 @@ def test_cuda_build_compiles_every_kernel(tmp_path):
 def export_kernels_transformer(tmp_path, config=TINY_DEEP, precision="fp32"):
     from fluxrt.components import ModelDims, component_spec
     from fluxrt.export import onnx_export
-    from fluxrt.export.attention import translation_table
-    from fluxrt.export.graphs import TransformerGraph
+    from fluxrt.export.graphs import TransformerGraph, translation_table
 
     dims = ModelDims("dev", clip_hidden_size=32, t5_d_model=32, joint_attention_dim=32, pooled_projection_dim=32)
     spec = component_spec("transformer", dims)
-    module = TransformerGraph(tiny_transformer(config), guidance=True, rewrite="kernels").eval()
+    module = TransformerGraph(tiny_transformer(config), guidance=True, rewrite="ort-kernels").eval()
     with torch.no_grad():
         program = torch.onnx.export(
             module, onnx_export.example_inputs(spec, dims, precision), dynamo=True, opset_version=20,
@@ -357,7 +356,7 @@ def test_kernels_export_through_the_toolkit(ops_library, tiny_checkpoints, fp32_
     import json
 
     from fluxrt.engines.folder import BuildSettings, build_folder
-    from fluxrt.engines.profiles import ShapeEnvelope
+    from fluxrt.components import ShapeEnvelope
     from fluxrt.export.checkpoint import Checkpoint
     from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
     from fluxrt.runtime import FluxPipeline
@@ -461,7 +460,7 @@ def test_cuda_kernels_transformer_equals_cpu_and_replays_in_a_cuda_graph(ops_lib
     np.testing.assert_allclose(gpu.run(None, feed)[0], want, rtol=2e-4, atol=2e-4)
 
     from fluxrt.components import ModelDims, component_spec
-    from fluxrt.runtime.runners import OrtRunner
+    from fluxrt.runtime.ort import OrtRunner
     import cupy
 
     dims = ModelDims("dev", clip_hidden_size=32, t5_d_model=32, joint_attention_dim=32, pooled_projection_dim=32)

@@ -22,13 +22,15 @@ from hypothesis import strategies as st
 
 from fluxrt.cli import main
 from fluxrt.components import component_spec
-from fluxrt.engines.folder import EngineFolder
-from fluxrt.engines.profiles import ShapeEnvelope
+from fluxrt.artifacts import EngineFolder
+from fluxrt.components import ShapeEnvelope
 from fluxrt.errors import EngineError, ExportError, InvalidInputError, NumericError
 from fluxrt.runtime import FluxPipeline
-from fluxrt.runtime.artifacts import ExportFolder
-from fluxrt.runtime.pipeline import STAGES, check_envelope
-from fluxrt.runtime.runners import OrtRunner, Runner
+from fluxrt.artifacts import ExportFolder
+from fluxrt.artifacts import check_envelope
+from fluxrt.components import STAGES
+from fluxrt.runner import Runner
+from fluxrt.runtime.ort import OrtRunner
 
 FAST = dict(height=32, width=32, num_inference_steps=1, max_sequence_length=16)
 

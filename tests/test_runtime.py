@@ -11,129 +11,11 @@ import pytest
 import torch
 
 from fluxrt.errors import InvalidInputError
-from fluxrt.runtime import FluxPipeline, sampling
-from fluxrt.runtime.pipeline import GuidanceIgnoredWarning
-from fluxrt.runtime.tokenizer import PromptTokenizer, PromptTruncatedWarning
+from fluxrt.runtime import FluxPipeline, loop, sampling
+from fluxrt.runtime.params import GuidanceIgnoredWarning
 
-DEV_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
-                     num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
-SCHNELL_SCHEDULER = dict(DEV_SCHEDULER, shift=1.0, use_dynamic_shifting=False)
 IMAGE_TOL = 2e-4  # float32 ONNX Runtime vs float32 torch through the whole loop and the VAE, images in [0, 1]
-
-
-def diffusers_sigmas(config: dict, steps: int, seq_len: int) -> np.ndarray:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
-    scheduler = FlowMatchEulerDiscreteScheduler(**config)
-    mu = calculate_shift(seq_len, config["base_image_seq_len"], config["max_image_seq_len"], config["base_shift"],
-                         config["max_shift"])
-    retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    return scheduler.sigmas.numpy(), scheduler.timesteps.numpy()
-
-
-@pytest.mark.parametrize("config", [DEV_SCHEDULER, SCHNELL_SCHEDULER], ids=["dev", "schnell"])
-@pytest.mark.parametrize("side", [(256, 256), (512, 512), (768, 1024), (1024, 1024), (1536, 1536), (2048, 2048)])
-def test_schedule_equals_diffusers(config, side):
-    seq_len = (side[0] // 16) * (side[1] // 16)
-    for steps in range(1, 51):
-        want, timesteps = diffusers_sigmas(config, steps, seq_len)
-        got = sampling.get_sigmas(steps, seq_len, config)
-        assert got.dtype == np.float32 and got.shape == (steps + 1,)
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-7, err_msg=f"{steps} steps at {side}")
-        np.testing.assert_allclose(got[:-1] * 1000, timesteps, rtol=1e-6)
-
-
-def test_euler_loop_equals_scheduler_step():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
-    sigmas = sampling.get_sigmas(7, 1024, DEV_SCHEDULER)
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 7, 7), mu=sampling.calculate_shift(1024))
-    rng = np.random.default_rng(0)
-    ours = theirs = rng.standard_normal((2, 16, 64)).astype(np.float32)
-    theirs = torch.from_numpy(theirs)
-    for i, t in enumerate(scheduler.timesteps):
-        v = rng.standard_normal((2, 16, 64)).astype(np.float32)
-        theirs = scheduler.step(torch.from_numpy(v), t, theirs).prev_sample
-        ours = sampling.euler_step(ours, v, sigmas[i], sigmas[i + 1])
-    np.testing.assert_allclose(ours, theirs.numpy(), rtol=0, atol=1e-6)
-
-
-def test_packing_and_ids_equal_diffusers():
-    from diffusers import FluxPipeline as DiffusersFlux
-
-    x = np.random.default_rng(0).standard_normal((2, 16, 6, 10)).astype(np.float32)
-    packed = DiffusersFlux._pack_latents(torch.from_numpy(x), 2, 16, 6, 10).numpy()
-    np.testing.assert_array_equal(sampling.pack_latents(x), packed)
-    unpacked = DiffusersFlux._unpack_latents(torch.from_numpy(packed), 48, 80, 8).numpy()
-    np.testing.assert_array_equal(sampling.unpack_latents(packed, 48, 80, 8), unpacked)
-    ids = DiffusersFlux._prepare_latent_image_ids(1, 3, 5, "cpu", torch.float32).numpy()
-    np.testing.assert_array_equal(sampling.image_ids(48, 80, 8), ids)
-
-
-def test_sampler_errors():
-    with pytest.raises(InvalidInputError, match="num_inference_steps must be a positive integer, got 0"):
-        sampling.get_sigmas(0, 256, DEV_SCHEDULER)
-    with pytest.raises(InvalidInputError, match=r"sets \['use_karras_sigmas'\]"):
-        sampling.get_sigmas(4, 256, dict(DEV_SCHEDULER, use_karras_sigmas=True))
-    with pytest.raises(InvalidInputError, match="packed latents have 10 tokens, a 64x64 image needs 16"):
-        sampling.unpack_latents(np.zeros((1, 10, 64), np.float32), 64, 64, 8)
-
-
-PROMPTS = [
-    "", "cat", "A photo of a CAT!! 123", "an astronaut riding a horse on the moon, digital art",
-    "Ünïcödé façade — 東京タワー 🙂🚀 naïve café", "  tabs\tand\n\nnewlines   and    spaces  ",
-    "don't stop; it's 3.14159 o'clock & 50% off!!!", "UPPER lower MiXeD 42 4 2",
-    " ".join(["a lighthouse on a cliff at dawn, oil painting"] * 30),  # > 77 and > 256 tokens
-    " ".join(["portrait of an old fisherman, 35mm film photo"] * 60),  # > 512 tokens
-]
-
-
-@pytest.fixture(scope="module")
-def tokenizers(fp32_exports, tiny_checkpoints):
-    from transformers import CLIPTokenizer, T5TokenizerFast
-
-    root, folder = tiny_checkpoints["dev"], fp32_exports["dev"]
-    return {
-        "clip": (PromptTokenizer.from_file(folder / "tokenizer" / "tokenizer.json", "clip"),
-                 CLIPTokenizer.from_pretrained(root / "tokenizer")),
-        "t5": (PromptTokenizer.from_file(folder / "tokenizer_2" / "tokenizer.json", "t5"),
-               T5TokenizerFast.from_pretrained(root / "tokenizer_2")),
-    }
-
-
-@pytest.mark.parametrize("kind,max_length", [("clip", 77), ("t5", 16), ("t5", 256), ("t5", 512), ("clip", 16)])
-def test_token_ids_equal_transformers(tokenizers, kind, max_length):
-    ours, theirs = tokenizers[kind]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PromptTruncatedWarning)
-        got = ours.encode(PROMPTS, max_length)
-    want = theirs(PROMPTS, padding="max_length", max_length=max_length, truncation=True).input_ids
-    assert got.dtype == np.int32
-    np.testing.assert_array_equal(got, np.array(want))
-
-
-def test_truncation_warns_with_count(tokenizers):
-    ours, theirs = tokenizers["clip"]
-    full = len(theirs(PROMPTS[8]).input_ids)
-    with pytest.warns(PromptTruncatedWarning, match=f"clip prompt 0 has {full} tokens; the limit is 77, so the "
-                                                    f"last {full - 77} were dropped"):
-        ours.encode([PROMPTS[8]], 77)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ours.encode(["short prompt"], 77)  # no warning when nothing is dropped
-
-
-def test_tokenizer_file_errors(tmp_path):
-    from fluxrt.errors import ExportError
-
-    with pytest.raises(ExportError, match="t5 tokenizer file .*absent.json is missing"):
-        PromptTokenizer.from_file(tmp_path / "absent.json", "t5")
-    bad = tmp_path / "bad.json"
-    bad.write_text("{ this is not")
-    with pytest.raises(ExportError, match="clip tokenizer file .*bad.json is not a readable tokenizers JSON"):
-        PromptTokenizer.from_file(bad, "clip")
+LATENT_TOL = 1e-4  # float32 ONNX Runtime vs float32 torch, packed latents after the Euler loop
 
 
 def packed_noise(batch: int, height: int, width: int, seed: int) -> np.ndarray:
@@ -171,17 +53,75 @@ def test_images_equal_diffusers(variant, case, tiny_checkpoints, fp32_exports):
     assert want.std() > 1e-3  # the comparison is not between two blank images
 
 
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_denoise_and_decode_equal_diffusers_loop(variant, tiny_checkpoints, fp32_exports):
+    """The free functions the pipeline, the benchmarks and FP8 calibration share, fed diffusers' own prompt
+    embeddings: ``loop.denoise`` ends where diffusers' denoising loop ends (its last step callback), and
+    ``loop.decode`` feeds the VAE what diffusers' pipeline feeds ``vae.decode``."""
+    from diffusers import FluxPipeline as DiffusersFlux
+
+    theirs = DiffusersFlux.from_pretrained(tiny_checkpoints[variant], local_files_only=True)
+    height, width, steps, batch = 48, 80, 3, 2
+    latents = packed_noise(batch, height, width, seed=3)
+    seen = {}
+
+    def last_step(pipe, i, t, kwargs):
+        seen["latents"] = kwargs["latents"].numpy().copy()
+        return kwargs
+
+    decode = theirs.vae.decode
+
+    def recording_decode(z, *args, **kwargs):
+        seen["vae_input"] = z.numpy().copy()
+        return decode(z, *args, **kwargs)
+
+    theirs.vae.decode = recording_decode
+    prompts = ["a koi pond at night", "a red bicycle"]
+    text, pooled, _ = theirs.encode_prompt(prompts, prompt_2=None, max_sequence_length=32)
+    guidance = 3.0 if variant == "dev" else None
+    want = theirs(prompt_embeds=text, pooled_prompt_embeds=pooled, height=height, width=width,
+                  num_inference_steps=steps, latents=torch.from_numpy(latents), output_type="np",
+                  guidance_scale=guidance or 3.5, callback_on_step_end=last_step).images
+    ours = FluxPipeline.load(fp32_exports[variant], backend="ort-cpu")
+    sigmas = sampling.get_sigmas(steps, latents.shape[1], ours.scheduler_config)
+    img_ids = sampling.image_ids(height, width, ours.dims.vae_scale_factor)
+    steps_seen = []
+    got = loop.denoise(ours.runners["transformer"], latents, pooled.numpy(), text.numpy(), img_ids, sigmas, guidance,
+                       callback=lambda i, n: steps_seen.append((i, n)))
+    assert steps_seen == [(1, steps), (2, steps), (3, steps)]
+    assert got.dtype == np.float32 and got.shape == latents.shape
+    assert np.abs(got - seen["latents"]).max() < LATENT_TOL
+    assert np.abs(got - latents).max() > 0.1  # the loop moved the latents
+    recorded = {}
+    vae = ours.runners["vae_decoder"]
+    original = vae.infer
+    vae.infer = lambda feed: recorded.update(feed) or original(feed)
+    images = loop.decode(vae, got, height, width, ours.dims.vae_scale_factor, ours.scaling_factor, ours.shift_factor)
+    assert np.abs(recorded["latent"] - seen["vae_input"]).max() < LATENT_TOL / ours.scaling_factor
+    assert np.abs(np.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1) - want).max() < IMAGE_TOL
+
+
 def test_torch_backend_and_mixed_setup(fp32_exports):
-    """The torch reference backend, and T5 on torch with the rest on ONNX Runtime, give the ORT images."""
+    """The torch reference backend (injected from the export side), and T5 and the VAE on torch with the
+    rest on ONNX Runtime, give the ORT images; asking the runtime itself for 'torch' says how to get it."""
+    from fluxrt.artifacts import ExportFolder
+    from fluxrt.export.torch_runner import torch_runners
+
     latents = packed_noise(1, 64, 48, 0)
     args = dict(prompt="a koi pond", height=64, width=48, num_inference_steps=2, max_sequence_length=24,
                 latents=latents, output_type="np")
+    folder = ExportFolder.open(fp32_exports["dev"])
     ort_images = FluxPipeline.load(fp32_exports["dev"], backend="ort-cpu")(**args).images
-    torch_images = FluxPipeline.load(fp32_exports["dev"], backend="torch")(**args).images
-    mixed = FluxPipeline.load(fp32_exports["dev"], backend={"t5": "torch", "clip": "ort-cpu",
-                                                             "transformer": "ort-cpu", "vae_decoder": "torch"})
+    torch_images = FluxPipeline.load(fp32_exports["dev"], runners=torch_runners(folder))(**args).images
+    mixed = FluxPipeline.load(fp32_exports["dev"], backend="ort-cpu",
+                              runners=torch_runners(folder, ("t5", "vae_decoder")))
+    assert {k: r.backend for k, r in mixed.runners.items()} == {"clip": "ort-cpu", "t5": "torch",
+                                                                "transformer": "ort-cpu", "vae_decoder": "torch"}
     assert np.abs(torch_images - ort_images).max() < IMAGE_TOL
     assert np.abs(mixed(**args).images - ort_images).max() < IMAGE_TOL
+    with pytest.raises(InvalidInputError, match="backend 'torch' for t5 runs the checkpoint's torch modules.*"
+                                                "torch_runners"):
+        FluxPipeline.load(fp32_exports["dev"], backend={"t5": "torch"})
 
 
 def test_defaults_batches_and_seed(fp32_exports):
@@ -257,3 +197,23 @@ def test_cuda_graph_needs_the_transformer_on_ort_cuda(fp32_exports):
 
     with pytest.raises(InvalidInputError, match="cuda_graph replays the ort-cuda transformer.*'ort-cpu'"):
         FluxPipeline.load(fp32_exports["dev"], backend="ort-cpu", cuda_graph=True)
+
+
+def test_torch_backend_refuses_a_changed_checkpoint(tiny_checkpoints, tmp_path):
+    """The torch backend reopens the source checkpoint by its path: one edited since the export is refused."""
+    import shutil
+
+    from fluxrt.artifacts import ExportFolder
+    from fluxrt.errors import CheckpointError
+    from fluxrt.export.checkpoint import Checkpoint
+    from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
+    from fluxrt.export.torch_runner import torch_runners
+
+    ckpt = shutil.copytree(tiny_checkpoints["dev"], tmp_path / "ckpt")
+    export_checkpoint(Checkpoint.open(ckpt), tmp_path / "onnx", ExportRequest(("clip",), "fp32"))
+    folder = ExportFolder.open(tmp_path / "onnx")
+    assert torch_runners(folder, ("clip",))["clip"].backend == "torch"
+    config = ckpt / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace("3.0", "2.0"))
+    with pytest.raises(CheckpointError, match=r"checkpoint .*ckpt changed since .*onnx was exported from it"):
+        torch_runners(folder, ("clip",))

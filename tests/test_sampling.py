@@ -122,12 +122,6 @@ def test_initial_noise_is_seeded_pcg64():
     assert not np.array_equal(noise, sampling.initial_noise(8, 2, 128, 64, 16, 8))
 
 
-def test_decode_latents_scale_equals_diffusers():
-    x = np.random.default_rng(2).standard_normal((1, 16, 8, 8), dtype=np.float32)
-    want = (torch.from_numpy(x) / 0.3611) + 0.1159
-    np.testing.assert_array_equal(sampling.decode_latents_scale(x, 0.3611, 0.1159), want.numpy())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_uint8_images_equal_vae_image_processor(dtype):
     rng = np.random.default_rng(3)

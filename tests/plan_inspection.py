@@ -1,4 +1,4 @@
-"""Read a plan's I/O tensors and profile shapes back from the plan itself.
+"""Test helper: read a plan's I/O tensors and profile shapes back from the plan itself.
 
 This deserializes the engine, which needs a CUDA driver and a GPU the plan was built for:
 TensorRT-RTX builds on a machine without a GPU, but its runtime cannot even deserialize
@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
-from fluxrt.engines.build import dtype_name, make_logger
-from fluxrt.engines.trt import import_trt, library_name
+from fluxrt.dtypes import from_trt
 from fluxrt.errors import EngineError
+from fluxrt.trt import import_trt, library_name, make_logger
 
 
 def inspect_plan(plan_path: str | Path, trt_module: ModuleType | None = None) -> dict:
@@ -25,7 +25,7 @@ def inspect_plan(plan_path: str | Path, trt_module: ModuleType | None = None) ->
     if not plan_path.is_file():
         raise EngineError(f"engine plan {plan_path} does not exist")
     trt = trt_module or import_trt()
-    logger = make_logger(trt, echo=False)
+    logger = make_logger(trt)
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
     if engine is None:
@@ -35,7 +35,7 @@ def inspect_plan(plan_path: str | Path, trt_module: ModuleType | None = None) ->
     inputs, outputs = [], []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
-        entry = {"name": name, "dtype": dtype_name(engine.get_tensor_dtype(name)),
+        entry = {"name": name, "dtype": from_trt(engine.get_tensor_dtype(name)),
                  "shape": list(engine.get_tensor_shape(name))}
         if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
             entry["profile"] = [list(s) for s in engine.get_tensor_profile_shape(name, 0)]

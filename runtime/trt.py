@@ -1,7 +1,7 @@
-"""The TensorRT runner: one plan behind the runtime's runner interface, with either the
+"""The TensorRT backend (``trt``): one plan behind the runner interface, with either the
 ``tensorrt`` module or ``tensorrt_rtx_bindings``.  Inputs and outputs are CuPy arrays on the
 GPU (numpy inputs are copied up once); execution is enqueued on CuPy's current stream.
-cupy has no bfloat16: bf16 tensors travel as uint16 bit patterns (see ``fluxrt.runtime.dtypes``).
+cupy has no bfloat16: bf16 tensors travel as uint16 bit patterns (see ``fluxrt.dtypes``).
 """
 
 from __future__ import annotations
@@ -10,14 +10,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Mapping
 
+from fluxrt.artifacts import EngineFolder, current_gpu
 from fluxrt.components import ComponentSpec
-from fluxrt.engines.build import dtype_name, make_logger
-from fluxrt.engines.trt import import_trt, library_info
+from fluxrt.dtypes import DTYPES, Array, from_trt
 from fluxrt.errors import EngineError, InvalidInputError
-from fluxrt.runtime.runners import Array, Runner
-
-CUPY_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16", "int32": "int32",
-               "int64": "int64", "bool": "bool"}
+from fluxrt.runner import Runner
+from fluxrt.trt import import_trt, library_info, make_logger
 
 
 class TrtRunner(Runner):
@@ -32,9 +30,8 @@ class TrtRunner(Runner):
         self.engine = self.context = None
 
     @classmethod
-    def from_engine_folder(cls, folder, name: str, trt_module: ModuleType | None = None) -> "TrtRunner":
-        from fluxrt.engines.folder import current_gpu
-
+    def from_engine_folder(cls, folder: EngineFolder, name: str, trt_module: ModuleType | None = None) -> "TrtRunner":
+        """The plan of ``name``, verified (bytes, build, library, GPU) once, here; loaded by ``activate``."""
         trt = trt_module or import_trt()
         plan = folder.verify_plan(name, library_info(trt), current_gpu())
         return cls(folder.spec(name), folder.graph_precision(name), plan, trt)
@@ -42,7 +39,7 @@ class TrtRunner(Runner):
     def _activate(self) -> None:
         trt = self.trt_module or import_trt()
         self.trt_module = trt
-        logger = make_logger(trt, echo=False)
+        logger = make_logger(trt)
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if engine is None:
@@ -84,7 +81,7 @@ class TrtRunner(Runner):
             outputs = {}
             for name in self.spec.output_names:
                 shape = tuple(self.context.get_tensor_shape(name))
-                dtype = CUPY_DTYPES[dtype_name(self.engine.get_tensor_dtype(name))]
+                dtype = DTYPES[from_trt(self.engine.get_tensor_dtype(name))].cupy
                 out = cupy.empty(shape, dtype=dtype)
                 self.context.set_tensor_address(name, out.data.ptr)
                 outputs[name] = out

@@ -32,13 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxrt.components import ModelDims, component_spec
+from fluxrt.bench import pipelines as bench
+from fluxrt.components import VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR, ModelDims, component_precision, component_spec
 from fluxrt.export import graphs
 from fluxrt.export.memory import PeakMemory
-from fluxrt.export.onnx_export import TRANSFORMER_REWRITES, dynamic_shapes, example_inputs, opset_for, write_program
+from fluxrt.export.onnx_export import dynamic_shapes, example_inputs, opset_for, write_program
 from fluxrt.export.ort_fusions import fuse_graph
-from fluxrt.runtime import bench
-from fluxrt.runtime.runners import ORT_CUDA_DISABLED_OPTIMIZERS
+from fluxrt.export.weights import TORCH_DTYPES
+from fluxrt.files import atomic_write_json
+from fluxrt.runtime.ort import ORT_CUDA_DISABLED_OPTIMIZERS
 
 FLUX_DEV = {
     "transformer": dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
@@ -53,8 +55,9 @@ FLUX_DEV = {
     "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
                 layers_per_block=2, norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
-                scaling_factor=0.3611, shift_factor=0.1159),
+                scaling_factor=VAE_SCALING_FACTOR, shift_factor=VAE_SHIFT_FACTOR),
 }
+
 
 def tiny_configs() -> dict:
     """The built-in tiny model's architecture: for smoke-testing this benchmark on a CPU."""
@@ -69,7 +72,6 @@ def tiny_configs() -> dict:
     }
 
 
-MODELS = {"flux-dev": FLUX_DEV}
 CONFIG = dict(FLUX_DEV)
 DIMS = ModelDims(variant="dev")
 
@@ -84,7 +86,6 @@ def use_model(name: str) -> None:
     DIMS = ModelDims(variant="dev", clip_hidden_size=configs["clip"]["hidden_size"],
                      t5_d_model=configs["t5"]["d_model"], joint_attention_dim=t["joint_attention_dim"],
                      pooled_projection_dim=t["pooled_projection_dim"])
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class Results:
     def add(self, **entry) -> None:
         self.data["measurements"].append(entry)
         self.data["machine"] = bench.machine_info()
-        bench.write_json(self.path, self.data)
+        atomic_write_json(self.path, self.data)
         log(json.dumps(entry, default=str))
 
 
@@ -238,10 +239,8 @@ def kernel_profile(fn, iters: int, device: str) -> dict:
 
 
 def export_onnx(component: str, module: torch.nn.Module, precision: str, path: Path, attention: str) -> dict:
-    from fluxrt.export.attention import translation_table
-
     spec = component_spec("vae_decoder" if component == "vae" else component, DIMS)
-    wrapped = graph_module(component, module, rewrite=TRANSFORMER_REWRITES[attention])
+    wrapped = graph_module(component, module, rewrite=attention)
     device = next(module.parameters()).device
     # tracing takes the exporter's own example sizes (no axis of size 1, no two axes equal)
     args = tuple(x.to(device) for x in example_inputs(spec, DIMS, precision))
@@ -250,7 +249,7 @@ def export_onnx(component: str, module: torch.nn.Module, precision: str, path: P
         program = torch.onnx.export(
             wrapped, args, dynamo=True, opset_version=opset_for(precision), input_names=spec.input_names,
             output_names=spec.output_names, dynamic_shapes=dynamic_shapes(spec, DIMS), verbose=False,
-            custom_translation_table=translation_table(attention) if component == "transformer" else None)
+            custom_translation_table=graphs.translation_table(attention) if component == "transformer" else None)
         fusions = fuse_graph(program.model) if component == "transformer" and attention == "ort" else {}
         traced = time.perf_counter() - start
         write_program(program, path, external=True)
@@ -282,9 +281,9 @@ def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape:
              attention: str = "ort") -> dict:
     import onnxruntime as ort
 
+    from fluxrt.dtypes import cast
     from fluxrt.runtime import ort_ops
-    from fluxrt.runtime.dtypes import cast
-    from fluxrt.runtime.runners import OrtRunner
+    from fluxrt.runtime.ort import OrtRunner
 
     if device == "cuda" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA/cuDNN from the nvidia wheels torch already uses
@@ -349,8 +348,9 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
         return
     for attention, precision in [(a, p) for a in (attentions if component == "transformer" else attentions[:1])
                                  for p in precisions]:
-        dtype = DTYPES["fp32" if component == "vae" and precision == "fp16" else precision]
-        graph_precision = "fp32" if dtype == torch.float32 else precision
+        # the exporter's rule: the VAE stays fp32 in half-precision exports
+        graph_precision = component_precision("vae_decoder" if component == "vae" else component, precision)
+        dtype = TORCH_DTYPES[graph_precision]
         module = build(component, dtype, device, layers)
         feed = inputs(component, shape, dtype, device)
         path = work / f"{label}-{attention}-{precision}" / f"{component}.onnx"
@@ -435,7 +435,7 @@ def parse_plan(text: str) -> list[tuple[str, tuple | None]]:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m fluxrt.export.bench_synthetic")
+    p = argparse.ArgumentParser(prog="fluxrt bench-synthetic")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--plan", default="transformer:1+2,transformer:2+4")
     p.add_argument("--precisions", default="fp16,bf16")
@@ -570,7 +570,7 @@ def report(result_files: list[Path], out_dir: Path) -> dict:
     out = {"machine": machine, "settings": settings, "full_model": full, "export": exports,
            "method": __doc__.strip(), "measurements": measurements}
     out_dir.mkdir(parents=True, exist_ok=True)
-    bench.write_json(out_dir / "h100.json", out)
+    atomic_write_json(out_dir / "h100.json", out)
     cols = [("backend", "backend"), ("precision", "precision"), ("transformer_step_ms", "transformer step ms"),
             ("transformer_step_vs_eager", "x eager"), ("transformer_tflops", "TFLOP/s"), ("clip_ms", "CLIP ms"),
             ("clip_vs_eager", "x eager"), ("t5_ms", "T5 ms"), ("t5_vs_eager", "x eager"), ("vae_ms", "VAE ms"),

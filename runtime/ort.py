@@ -1,145 +1,55 @@
-"""One runner interface for every backend.
+"""The ONNX Runtime backend (``ort-cpu``, ``ort-cuda``): one graph behind the runner interface.
 
-A runner executes one component's graph.  Its shape follows Polygraphy's: ``activate()``
-loads the backend's session or engine, ``infer(feed) -> dict`` checks the feed against the
-component's tensor spec before running, ``last_inference_time`` says how long the last call
-took.  The denoise loop in ``pipeline.py`` runs over any mix of runners.
+On ``ort-cuda`` inputs and outputs are CuPy arrays bound to device memory through I/O binding, so
+the loop never copies through the host; ``cuda_graph=True`` replays the run from a CUDA graph
+captured per input shape.  A graph exported with ``--attention ort-kernels`` gets fluxrt's op
+library (runtime/ort_ops/) registered on its session.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from fluxrt.components import ComponentSpec
+from fluxrt.dtypes import BY_ORT, DTYPES, Array
 from fluxrt.errors import EngineError, InvalidInputError
-
-Array = Any  # numpy.ndarray, or a device array (cupy.ndarray) on GPU backends
-
-
-def array_module(x: Array):
-    """numpy or cupy, whichever owns ``x``."""
-    mod = type(x).__module__.split(".")[0]
-    if mod == "cupy":
-        import cupy
-
-        return cupy
-    return np
-
-
-class Runner(ABC):
-    """Runs one component.  ``precision`` is the graph's activation precision (fp32/fp16/bf16)."""
-
-    backend: str = "abstract"
-    device: str = "cpu"  # where infer() wants its inputs and leaves its outputs: "cpu" or "cuda"
-
-    def __init__(self, spec: ComponentSpec, precision: str):
-        self.spec = spec
-        self.precision = precision
-        self.last_inference_time: float | None = None
-        self._active = False
-        self._lock = threading.Lock()
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def activate(self) -> "Runner":
-        with self._lock:
-            if not self._active:
-                self._activate()
-                self._active = True
-        return self
-
-    def deactivate(self) -> None:
-        with self._lock:
-            if self._active:
-                self._deactivate()
-                self._active = False
-
-    def input_dtype(self, name: str) -> str:
-        return self.spec.input(name).resolved_dtype(self.precision)
-
-    def check_feed(self, feed: Mapping[str, Array]) -> None:
-        missing = [n for n in self.spec.input_names if n not in feed]
-        extra = [n for n in feed if n not in self.spec.input_names]
-        if missing or extra:
-            raise InvalidInputError(
-                f"{self.name} ({self.backend}): feed has inputs {sorted(feed)}, expected {self.spec.input_names}"
-            )
-        for t in self.spec.inputs:
-            x = feed[t.name]
-            want = self.input_dtype(t.name)
-            bf16_bits = want == "bfloat16" and self.device == "cuda" and str(x.dtype) == "uint16"
-            if str(x.dtype) != want and not bf16_bits:
-                raise InvalidInputError(f"{self.name} ({self.backend}): input {t.name!r} has dtype {x.dtype}, "
-                                        f"expected {want}")
-            if len(x.shape) != len(t.shape) or any(
-                isinstance(d, int) and d != s for d, s in zip(t.shape, x.shape)
-            ):
-                raise InvalidInputError(f"{self.name} ({self.backend}): input {t.name!r} has shape "
-                                        f"{tuple(x.shape)}, expected {t.shape}")
-
-    def infer(self, feed: Mapping[str, Array]) -> dict[str, Array]:
-        if not self._active:
-            raise EngineError(f"{self.name} ({self.backend}): runner used before activate()")
-        self.check_feed(feed)
-        start = time.perf_counter()
-        out = self._infer(feed)
-        self.last_inference_time = time.perf_counter() - start
-        return out
-
-    @abstractmethod
-    def _activate(self) -> None: ...
-
-    def _deactivate(self) -> None:
-        pass
-
-    @abstractmethod
-    def _infer(self, feed: Mapping[str, Array]) -> dict[str, Array]: ...
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name}, {self.precision}, {self.device})"
-
+from fluxrt.runner import Runner
 
 # ONNX Runtime graph transformers skipped on CUDA by default. MatMulAddFusion turns MatMul + bias Add
 # into Gemm, whose CUDA kernel first broadcasts the bias into the output with a slow kernel and then
 # accumulates into it: on an H100 (FLUX transformer, 1+2 full-width blocks, fp16) 25 such broadcasts
 # took 1.25 ms of a 9.4 ms step; the plain per-channel Add kernels cost 0.37 ms (docs/benchmarks).
 ORT_CUDA_DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
-ORT_PROVIDERS = {"ort-cpu": ["CPUExecutionProvider"],
-                 "ort-cuda": [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]}
+ORT_BACKENDS = ("ort-cpu", "ort-cuda")
+MAX_CUDA_GRAPHS = 8  # captured shapes per runner; each keeps its own input and output buffers
 
 
 class OrtRunner(Runner):
-    """ONNX Runtime.  On ``ort-cuda`` inputs and outputs are CuPy arrays bound to device memory
-    through I/O binding, so the loop never copies through the host.  ``cuda_graph=True`` captures
-    the run in a CUDA graph per input shape (up to ``max_cuda_graphs``): each owns fixed input/output
-    buffers, and later calls of that shape replay it."""
+    """ONNX Runtime.  ``cuda_graph=True`` captures the run in a CUDA graph per input shape (up to
+    ``max_cuda_graphs``): each owns fixed input/output buffers, and later calls of that shape replay it."""
 
     def __init__(self, spec: ComponentSpec, precision: str, onnx_path: str | Path, backend: str = "ort-cpu",
-                 session_options: Any = None, cuda_graph: bool = False, provider_options: dict | None = None,
-                 disabled_optimizers: tuple[str, ...] | None = None, max_cuda_graphs: int = 8,
+                 session_options: Any = None, cuda_graph: bool = False,
+                 disabled_optimizers: tuple[str, ...] | None = None, max_cuda_graphs: int = MAX_CUDA_GRAPHS,
                  custom_ops: str | Path | None = None):
-        """``custom_ops``: fluxrt's ONNX Runtime op library (runtime/ort_ops.py), registered on the
+        """``custom_ops``: fluxrt's ONNX Runtime op library (runtime/ort_ops/), registered on the
         session, for graphs exported with ``--attention ort-kernels``."""
         super().__init__(spec, precision)
-        if backend not in ORT_PROVIDERS:
-            raise ValueError(f"OrtRunner backend {backend!r} is not one of {list(ORT_PROVIDERS)}")
+        if backend not in ORT_BACKENDS:
+            raise ValueError(f"OrtRunner backend {backend!r} is not one of {list(ORT_BACKENDS)}")
         if cuda_graph and backend != "ort-cuda":
             raise ValueError("cuda_graph needs backend 'ort-cuda'")
+        if isinstance(max_cuda_graphs, bool) or not isinstance(max_cuda_graphs, int) or max_cuda_graphs < 1:
+            raise ValueError(f"max_cuda_graphs must be a positive integer, got {max_cuda_graphs!r}")
         self.backend = backend
         self.device = "cuda" if backend == "ort-cuda" else "cpu"
         self.onnx_path = Path(onnx_path)
         self.session_options = session_options
         self.cuda_graph = cuda_graph
-        self.max_cuda_graphs = int(max_cuda_graphs)
-        self.provider_options = dict(provider_options or {})
+        self.max_cuda_graphs = max_cuda_graphs
         if disabled_optimizers is None:  # ONNX Runtime graph transformers to skip, by name
             disabled_optimizers = ORT_CUDA_DISABLED_OPTIMIZERS if backend == "ort-cuda" else ()
         self.disabled_optimizers = tuple(disabled_optimizers)
@@ -150,9 +60,7 @@ class OrtRunner(Runner):
     def providers(self) -> list:
         if self.backend == "ort-cpu":
             return ["CPUExecutionProvider"]
-        options = dict(self.provider_options)
-        if self.cuda_graph:
-            options["enable_cuda_graph"] = "1"
+        options = {"enable_cuda_graph": "1"} if self.cuda_graph else {}
         return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
     def _activate(self) -> None:
@@ -227,7 +135,8 @@ class OrtRunner(Runner):
                     raise InvalidInputError(
                         f"{self.name}: {len(graphs)} CUDA graphs already captured (shapes "
                         f"{[dict(k) for k in graphs]}); a new shape {dict(shapes)} needs another: raise "
-                        f"max_cuda_graphs or load the pipeline without CUDA graphs")
+                        f"max_cuda_graphs (FluxPipeline.load(..., max_cuda_graphs=N)) or load the pipeline without "
+                        f"CUDA graphs")
                 run_options = ort.RunOptions()  # ids from 1: ONNX Runtime reserves 0 for its own use
                 run_options.add_run_config_entry("gpu_graph_id", str(len(graphs) + 1))
                 graphs[shapes] = (*self._capture(feed), run_options)
@@ -247,7 +156,7 @@ class OrtRunner(Runner):
             binding.bind_input(name, "cuda", x.device.id, self.element_type(name, x), list(x.shape), x.data.ptr)
         outputs = {}
         for value, (name, shape) in zip(self.session.get_outputs(), output_shapes(self.spec, feed).items()):
-            onnx_type = ORT_TYPES[value.type]
+            onnx_type = BY_ORT[value.type]
             out = cupy.empty(shape, dtype="uint16" if onnx_type == "bfloat16" else onnx_type)
             element = ONNX_BFLOAT16 if onnx_type == "bfloat16" else np_dtype(out.dtype)
             binding.bind_output(name, "cuda", out.device.id, element, list(out.shape), out.data.ptr)
@@ -280,9 +189,7 @@ def output_shapes(spec: ComponentSpec, feed: Mapping[str, Array]) -> dict[str, t
     return out
 
 
-ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16, which ORT's I/O binding takes for bfloat16 buffers
-ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",
-             "tensor(int64)": "int64", "tensor(bfloat16)": "bfloat16"}
+ONNX_BFLOAT16 = DTYPES["bfloat16"].onnx  # ORT's I/O binding takes bfloat16 buffers by ONNX element type
 
 
 def np_dtype(dtype) -> Any:
@@ -292,11 +199,10 @@ def np_dtype(dtype) -> Any:
 def ortvalue_to_cupy(value) -> Array:
     """Wrap an ORT-owned CUDA buffer as a cupy array without copying; the OrtValue stays alive
     through the memory object's owner reference.  cupy has no bfloat16: such outputs come back
-    as uint16 bit patterns (see ``dtypes.py``)."""
+    as uint16 bit patterns (see ``fluxrt.dtypes``)."""
     import cupy
 
-    name = ORT_TYPES[value.data_type()]
-    dtype = np.dtype("uint16" if name == "bfloat16" else name)
+    dtype = np.dtype(DTYPES[BY_ORT[value.data_type()]].cupy)
     shape = value.shape()
     nbytes = int(np.prod(shape)) * dtype.itemsize
     mem = cupy.cuda.UnownedMemory(value.data_ptr(), nbytes, value)

@@ -1,10 +1,13 @@
 """Pick the TensorRT library: full TensorRT (``tensorrt``, version 10 or later) or TensorRT-RTX
 (``tensorrt_rtx_bindings``).  Both have the same Builder / OnnxParser / Runtime API; TensorRT-RTX
-also builds ahead of time for a named compute capability on a machine without a GPU."""
+also builds ahead of time for a named compute capability on a machine without a GPU.  The engine
+builder and the runtime's TensorRT runner both start here, and a plan's sidecar records
+:func:`library_info` so that the runtime refuses a plan of another library or version."""
 
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
 from fluxrt.errors import EngineError
@@ -58,3 +61,21 @@ def library_info(trt: ModuleType) -> dict:
 
 def is_rtx(trt: ModuleType) -> bool:
     return library_name(trt) == "tensorrt-rtx"
+
+
+def make_logger(trt: ModuleType, echo: bool = False, prefix: str = "[fluxrt build]"):
+    """A TensorRT logger that keeps errors for exception messages and echoes warnings if asked."""
+
+    class CollectingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            level = int(severity)
+            if level <= int(trt.ILogger.Severity.ERROR):
+                self.errors.append(msg)
+            if echo and level <= int(trt.ILogger.Severity.WARNING):
+                print(f"{prefix} TensorRT {severity.name.lower()}: {msg}", file=sys.stderr, flush=True)
+
+    return CollectingLogger()

@@ -1,4 +1,5 @@
-"""Benchmark discipline and reports, without torch.
+"""Benchmark discipline and reports, and ``fluxrt bench``: the runtime's stages over export or
+engine folders, timed side by side in one run.
 
 Every timing excludes warm-up runs and synchronizes the device before reading the clock.
 The transformer's achieved TFLOP/s uses the analytic count in :func:`transformer_flops`.
@@ -17,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from fluxrt.files import atomic_write_text
+from fluxrt.artifacts import EXPORT_MANIFEST_COPY
+from fluxrt.files import atomic_path, atomic_write_json, atomic_write_text
 
 
 def device_sync() -> None:
@@ -159,13 +161,8 @@ def bar_chart(rows: list[dict], label_key: str, group_key: str, value_key: str, 
         draw.rectangle([left, y + 4, left + 10, y + 14], fill=palette[i % len(palette)])
         draw.text((left + 16, y + 2), str(label), fill="black")
         y += 20
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 # ---- fluxrt bench: stages of the runtime pipeline over export or engine folders -------------------
@@ -215,39 +212,52 @@ def transformer_config(pipe) -> dict | None:
 
 
 def read_export_manifest(root: Path) -> dict | None:
-    path = Path(root) / "export_manifest.json"
+    path = Path(root) / EXPORT_MANIFEST_COPY
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_pipeline(config: BenchConfig):
+    """The pipeline of one configuration; the torch backend's runners are injected from the export side."""
+    from fluxrt.artifacts import ExportFolder
+    from fluxrt.runtime.pipeline import FluxPipeline
+
+    if config.backend == "torch":
+        from fluxrt.export.torch_runner import torch_runners
+
+        return FluxPipeline.load(config.path, runners=torch_runners(ExportFolder.open(config.path)))
+    graph = config.backend == CUDA_GRAPH_BACKEND
+    return FluxPipeline.load(config.path, backend="ort-cuda" if graph else config.backend, cuda_graph=graph)
 
 
 def bench_one(config: BenchConfig, s: BenchSettings) -> tuple[dict, np.ndarray]:
     """Per-stage latency of one pipeline, and its images for the quality comparison."""
-    from fluxrt.runtime import sampling
-    from fluxrt.runtime.pipeline import FluxPipeline
+    from fluxrt.runtime import loop, sampling
 
     log(f"{config.label}: loading {config.path} on {config.backend}")
-    graph = config.backend == CUDA_GRAPH_BACKEND
-    pipe = FluxPipeline.load(config.path, backend="ort-cuda" if graph else config.backend, cuda_graph=graph)
-    p = pipe.resolve([s.prompt] * s.batch, s.height, s.width, s.steps, None, s.text_length, 1, s.seed, None)
-    clip_ids = pipe.clip_tokenizer.encode(p["prompts"], pipe.dims.clip_max_length)
-    t5_ids = pipe.t5_tokenizer.encode(p["prompts"], s.text_length)
-    noise = sampling.initial_noise(s.seed, s.batch, s.height, s.width, pipe.dims.latent_channels,
-                                   pipe.dims.vae_scale_factor)
-    latents = sampling.pack_latents(noise)  # [B, N, 64]
-    pooled, text = pipe.encode_prompts(p["prompts"], s.text_length)
-    device_latents = pipe.to_device(pipe.runners["transformer"], latents)
+    pipe = load_pipeline(config)
+    p = pipe.params([s.prompt] * s.batch, s.height, s.width, s.steps, None, s.text_length, 1, s.seed)
+    r = pipe.runners
+    clip_ids = pipe.clip_tokenizer.encode(list(p.prompts), pipe.dims.clip_max_length)
+    t5_ids = pipe.t5_tokenizer.encode(list(p.prompts), s.text_length)
+    latents = pipe.initial_latents(p)  # [B, N, 64]
+    pooled, text = pipe.encode_prompts(p.prompts, s.text_length)
+    device_latents = loop.to_device(r["transformer"], latents)
+    sigmas = sampling.get_sigmas(s.steps, latents.shape[1], pipe.scheduler_config)
+    img_ids = sampling.image_ids(s.height, s.width, pipe.dims.vae_scale_factor)
     h, w = sampling.latent_size(s.height, s.width, pipe.dims.vae_scale_factor)
-    vae_latent = np.zeros((s.batch, pipe.dims.latent_channels, h, w), np.float32)
+    vae_latent = loop.cast_input(r["vae_decoder"], "latent", np.zeros((s.batch, pipe.dims.latent_channels, h, w),
+                                                                       np.float32))
 
-    def one_step():
-        pipe.denoise_latents(device_latents, pooled, text, dict(p, num_inference_steps=1))
+    def denoise(schedule):
+        return loop.denoise(r["transformer"], device_latents, pooled, text, img_ids, schedule, p.guidance_scale)
 
     stages = {
-        "clip": lambda: pipe.run("clip", {"input_ids": clip_ids}),
-        "t5": lambda: pipe.run("t5", {"input_ids": t5_ids}),
-        "transformer_step": one_step,
-        "denoise_loop": lambda: pipe.denoise_latents(device_latents, pooled, text, p),
-        "vae_decode": lambda: pipe.run("vae_decoder", {"latent": pipe.cast("vae_decoder", vae_latent, "latent")}),
-        "generation": lambda: pipe(p["prompts"], height=s.height, width=s.width, num_inference_steps=s.steps,
+        "clip": lambda: loop.run_stage(r["clip"], {"input_ids": clip_ids}),
+        "t5": lambda: loop.run_stage(r["t5"], {"input_ids": t5_ids}),
+        "transformer_step": lambda: denoise(sigmas[:2]),
+        "denoise_loop": lambda: denoise(sigmas),
+        "vae_decode": lambda: loop.run_stage(r["vae_decoder"], {"latent": vae_latent}),
+        "generation": lambda: pipe(list(p.prompts), height=s.height, width=s.width, num_inference_steps=s.steps,
                                    max_sequence_length=s.text_length, latents=latents, output_type="np"),
     }
     result = {"label": config.label, "path": str(config.path), "backend": config.backend,
@@ -256,11 +266,11 @@ def bench_one(config: BenchConfig, s: BenchSettings) -> tuple[dict, np.ndarray]:
         log(f"{config.label}: {name}")
         stats = summarize(time_call(fn, warmup=s.warmup, iters=s.iters))
         result["stages"][name] = stats
-    config = transformer_config(pipe)
-    if config:
+    tconfig = transformer_config(pipe)
+    if tconfig:
         n = (s.height // 16) * (s.width // 16)
-        flops = transformer_flops(s.batch, n, s.text_length, config["num_layers"], config["num_single_layers"],
-                                  inner=config["num_attention_heads"] * config["attention_head_dim"],
+        flops = transformer_flops(s.batch, n, s.text_length, tconfig["num_layers"], tconfig["num_single_layers"],
+                                  inner=tconfig["num_attention_heads"] * tconfig["attention_head_dim"],
                                   joint_dim=pipe.dims.joint_attention_dim, pooled_dim=pipe.dims.pooled_projection_dim,
                                   guidance=pipe.dims.guidance)
         step = result["stages"]["transformer_step"]["p50_ms"]
@@ -288,7 +298,7 @@ def bench_pipelines(configs: list[BenchConfig], s: BenchSettings, out_dir: Path)
         r["quality"] = image_quality(images[r["label"]], images[reference["label"]])
     report = {"settings": asdict(s), "machine": machine_info(), "runs": runs,
               "flop_formula": transformer_flops.__doc__.strip()}
-    write_json(out_dir / "bench.json", report)
+    atomic_write_json(out_dir / "bench.json", report)
     write_markdown(report, out_dir / "bench.md")
     rows = [{"config": r["label"], "stage": k, "p50_ms": v["p50_ms"]} for r in runs for k, v in r["stages"].items()]
     bar_chart(rows, "config", "stage", "p50_ms", "p50 latency per stage (ms)", out_dir / "bench.png")
@@ -309,6 +319,4 @@ def write_markdown(report: dict, path: Path) -> None:
     text += "\n" + markdown_table(summary, [("config", "config"), ("ips", "images/s"), ("tflops", "transformer TFLOP/s"),
                                             ("psnr", "PSNR dB"), ("max_abs", "max |diff|"),
                                             ("mean_abs", "mean |diff|"), ("vs", "against")])
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(f"# fluxrt bench\n\nSettings: {report['settings']}\n\n{text}")
-    os.replace(tmp, path)
+    atomic_write_text(path, f"# fluxrt bench\n\nSettings: {report['settings']}\n\n{text}")

@@ -1,0 +1,115 @@
+"""safetensors files -> torch modules: headers validated against the file, shard indexes, key
+sets checked by name, weights memory-mapped and assigned into modules built on the meta device."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fluxrt.dtypes import PRECISION_DTYPE
+from fluxrt.errors import CheckpointError
+from fluxrt.files import read_json
+
+TORCH_DTYPES = {p: getattr(torch, name) for p, name in PRECISION_DTYPE.items()}  # "fp16" -> torch.float16
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, validated against the file's size."""
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} is missing")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path} is not a safetensors file: {size} bytes, too short for a header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 * 2**20):
+                raise CheckpointError(f"{path} is not a safetensors file: header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: its header needs {8 + n + end} bytes, the file has {size}")
+    return header
+
+
+def weight_files(folder: Path, single_name: str) -> list[Path]:
+    """The safetensors files of one component folder: a single file, or the shards its index lists."""
+    single = folder / single_name
+    index = folder / f"{single_name}.index.json"
+    if index.is_file():
+        data = read_json(index, f"shard index of {folder.name}", CheckpointError)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"shard index {index} has no 'weight_map' object")
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"shard index {index} lists {len(shards)} shards but {len(missing)} are missing: {missing[:5]}"
+            )
+        return [folder / s for s in shards]
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{folder} holds no weights: expected {single_name} or {single_name}.index.json")
+
+
+def read_state_dict(files: list[Path], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        safetensors_header(path)
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return state
+
+
+def check_keys(state: dict, expected: set[str], what: str, optional: set[str] = frozenset()) -> None:
+    missing = sorted(expected - set(state) - optional)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:4]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:4]})")
+        raise CheckpointError(f"{what}: wrong key set: {'; '.join(parts)}")
+
+
+def match_prefix(state: dict, expected: set[str], prefix: str) -> dict:
+    """transformers 4 wrote CLIP keys under ``text_model.``, transformers 5 modules have none (or the
+    reverse): rename the file's keys to the module's convention."""
+    has = any(k.startswith(prefix) for k in state)
+    wants = any(k.startswith(prefix) for k in expected)
+    if has and not wants:
+        return {k.removeprefix(prefix): v for k, v in state.items()}
+    if wants and not has:
+        return {prefix + k: v for k, v in state.items()}
+    return state
+
+
+def module_on_meta(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    with torch.device("meta"):
+        return factory()
+
+
+def assign_weights(module: torch.nn.Module, state: dict, what: str, optional: set[str] = frozenset()) -> torch.nn.Module:
+    expected = set(module.state_dict())
+    check_keys(state, expected, what, optional)
+    for key, tensor in module.state_dict().items():
+        if key in state and tuple(state[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{what}: tensor {key!r} has shape {tuple(state[key].shape)}, the config expects {tuple(tensor.shape)}"
+            )
+    module.load_state_dict(state, strict=False, assign=True)
+    assert not any(p.is_meta for p in module.parameters()), f"{what}: parameters left on meta"
+    return module.eval().requires_grad_(False)

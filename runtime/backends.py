@@ -1,0 +1,110 @@
+"""The runtime's backends, chosen by name from one registry: ``ort-cpu`` and ``ort-cuda`` run an
+export folder's graphs with ONNX Runtime, ``trt`` runs an engine folder's plans with TensorRT.
+
+Making a runner verifies the files it will load (graph fingerprints, plan sidecars) once; loading
+the session or plan is the runner's ``activate``.  The torch reference backend needs torch, so it
+lives on the export side (``fluxrt.export.torch_runner``) and reaches a pipeline by injection:
+``FluxPipeline.load(path, runners=torch_runners(folder))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from fluxrt.artifacts import EngineFolder, ExportFolder, ModelFolder
+from fluxrt.components import STAGES
+from fluxrt.errors import InvalidInputError
+from fluxrt.runner import Runner
+from fluxrt.runtime.ort import MAX_CUDA_GRAPHS
+
+TORCH_BACKEND = "torch"  # the reference backend: fluxrt.export.torch_runner, injected by the caller
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    cuda_graph: bool = False  # ort-cuda: replay the transformer from CUDA graphs
+    max_cuda_graphs: int = MAX_CUDA_GRAPHS  # shapes captured per runner
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cuda_graph, bool):
+            raise InvalidInputError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
+        if isinstance(self.max_cuda_graphs, bool) or not isinstance(self.max_cuda_graphs, int) \
+                or self.max_cuda_graphs < 1:
+            raise InvalidInputError(f"max_cuda_graphs must be a positive integer, got {self.max_cuda_graphs!r}")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    folder_kind: str  # the folder it runs from: "export" or "engines"
+    make: Callable[[ModelFolder, str, BackendOptions], Runner]
+
+
+def ort_runner(backend: str) -> Callable[[ExportFolder, str, BackendOptions], Runner]:
+    def make(folder: ExportFolder, name: str, options: BackendOptions) -> Runner:
+        from fluxrt.runtime.ort import OrtRunner
+
+        custom_ops = None
+        if folder.record(name).get("attention") == "ort-kernels":
+            from fluxrt.runtime.ort_ops import library_path
+
+            custom_ops = library_path()
+        return OrtRunner(folder.spec(name), folder.graph_precision(name), folder.verified_graph(name),
+                         backend=backend, cuda_graph=options.cuda_graph and name == "transformer",
+                         max_cuda_graphs=options.max_cuda_graphs, custom_ops=custom_ops)
+
+    return make
+
+
+def trt_runner(folder: EngineFolder, name: str, options: BackendOptions) -> Runner:
+    from fluxrt.runtime.trt import TrtRunner
+
+    return TrtRunner.from_engine_folder(folder, name)
+
+
+BACKENDS = {b.name: b for b in (
+    Backend("ort-cpu", "export", ort_runner("ort-cpu")),
+    Backend("ort-cuda", "export", ort_runner("ort-cuda")),
+    Backend("trt", "engines", trt_runner),
+)}
+DEFAULT_BACKEND = {"export": "ort-cpu", "engines": "trt"}
+
+
+def make_runner(folder: ModelFolder, name: str, backend: str, options: BackendOptions = BackendOptions()) -> Runner:
+    if backend == TORCH_BACKEND:
+        raise InvalidInputError(f"backend 'torch' for {name} runs the checkpoint's torch modules, which live on the "
+                                f"export side: pass runners=fluxrt.export.torch_runner.torch_runners(folder) instead")
+    if backend not in BACKENDS:
+        raise InvalidInputError(f"backend {backend!r} for {name} is not one of {list(BACKENDS) + [TORCH_BACKEND]}")
+    b = BACKENDS[backend]
+    if b.folder_kind != folder.kind:
+        if folder.kind == "engines":
+            raise InvalidInputError(f"engine folder {folder.root} holds TensorRT plans: backend for {name} must be "
+                                    f"'trt', got {backend!r}")
+        raise InvalidInputError(f"backend {backend!r} for {name} needs an engine folder (fluxrt build), "
+                                f"{folder.root} is an export folder")
+    return b.make(folder, name, options)
+
+
+def stage_backends(folder: ModelFolder, backend: str | Mapping[str, str] | None) -> dict[str, str]:
+    """``backend`` (one name, a stage -> name mapping, or None for the folder's default) per stage."""
+    default = DEFAULT_BACKEND[folder.kind]
+    if backend is None or isinstance(backend, str):
+        return {s: backend or default for s in STAGES}
+    if not isinstance(backend, Mapping):
+        raise InvalidInputError(f"backend must be a name or a mapping stage -> name, got {backend!r}")
+    unknown = sorted(set(backend) - set(STAGES))
+    if unknown:
+        raise InvalidInputError(f"backend mapping names unknown stages {unknown}; stages are {list(STAGES)}")
+    return {s: backend.get(s, default) for s in STAGES}
+
+
+def make_runners(folder: ModelFolder, backend: str | Mapping[str, str] | None = None,
+                 options: BackendOptions = BackendOptions(), skip: tuple[str, ...] = ()) -> dict[str, Runner]:
+    """One runner per pipeline stage not in ``skip``, each verified but not yet activated."""
+    choice = stage_backends(folder, backend)
+    if options.cuda_graph and "transformer" not in skip and choice["transformer"] != "ort-cuda":
+        raise InvalidInputError(f"cuda_graph replays the ort-cuda transformer; the transformer's backend is "
+                                f"{choice['transformer']!r}")
+    return {s: make_runner(folder, s, choice[s], options) for s in STAGES if s not in skip}

@@ -1,0 +1,81 @@
+"""The text-to-image loop as free functions over runners, like BFL's ``denoise``: each takes the
+runners and arrays it needs and returns arrays, so the pipeline, the benchmarks and FP8 calibration
+all call the same code.  Host code only (numpy, or cupy when the runners live on a GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+from fluxrt import dtypes
+from fluxrt.dtypes import Array, array_module
+from fluxrt.errors import NumericError
+from fluxrt.runner import Runner
+from fluxrt.runtime import sampling
+
+
+def to_device(runner: Runner, x: Array) -> Array:
+    """``x`` where ``runner`` wants its inputs (host numpy or device cupy)."""
+    if runner.device == "cuda" and array_module(x) is np:
+        import cupy
+
+        return cupy.asarray(x)
+    if runner.device == "cpu" and array_module(x) is not np:
+        return x.get()
+    return x
+
+
+def cast_input(runner: Runner, name: str, x: Array) -> Array:
+    return dtypes.cast(x, runner.input_dtype(name))
+
+
+def run_stage(runner: Runner, feed: Mapping[str, Array]) -> dict[str, Array]:
+    """``runner.infer`` on ``feed`` (moved to its device); NaN or Inf in an output is a NumericError."""
+    out = runner.infer({k: to_device(runner, v) for k, v in feed.items()})
+    for name, value in out.items():
+        if str(value.dtype) != "int32" and not bool(array_module(value).isfinite(dtypes.to_float32(value)).all()):
+            raise NumericError(f"stage {runner.name} ({runner.backend}, {runner.precision}) produced NaN or Inf in "
+                               f"{name!r}; at {runner.precision} this usually means an overflow: try bf16 or fp32")
+    return out
+
+
+def denoise(transformer: Runner, latents: Array, pooled: Array, text: Array, img_ids: np.ndarray,
+            sigmas: np.ndarray, guidance: float | None = None,
+            callback: Callable[[int, int], None] | None = None) -> Array:
+    """The flow-match Euler loop: packed float32 ``latents`` [B, N, 64] after ``len(sigmas) - 1`` steps.
+
+    ``pooled`` [B, 768] and ``text`` [B, S, 4096] are the prompt embeddings (any float dtype, cast to
+    the transformer's), ``img_ids`` [N, 3] the image positions, ``sigmas`` float32 [steps + 1] the
+    schedule (:func:`sampling.get_sigmas`), ``guidance`` the scale for a model with a guidance input.
+    Latents accumulate in float32; everything constant goes to the device once, before the first step.
+    """
+    batch, steps = latents.shape[0], len(sigmas) - 1
+    feed = {
+        "encoder_hidden_states": cast_input(transformer, "encoder_hidden_states", text),
+        "pooled_projections": cast_input(transformer, "pooled_projections", pooled),
+        "img_ids": img_ids,
+        "txt_ids": sampling.text_ids(text.shape[1]),
+    }
+    if "guidance" in transformer.spec.input_names:
+        feed["guidance"] = np.full((batch,), guidance, dtype=np.float32)
+    feed = {k: to_device(transformer, v) for k, v in feed.items()}
+    timesteps = to_device(transformer, np.repeat(sigmas[:steps, None], batch, axis=1).astype(np.float32))  # [steps, B]
+    latents = to_device(transformer, latents)
+    for i in range(steps):
+        feed["hidden_states"] = cast_input(transformer, "hidden_states", latents)
+        feed["timestep"] = timesteps[i]
+        velocity = dtypes.to_float32(run_stage(transformer, feed)["latent"])  # [B, N, 64]
+        latents = sampling.euler_step(latents, velocity, float(sigmas[i]), float(sigmas[i + 1]))
+        if callback is not None:
+            callback(i + 1, steps)
+    return latents
+
+
+def decode(vae_decoder: Runner, latents: Array, height: int, width: int, vae_scale_factor: int,
+           scaling_factor: float, shift_factor: float) -> Array:
+    """Packed latents [B, N, 64] -> images [B, 3, H, W] in [-1, 1]."""
+    latents = sampling.unpack_latents(latents, height, width, vae_scale_factor)  # [B, 16, h, w]
+    latents = sampling.decode_latents_scale(latents, scaling_factor, shift_factor)
+    return run_stage(vae_decoder, {"latent": cast_input(vae_decoder, "latent", latents)})["images"]

@@ -1,0 +1,154 @@
+"""Compile fluxrt's ONNX Runtime op library: CUDA kernels with nvcc, the CPU kernels with the C++
+compiler, against ONNX Runtime's C API headers (which the Python wheels do not ship).
+
+The headers come, in this order, from
+1. a folder the user names: ``include`` (``fluxrt ort-ops build --ort-include DIR``) or ``$FLUXRT_ORT_INCLUDE``;
+2. an installed ONNX Runtime development package (``/usr/include/onnxruntime``, ``/usr/local/include/onnxruntime``,
+   ``$CONDA_PREFIX/include/onnxruntime``);
+3. the system's package client: ``apt-get download libonnxruntime-dev`` from the sources apt is configured
+   with, its SHA-256 checked against the one apt's signed package index gives for that version, unpacked
+   with ``dpkg-deb`` into fluxrt's cache (reused by later builds).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from fluxrt.errors import EngineError
+from fluxrt.files import atomic_path, sha256_file
+from fluxrt.runtime.ort_ops import SOURCE, cache_dir, default_library
+
+ENV_INCLUDE = "FLUXRT_ORT_INCLUDE"
+HEADER = "onnxruntime_c_api.h"
+DEV_PACKAGE = "libonnxruntime-dev"
+# every data-centre and desk GPU generation from Ampere on; override with FLUXRT_CUDA_ARCHS="90;120"
+DEFAULT_ARCHS = ("80", "86", "89", "90", "100", "120")
+HOW_TO = (f"name a folder holding {HEADER} with --ort-include DIR or ${ENV_INCLUDE}, or install ONNX Runtime's "
+          f"development package (Debian/Ubuntu: {DEV_PACKAGE})")
+
+
+def installed_locations() -> list[Path]:
+    places = [Path("/usr/include/onnxruntime"), Path("/usr/local/include/onnxruntime")]
+    if os.environ.get("CONDA_PREFIX"):
+        places.append(Path(os.environ["CONDA_PREFIX"]) / "include" / "onnxruntime")
+    return places
+
+
+def headers_cache() -> Path:
+    return cache_dir() / "onnxruntime-headers"
+
+
+def ort_headers(include: str | Path | None = None) -> Path:
+    """The folder holding ONNX Runtime's C API headers (see the module doc for the order)."""
+    named = include if include is not None else os.environ.get(ENV_INCLUDE)
+    if named:
+        where = "--ort-include" if include is not None else f"${ENV_INCLUDE}"
+        for folder in (Path(named), Path(named) / "onnxruntime"):
+            if (folder / HEADER).is_file():
+                return folder
+        raise EngineError(f"{where} {named}: no {HEADER} there (nor in its onnxruntime/ subfolder)")
+    for folder in installed_locations() + [headers_cache()]:
+        if (folder / HEADER).is_file():
+            return folder
+    return fetch_with_apt(headers_cache())
+
+
+def run_tool(cmd: list[str], what: str, cwd: Path | None = None) -> str:
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    except OSError as e:
+        raise EngineError(f"{what}: could not run {cmd[0]} ({e}); {HOW_TO}") from None
+    if result.returncode != 0:
+        message = (result.stderr or result.stdout).strip().splitlines()
+        raise EngineError(f"{what}: `{' '.join(cmd)}` failed ({message[-1] if message else 'no message'}); {HOW_TO}")
+    return result.stdout
+
+
+def index_hashes(package: str, version: str, arch: str) -> set[str]:
+    """SHA-256 sums apt's (signed) package index lists for ``package`` ``version`` on ``arch``."""
+    out = run_tool(["apt-cache", "show", f"{package}={version}"], f"looking up {package} {version}")
+    hashes = set()
+    for stanza in out.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
+        if fields.get("Version") == version and fields.get("Architecture") in (arch, "all") and "SHA256" in fields:
+            hashes.add(fields["SHA256"].strip())
+    return hashes
+
+
+def fetch_with_apt(target: Path) -> Path:
+    """Download the development package with apt, check it against apt's index, unpack its headers."""
+    what = "getting ONNX Runtime's C API headers with the system's package client"
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise EngineError(f"no ONNX Runtime C API headers found and no apt-get/dpkg-deb to fetch them; {HOW_TO}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".onnxruntime-headers-", dir=target.parent))
+    try:
+        run_tool(["apt-get", "download", DEV_PACKAGE], what, cwd=work)
+        debs = sorted(work.glob(f"{DEV_PACKAGE}_*.deb"))
+        if len(debs) != 1:
+            raise EngineError(f"{what}: apt-get download left {[d.name for d in debs]} in {work}, expected one .deb")
+        version = run_tool(["dpkg-deb", "-f", str(debs[0]), "Version"], what).strip()
+        arch = run_tool(["dpkg-deb", "-f", str(debs[0]), "Architecture"], what).strip()
+        want, got = index_hashes(DEV_PACKAGE, version, arch), sha256_file(debs[0])
+        if got not in want:
+            raise EngineError(f"{what}: {debs[0].name} has SHA-256 {got}, but apt's index lists "
+                              f"{sorted(want) or 'none'} for {DEV_PACKAGE} {version} ({arch}): refusing to build "
+                              f"against it")
+        run_tool(["dpkg-deb", "-x", str(debs[0]), str(work / "root")], what)
+        headers = work / "root" / "usr" / "include" / "onnxruntime"
+        if not (headers / HEADER).is_file():
+            raise EngineError(f"{what}: {debs[0].name} does not contain usr/include/onnxruntime/{HEADER}")
+        try:
+            os.replace(headers, target)
+        except OSError:  # another build got there first
+            pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def compile_command(include: Path, out: Path, cuda: bool, archs: tuple[str, ...]) -> list[str]:
+    if cuda:
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
+        return ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-I", str(include),
+                *gencode, "-o", str(out), str(SOURCE)]
+    cxx = os.environ.get("CXX", "g++")
+    return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DFLUXRT_CPU_ONLY", "-x", "c++",
+            "-I", str(include), "-o", str(out), str(SOURCE)]
+
+
+def build(out: str | Path | None = None, cuda: bool | None = None, archs: tuple[str, ...] | None = None,
+          include: str | Path | None = None) -> Path:
+    """Compile the library to ``out`` (default: ``default_library()``) and return its path.
+    ``cuda``: None = with CUDA kernels when nvcc is on the PATH; True = require nvcc.
+    ``include``: ONNX Runtime's C API header folder (default: see :func:`ort_headers`)."""
+    out = Path(out) if out is not None else default_library()
+    have_nvcc = shutil.which("nvcc") is not None
+    if cuda is None:
+        cuda = have_nvcc
+    if cuda and not have_nvcc:
+        raise EngineError("building fluxrt's ONNX Runtime CUDA kernels needs nvcc (the CUDA toolkit) on the PATH; "
+                          "pass --cpu-only for the CPU kernels alone")
+    if not cuda and shutil.which(os.environ.get("CXX", "g++")) is None:
+        raise EngineError(f"building fluxrt's ONNX Runtime kernels needs a C++ compiler: {os.environ.get('CXX', 'g++')} "
+                          f"is not on the PATH (set CXX)")
+    if archs is None:
+        env = os.environ.get("FLUXRT_CUDA_ARCHS")
+        archs = tuple(a for a in env.replace(",", ";").split(";") if a) if env else DEFAULT_ARCHS
+    bad = [a for a in archs if not a.isdigit()]
+    if bad or not archs:
+        raise EngineError(f"CUDA architectures must be compute capabilities like '90', got {list(archs)}")
+    headers = ort_headers(include)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        cmd = compile_command(headers, tmp, cuda, tuple(archs))
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise EngineError(f"compiling {SOURCE.name} failed ({cmd[0]} exit {result.returncode}):\n"
+                              f"{(result.stderr or result.stdout)[-4000:]}")
+    return out
