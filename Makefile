@@ -47,8 +47,27 @@ engines: $(OUT)/onnx-$(EXPORT_PRECISION)/manifest.json
 ort-ops: venv
 	$(FLUXRT) ort-ops build
 
-test: venv
-	$(PY) -m pytest -q
+# fluxrt's op library compiles against ONNX Runtime's C API headers, which `fluxrt ort-ops build` gets
+# from the system's package client (apt-get download libonnxruntime-dev) when no folder is named and
+# none is installed. Debian 12's archive has no such package: there the tests give apt a private
+# configuration (APT_CONFIG, lists and cache under .venv/apt) with Debian 13's archive, signed by
+# the keyring the system already trusts. Elsewhere the file stays empty and apt uses its own sources.
+APT_DIR := $(abspath $(VENV))/apt
+DEBIAN_WITH_ORT_HEADERS ?= deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main
+
+$(APT_DIR)/apt.conf: | venv
+	@mkdir -p $(APT_DIR)/lists/partial $(APT_DIR)/cache/archives/partial $(APT_DIR)/parts
+	@if ! command -v apt-get >/dev/null || apt-cache show libonnxruntime-dev >/dev/null 2>&1; then \
+		: > $@; \
+	else \
+		echo '$(DEBIAN_WITH_ORT_HEADERS)' > $(APT_DIR)/sources.list; \
+		printf 'Dir::Etc::SourceList "%s/sources.list";\nDir::Etc::SourceParts "%s/parts";\nDir::State::Lists "%s/lists";\nDir::Cache "%s/cache";\n' \
+			$(APT_DIR) $(APT_DIR) $(APT_DIR) $(APT_DIR) > $@.tmp && \
+		APT_CONFIG=$@.tmp apt-get -qq update && mv $@.tmp $@; \
+	fi
+
+test: venv $(APT_DIR)/apt.conf
+	APT_CONFIG=$(APT_DIR)/apt.conf $(PY) -m pytest -q
 
 clean:
 	rm -rf $(OUT)

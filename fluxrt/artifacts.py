@@ -89,7 +89,7 @@ def verify_fingerprint(folder: Path, fingerprint: dict, what: str, error: type, 
         got = sha256_file(path)
         if got != want:
             raise error(f"{what}: {path} is not the file that was recorded (sha256 {got[:12]}..., expected "
-                        f"{want[:12]}...): replaced or corrupted; {remedy}")
+                        f"{want[:12]}...): swapped, replaced or corrupted; {remedy}")
 
 
 # ---- both folders -------------------------------------------------------------------------------

@@ -29,13 +29,13 @@ def read_json(path: Path, what: str, error: type[FluxRTError] = FluxRTError) -> 
     unreadable, not JSON or not an object."""
     path = Path(path)
     if not path.is_file():
-        raise error(f"{what}: {path} is missing")
+        raise error(f"{what} {path} is missing")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{what}: {path} is not readable JSON ({e})") from None
+        raise error(f"{what} {path} is not readable JSON ({e})") from None
     if not isinstance(data, dict):
-        raise error(f"{what}: {path} must hold a JSON object, found {type(data).__name__}")
+        raise error(f"{what} {path} must hold a JSON object, found {type(data).__name__}")
     return data
 
 

@@ -72,7 +72,9 @@ class GenerationParams:
                 seed=None) -> "GenerationParams":
         """A call's arguments with the variant's defaults filled in, checked against the model."""
         d = VARIANT_DEFAULTS[dims.variant]
-        prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, (list, tuple)) else prompt
+        prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, (list, tuple)) else None
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InvalidInputError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
         height = 1024 if height is None else height
         width = 1024 if width is None else width
         multiple = 2 * dims.vae_scale_factor

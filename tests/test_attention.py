@@ -69,8 +69,8 @@ def graphs(reference, tmp_path_factory) -> dict[str, str]:
     return {
         "sdpa": export(wrapped(reference, "fp32"), "fp32", ort_attention_table(), root / "sdpa.onnx"),
         "portable": export(wrapped(reference, "fp32"), "fp32", translation_table("portable"), root / "portable.onnx"),
-        "fused": export(wrapped(reference, "fp32", "fused"), "fp32", ort_table, root / "fused.onnx", fuse=True),
-        "fused_fp16": export(wrapped(reference, "fp16", "fused"), "fp16", ort_table, root / "fused_fp16.onnx",
+        "fused": export(wrapped(reference, "fp32", "ort"), "fp32", ort_table, root / "fused.onnx", fuse=True),
+        "fused_fp16": export(wrapped(reference, "fp16", "ort"), "fp16", ort_table, root / "fused_fp16.onnx",
                              fuse=True),
     }
 

@@ -90,3 +90,20 @@ def test_kernel_classes_and_report_rows():
     (row,) = kernel_rows([m, dict(m, kernels=None)])
     assert row["layers"] == "1+2" and row["gpu"] == 8.5 and row["gemm"] == 4.5 and row["rotary"] == 0.5
     assert all(c in row for c in KERNEL_COLUMNS) and row["attention"] == 0.0
+
+
+def test_synthetic_vae_follows_the_exporters_precision_rule(tmp_path, monkeypatch):
+    """bench-synthetic times the graphs the exporter would write: a half-precision export keeps the VAE in
+    fp32 (fluxrt.components.component_precision), so its VAE rows run an fp32 graph."""
+    from fluxrt.bench import synthetic
+
+    monkeypatch.setenv("FLUXRT_BENCH_WORK", str(tmp_path / "work"))
+    synthetic.use_model("tiny")
+    try:
+        data = synthetic.run(tmp_path / "out", [("vae", None)], synthetic.Shape(1, 32, 32, 8), ["bf16", "fp16"],
+                             ["ort"], warmup=0, iters=1, device="cpu", optimize="")
+    finally:
+        synthetic.use_model("flux-dev")
+    rows = [m for m in data["measurements"] if "p50_ms" in m]
+    assert {m["precision"]: m["graph_precision"] for m in rows} == {"bf16": "fp32", "fp16": "fp32"}, data
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["measurements"] == data["measurements"]

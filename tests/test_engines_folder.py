@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from fluxrt.components import component_spec
-from fluxrt.artifacts import EngineFolder, current_gpu
+from fluxrt.artifacts import EngineFolder, ExportFolder, current_gpu, graph_fingerprint
+from fluxrt.components import ShapeEnvelope, component_spec
 from fluxrt.engines.folder import BuildSettings, build_folder, up_to_date
-from fluxrt.components import ShapeEnvelope
 from fluxrt.engines.profiles import profile_shapes
 from fluxrt.errors import EngineError, ExportError
+from fluxrt.trt import library_info
 
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (fluxrt[trt-rtx]) is not installed")
 ENVELOPE = ShapeEnvelope(batch=(1, 2, 4), text_length=(1, 64, 128), image_side=(32, 64, 128))
@@ -46,7 +46,9 @@ def test_plans_have_spec_io_and_profiles(precision, engine_dirs):
         spec = component_spec(name, folder.dims)
         meta = folder.sidecar(name)
         assert meta["compute_capabilities"] == list(TARGETS)
-        assert meta["library"] == "tensorrt-rtx" and meta["onnx_sha256"] and meta["build_seconds"] > 0
+        assert meta["library"] == "tensorrt-rtx" and meta["build_seconds"] > 0
+        # the plan names the very export graph it was built from, by the export's own fingerprint
+        assert meta["onnx_fingerprint"] == folder.expected_graph(name) is not None
         inputs = {t["name"]: t for t in meta["io"]["inputs"]}
         assert list(inputs) == spec.input_names
         assert [t["name"] for t in meta["io"]["outputs"]] == spec.output_names
@@ -70,7 +72,8 @@ def test_second_build_is_a_noop_and_changes_rebuild_only_what_changed(half_expor
     assert set(actions.values()) == {"kept"} and time.perf_counter() - start < 5
     assert plans == {p.name: p.stat().st_mtime_ns for p in out.glob("*.plan")}
 
-    # a changed ONNX graph rebuilds exactly that component
+    # a graph changed behind the manifest's back is refused; changed as a re-export does (the manifest
+    # records its new fingerprint), it rebuilds exactly that component
     changed = tmp_path / "export"
     shutil.copytree(half_exports["fp16"], changed)
     import onnx
@@ -78,6 +81,11 @@ def test_second_build_is_a_noop_and_changes_rebuild_only_what_changed(half_expor
     model = onnx.load(str(changed / "t5.onnx"))
     model.doc_string = "touched"
     onnx.save(model, str(changed / "t5.onnx"))
+    with pytest.raises(ExportError, match=r"t5 graph: .*t5.onnx is not the file that was recorded"):
+        build_folder(changed, out, settings("fp16"), trt_module=trt, progress=False)
+    manifest = json.loads((changed / "manifest.json").read_text())
+    manifest["components"]["t5"]["fingerprint"] = graph_fingerprint(changed / "t5.onnx")
+    (changed / "manifest.json").write_text(json.dumps(manifest))
     actions = build_folder(changed, out, settings("fp16"), trt_module=trt, progress=False)
     assert actions == {"clip": "kept", "t5": "built", "transformer": "kept", "vae_decoder": "kept"}
 
@@ -129,13 +137,26 @@ def test_fp8_folder_from_fp16_export(half_exports, tmp_path):
     assert set(actions.values()) == {"built"}
     assert (out / "transformer.fp8.onnx").is_file()
     record = json.loads((out / "transformer.fp8.json").read_text())
-    assert record["calibration"]["num_prompts"] == 2 and record["source_sha256"]
+    assert record["calibration"]["num_prompts"] == 2
+    assert record["source"]["fingerprint"] == ExportFolder.open(half_exports["fp16"]).record("transformer")[
+        "fingerprint"]["sha256"]
+    assert record["fingerprint"] == graph_fingerprint(out / "transformer.fp8.onnx")
     folder = EngineFolder.open(out)
     assert folder.precision == "fp8"
     assert folder.sidecar("transformer")["onnx"].endswith("transformer.fp8.onnx")
     assert folder.sidecar("t5")["precision"] == "fp16"
     again = build_folder(half_exports["fp16"], out, settings("fp8", fp8=calibration), trt_module=trt, progress=False)
     assert set(again.values()) == {"kept"}
+    # a plain graph copied over the FP8 one no longer matches its record: calibrated and built again
+    shutil.copyfile(half_exports["fp16"] / "transformer.onnx", out / "transformer.fp8.onnx")
+    build_folder(half_exports["fp16"], out, settings("fp8", fp8=calibration), trt_module=trt, progress=False)
+    import onnx
+
+    restored = onnx.load(str(out / "transformer.fp8.onnx"), load_external_data=False)
+    assert any(n.op_type == "QuantizeLinear" for n in restored.graph.node)  # calibrated again, not the plain graph
+    assert json.loads((out / "transformer.fp8.json").read_text())["fingerprint"] == \
+        graph_fingerprint(out / "transformer.fp8.onnx")
+    assert folder.verify_plan("transformer", library_info(trt), None) == out / "transformer.plan"
 
 
 def bfl_style_folder(export_dir, out):

@@ -124,6 +124,11 @@ def test_half_precision_exports(precision, tiny_checkpoints, tmp_path):
     expected_vae = "fp32"
     assert manifest["components"]["vae_decoder"]["precision"] == expected_vae
     assert manifest["components"]["transformer"]["precision"] == precision
+    # each graph records the opset it was written at: bf16 graphs 22, the fp32 VAE of a bf16 export 20
+    for name, record in manifest["components"].items():
+        written = onnx.load(str(tmp_path / record["file"]), load_external_data=False).opset_import
+        assert record["opset"] == next(o.version for o in written if o.domain == "") == \
+            (22 if record["precision"] == "bf16" else 20), name
     model = onnx.load(str(tmp_path / "transformer.onnx"))
     elem = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[precision]
     assert model.graph.input[0].type.tensor_type.elem_type == elem
@@ -176,3 +181,39 @@ def test_cli_export_error_is_one_line(tmp_path):
     assert r.returncode == 2
     assert "checkpoint folder" in r.stderr and "does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_external_data_is_fingerprinted_and_a_changed_byte_refused(tiny_checkpoints, fp32_exports, tmp_path):
+    """A graph's fingerprint covers its external data file: the same graph saved with external data gives
+    the same images, and one byte changed in NAME.onnx.data is refused by name, through the API and the CLI."""
+    import shutil
+
+    from fluxrt.artifacts import ExportFolder
+    from fluxrt.runtime import FluxPipeline
+
+    out = shutil.copytree(fp32_exports["dev"], tmp_path / "onnx")
+    export_checkpoint(Checkpoint.open(tiny_checkpoints["dev"]), out,
+                      ExportRequest(("transformer",), "fp32", external_data_bytes=0))
+    record = ExportFolder.open(out).record("transformer")
+    data = out / "transformer.onnx.data"
+    assert sorted(record["fingerprint"]["files"]) == ["transformer.onnx", "transformer.onnx.data"]
+    assert data.stat().st_size > record["weights_bytes"] * 0.9 > (out / "transformer.onnx").stat().st_size
+    call = dict(prompt="a heron", height=32, width=48, num_inference_steps=2, seed=3, output_type="np")
+    inline = FluxPipeline.load(fp32_exports["dev"])(**call).images
+    np.testing.assert_array_equal(FluxPipeline.load(out)(**call).images, inline)
+
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    message = r"transformer graph: .*transformer\.onnx\.data is not the file that was recorded .*export again"
+    with pytest.raises(ExportError, match=message):
+        FluxPipeline.load(out)
+    png = tmp_path / "x.png"
+    r = subprocess.run([sys.executable, "-m", "fluxrt.cli", "generate", "--onnx", str(out), "--prompt", "a heron",
+                        "--out", str(png), "--height", "32", "--width", "32", "--steps", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "transformer.onnx.data is not the file that was recorded" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not png.exists()
+    data.unlink()
+    with pytest.raises(ExportError, match=r"transformer graph: .*transformer\.onnx\.data is missing"):
+        ExportFolder.open(out).verified_graph("transformer")

@@ -23,9 +23,8 @@ import pytest
 
 from fluxrt.cli import main
 from fluxrt.artifacts import EngineFolder, graph_fingerprint
-from fluxrt.components import STAGES
+from fluxrt.components import STAGES, ShapeEnvelope
 from fluxrt.engines.folder import BuildSettings, up_to_date
-from fluxrt.components import ShapeEnvelope
 from fluxrt.errors import EngineError, FluxRTError
 from fluxrt.runtime import FluxPipeline
 
@@ -54,7 +53,8 @@ def actions(stdout: str) -> dict[str, str]:
 
 def rebuild_reasons(export: Path, out: Path) -> dict[str, str | None]:
     """Why a later build would rebuild each component; None: it keeps (and so trusts) the plan."""
-    return {name: up_to_date(out, name, graph_fingerprint(export / f"{name}.onnx"), SETTINGS, LIB) for name in STAGES}
+    return {name: up_to_date(out, name, graph_fingerprint(export / f"{name}.onnx")["sha256"], SETTINGS, LIB)
+            for name in STAGES}
 
 
 def leftovers(out: Path) -> list[str]:
@@ -144,7 +144,7 @@ def test_empty_or_incomplete_folders_are_refused(concurrent_build, tmp_path, cap
     refused(out, r"transformer plan .*transformer.plan is missing \(run fluxrt build again\)", capsys=capsys)
     (out / "t5.plan.json").unlink()
     refused(out, "t5 plan sidecar .*t5.plan.json is missing", capsys=capsys)
-    (out / "engines.json").write_text(json.dumps({"format": "fluxrt-engines/1", "precision": "fp16"}))
+    (out / "engines.json").write_text(json.dumps({"format": "fluxrt-engines/2", "precision": "fp16"}))
     refused(out, r"engines.json is incomplete or malformed \(KeyError: 'dims'\); run fluxrt build again",
             capsys=capsys)
     (out / "engines.json").write_text("[1, 2")
@@ -165,7 +165,7 @@ def test_corrupted_plans_are_refused(concurrent_build, tmp_path, capsys):
 def test_plans_for_another_gpu_or_library_are_refused(concurrent_build, tmp_path, monkeypatch, capsys):
     out = damaged_copy(concurrent_build, tmp_path)
     monkeypatch.setattr("fluxrt.runtime.trt.import_trt", lambda prefer=None: trt)
-    monkeypatch.setattr("fluxrt.engines.folder.current_gpu", lambda: {"name": "NVIDIA H100", "compute_capability":
+    monkeypatch.setattr("fluxrt.runtime.trt.current_gpu", lambda: {"name": "NVIDIA H100", "compute_capability":
                                                                       "SM90"})
     refused(out, r"clip plan .* was built for \['SM89'\]; this GPU \(NVIDIA H100\) is SM90: rebuild it here",
             capsys=capsys)
@@ -180,12 +180,30 @@ def test_plans_from_other_graphs_or_builds_are_refused(concurrent_build, tmp_pat
     settings) leaves: plans that disagree with export_manifest.json or engines.json are not used."""
     out = damaged_copy(concurrent_build, tmp_path)
     manifest = json.loads((out / "export_manifest.json").read_text())
-    manifest["components"]["t5"]["sha256"] = "0" * 64  # the copy of another export, whose T5 differs
+    manifest["components"]["t5"]["fingerprint"]["sha256"] = "0" * 64  # the copy of another export's manifest
     (out / "export_manifest.json").write_text(json.dumps(manifest))
-    refused(out, r"t5 plan .* was built from another t5 graph than the export this folder records "
-                 r"\(export_manifest.json\): the folder mixes two exports", capsys=capsys)
+    refused(out, r"t5 plan .* was built from another t5 graph than the one this folder records: the folder "
+                 r"mixes two exports", capsys=capsys)
     out = Path(shutil.copytree(concurrent_build[0], tmp_path / "eng2"))
     index = json.loads((out / "engines.json").read_text())
     (out / "engines.json").write_text(json.dumps(dict(index, envelope=dict(index["envelope"], batch=[1, 1, 4]))))
     refused(out, r"clip plan .* was built as fp16 for envelope .*'batch': \[1, 1, 2\].* but engines.json says fp16 "
                  r"for .*'batch': \[1, 1, 4\].*: the folder mixes two builds", capsys=capsys)
+
+
+def test_generate_hashes_each_plan_once(concurrent_build, tmp_path, monkeypatch, capsys):
+    """`fluxrt generate --engines` verifies every plan (a full-size one is tens of GB) exactly once before
+    loading any: here the load itself then fails, as TensorRT-RTX cannot deserialize without a usable GPU."""
+    import fluxrt.artifacts
+
+    out = damaged_copy(concurrent_build, tmp_path)
+    hashed = []
+    real = fluxrt.artifacts.sha256_file
+    monkeypatch.setattr(fluxrt.artifacts, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    monkeypatch.setattr("fluxrt.runtime.trt.import_trt", lambda prefer=None: trt)
+    code = main(["generate", "--engines", str(out), "--prompt", "a", "--out", str(tmp_path / "x.png"),
+                 "--height", "32", "--width", "32", "--steps", "1"])
+    plans = sorted(n for n in hashed if n.endswith(".plan"))
+    assert plans == sorted(f"{s}.plan" for s in STAGES), hashed
+    err = capsys.readouterr().err
+    assert code in (0, 2) and "Traceback" not in err, err

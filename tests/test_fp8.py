@@ -201,18 +201,21 @@ def test_qdq_on_block_linears_only_same_io(quantized, dev):
 
 def test_record_sidecar_and_untouched_export(quantized, dev):
     path, record = quantized
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, f"{path.name}.json"]  # no staging left
-    assert json.loads((path.parent / f"{path.name}.json").read_text()) == record
+    record_file = path.with_suffix(".json")
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, record_file.name])  # no staging left
+    assert json.loads(record_file.read_text()) == record
     folder = ExportFolder.open(dev)
-    source = folder.graph_path("transformer")
-    # ModelOpt rewrites the graph it is given in place: it must get a copy
-    assert hashlib.sha256(source.read_bytes()).hexdigest() == folder.record("transformer")["sha256"] \
-        == record["source"]["sha256"]
+    source = folder.verified_graph("transformer")  # ModelOpt rewrites the graph it is given in place: it got a copy
+    assert record["source"]["fingerprint"] == folder.record("transformer")["fingerprint"]["sha256"]
+    # the derived graph's own fingerprint, of every file it consists of
+    assert record["fingerprint"]["files"] == {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert record["source"]["file"] == source.name
     assert record["settings"] == dict(num_prompts=4, num_inference_steps=3, height=64, width=64,
                                       max_sequence_length=16, guidance_scale=3.5, seed=0, backend="ort-cpu")
     assert record["prompts"] == bundled_prompts()[:4] and record["num_samples"] == 12
     assert record["library"]["name"] == "nvidia-modelopt" and record["library"]["version"]
     assert record["data_file"] is None and record["component"] == "transformer"
+    assert record["calibration"]["num_prompts"] == 4 and record["calibration"]["num_inference_steps"] == 3
     assert record["seconds"]["total"] >= record["seconds"]["capture"] > 0
 
 

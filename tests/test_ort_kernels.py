@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import collections
 import copy
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,6 +23,7 @@ from fluxrt.errors import EngineError, ExportError
 from fluxrt.export import ort_kernels
 from fluxrt.export.tiny import perturb
 from fluxrt.runtime import ort_ops
+from fluxrt.runtime.ort_ops import build as ort_build
 
 from test_ort_fusions import TINY, ids
 
@@ -37,7 +40,7 @@ def ops_library(tmp_path_factory):
 
     if os.environ.get(ort_ops.ENV_LIBRARY):
         return Path(os.environ[ort_ops.ENV_LIBRARY])
-    return ort_ops.build(tmp_path_factory.mktemp("ort-ops") / ort_ops.LIBRARY_NAME, cuda=False)
+    return ort_build.build(tmp_path_factory.mktemp("ort-ops") / ort_ops.LIBRARY_NAME, cuda=False)
 
 
 def session(model: onnx.ModelProto, library, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
@@ -283,19 +286,71 @@ def test_cpu_only_library_refuses_cuda_and_non_libraries(ops_library, tmp_path):
         ort_ops.library_devices(tmp_path / "x.so")
 
 
-def test_build_refuses_bad_architectures_and_a_tampered_header_package(monkeypatch, tmp_path):
+def test_build_refuses_bad_architectures(tmp_path):
     with pytest.raises(EngineError, match=r"compute capabilities like '90', got \['sm_90'\]"):
-        ort_ops.build(tmp_path / "a.so", cuda=False, archs=("sm_90",))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(ort_ops, "HEADERS_DEB", (ort_ops.HEADERS_DEB[0], "0" * 64))
-    with pytest.raises(EngineError, match="expected 0000.*refusing to build against it"):
-        ort_ops.build(tmp_path / "b.so", cuda=False)
-    assert not (tmp_path / "b.so").exists()
+        ort_build.build(tmp_path / "a.so", cuda=False, archs=("sm_90",))
+    assert not (tmp_path / "a.so").exists()
+
+
+def test_headers_from_a_named_folder(ops_library, monkeypatch, tmp_path):
+    """--ort-include (or $FLUXRT_ORT_INCLUDE) wins over everything else, and must hold the header."""
+    real = ort_build.ort_headers()
+    with pytest.raises(EngineError, match=rf"--ort-include {tmp_path}: no onnxruntime_c_api.h there"):
+        ort_build.ort_headers(tmp_path)
+    monkeypatch.setenv(ort_build.ENV_INCLUDE, str(tmp_path / "none"))
+    with pytest.raises(EngineError, match=r"\$FLUXRT_ORT_INCLUDE .*none: no onnxruntime_c_api.h"):
+        ort_build.build(tmp_path / "b.so", cuda=False)
+    shutil.copytree(real, tmp_path / "inc" / "onnxruntime")
+    monkeypatch.setenv(ort_build.ENV_INCLUDE, str(tmp_path / "inc"))  # the include/ above onnxruntime/ works too
+    assert ort_build.ort_headers() == tmp_path / "inc" / "onnxruntime"
+    assert ort_build.build(tmp_path / "c.so", cuda=False) == tmp_path / "c.so"
+
+
+def fake_apt(bin_dir: Path, deb: Path, listed_sha: str) -> None:
+    """apt-get and apt-cache stand-ins: `download` hands out ``deb``, `show` lists ``listed_sha`` for it."""
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(f'#!/bin/sh\n[ "$1" = download ] && cp {deb} . \n')
+    (bin_dir / "apt-cache").write_text(
+        f"#!/bin/sh\nprintf 'Package: libonnxruntime-dev\\nVersion: 9.9-1\\nArchitecture: all\\n"
+        f"SHA256: {listed_sha}\\n'\n")
+    for tool in ("apt-get", "apt-cache"):
+        (bin_dir / tool).chmod(0o755)
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb (Debian's package tools)")
+def test_headers_from_the_package_client_are_hash_checked(ops_library, monkeypatch, tmp_path):
+    """Without a named or installed folder, the headers come from `apt-get download`, whose package must
+    have the SHA-256 apt's index lists for it; a mismatch is refused and nothing is unpacked or cached."""
+    import hashlib
+    import subprocess
+
+    real = ort_build.ort_headers()
+    tree = tmp_path / "pkg"
+    shutil.copytree(real, tree / "usr" / "include" / "onnxruntime")
+    (tree / "DEBIAN").mkdir()
+    (tree / "DEBIAN" / "control").write_text("Package: libonnxruntime-dev\nVersion: 9.9-1\nArchitecture: all\n"
+                                             "Maintainer: fluxrt tests <t@example.org>\nDescription: test\n")
+    deb = tmp_path / "libonnxruntime-dev_9.9-1_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(tree), str(deb)], check=True,
+                   capture_output=True)
+    monkeypatch.delenv(ort_build.ENV_INCLUDE, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(ort_build, "installed_locations", lambda: [])
+    fake_apt(tmp_path / "bad", deb, "0" * 64)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bad'}:{os.environ['PATH']}")
+    with pytest.raises(EngineError, match=r"has SHA-256 [0-9a-f]{64}, but apt's index lists \['0{64}'\] for "
+                                          r"libonnxruntime-dev 9.9-1 \(all\): refusing to build against it"):
+        ort_build.build(tmp_path / "d.so", cuda=False)
+    assert not (tmp_path / "d.so").exists() and not ort_build.headers_cache().exists()
+    fake_apt(tmp_path / "good", deb, hashlib.sha256(deb.read_bytes()).hexdigest())
+    monkeypatch.setenv("PATH", f"{tmp_path / 'good'}:{os.environ['PATH']}")
+    assert ort_build.ort_headers() == ort_build.headers_cache()
+    assert (ort_build.headers_cache() / "onnxruntime_c_api.h").read_bytes() == (real / "onnxruntime_c_api.h").read_bytes()
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_cuda_build_compiles_every_kernel(tmp_path):
-    path = ort_ops.build(tmp_path / "lib.so", cuda=True, archs=("90",))
+    path = ort_build.build(tmp_path / "lib.so", cuda=True, archs=("90",))
     assert ort_ops.library_devices(path) == {"cpu", "cuda"}
     # registers on a CPU-only ONNX Runtime too: the CUDA kernels are simply not chosen there
     session(one_node("AdaLayerNorm", ada_inputs(), epsilon=1e-6), path).run(None, ada_inputs())

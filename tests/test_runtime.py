@@ -77,7 +77,8 @@ def test_denoise_and_decode_equal_diffusers_loop(variant, tiny_checkpoints, fp32
 
     theirs.vae.decode = recording_decode
     prompts = ["a koi pond at night", "a red bicycle"]
-    text, pooled, _ = theirs.encode_prompt(prompts, prompt_2=None, max_sequence_length=32)
+    with torch.no_grad():
+        text, pooled, _ = theirs.encode_prompt(prompts, prompt_2=None, max_sequence_length=32)
     guidance = 3.0 if variant == "dev" else None
     want = theirs(prompt_embeds=text, pooled_prompt_embeds=pooled, height=height, width=width,
                   num_inference_steps=steps, latents=torch.from_numpy(latents), output_type="np",

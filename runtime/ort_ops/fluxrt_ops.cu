@@ -18,7 +18,7 @@
 //   BiasGelu(x, bias?) -> y
 //     x [..., C], bias [C]: GELU with the tanh approximation of x + bias.
 //
-// Built by runtime/ort_ops.py against ONNX Runtime's C API headers (ORT_API_VERSION >= 17).
+// Built by runtime/ort_ops/build.py against ONNX Runtime's C API headers (ORT_API_VERSION >= 17).
 
 #include <onnxruntime_c_api.h>
 
