@@ -206,7 +206,7 @@ def log(msg: str) -> None:
 
 def transformer_config(pipe) -> dict | None:
     """The transformer's architecture as the export manifest recorded it (for the FLOP count)."""
-    manifest = getattr(pipe.folder, "manifest", None) or read_export_manifest(pipe.folder.root)
+    manifest = pipe.folder.manifest if pipe.folder.kind == "export" else read_export_manifest(pipe.folder.root)
     config = (manifest or {}).get("transformer_config") or {}
     return config if "num_layers" in config else None
 

@@ -36,7 +36,6 @@ from fluxrt.errors import ExportError
 from fluxrt.export.onnx_ops import MSFT_DOMAIN, mha_op
 
 
-
 def _unsupported(op_name: str, attn_mask, dropout_p: float, is_causal: bool, enable_gqa: bool = False) -> None:
     """FLUX attention has no mask, no dropout at inference, no causality and equal head counts;
     anything else would need MultiHeadAttention inputs this translation does not wire up."""

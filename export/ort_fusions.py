@@ -35,7 +35,6 @@ from fluxrt.errors import ExportError
 from fluxrt.export.onnx_ops import MSFT_DOMAIN, mha_op, ort_op
 from fluxrt.export.portable import rotary_angles
 
-
 # ---- torch custom ops: what the graph computes, and the reference ONNX Runtime must match --------
 
 @torch.library.custom_op("fluxrt::rms_norm", mutates_args=())

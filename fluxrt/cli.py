@@ -42,28 +42,23 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"in {total:.1f}s")
 
 
-def load_pipeline(path: Path, backend: str | None, cuda_graph: bool, check=None):
-    """The pipeline of an export or engine folder on ``backend`` (torch: the export side's reference
-    runners, injected).  ``check(folder)`` runs after the files are verified and before any is loaded."""
+def stage_runners(path: Path, backend: str | None, cuda_graph: bool):
+    """An export or engine folder and one runner per stage on ``backend``, each verified once and none
+    loaded yet (``--backend torch``: the export side's reference runners, injected into the runtime)."""
     from fluxrt.artifacts import open_folder
-    from fluxrt.runtime import FluxPipeline
     from fluxrt.runtime.backends import BackendOptions, make_runners
 
     folder = open_folder(path)
-    if backend == "torch":
-        if folder.kind != "export":
-            raise UsageError(f"--backend torch runs the checkpoint an export folder was made from; {path} is an "
-                             f"engine folder")
-        if cuda_graph:
-            raise UsageError("--cuda-graph replays the ort-cuda transformer; --backend torch has none")
-        from fluxrt.export.torch_runner import torch_runners
+    if backend != "torch":
+        return folder, make_runners(folder, backend, BackendOptions(cuda_graph=cuda_graph))
+    if folder.kind != "export":
+        raise UsageError(f"--backend torch runs the checkpoint an export folder was made from; {path} is an "
+                         f"engine folder")
+    if cuda_graph:
+        raise UsageError("--cuda-graph replays the ort-cuda transformer; --backend torch has none")
+    from fluxrt.export.torch_runner import torch_runners
 
-        runners = torch_runners(folder)
-    else:
-        runners = make_runners(folder, backend, BackendOptions(cuda_graph=cuda_graph))
-    if check is not None:
-        check(folder)
-    return FluxPipeline(folder, runners)
+    return folder, torch_runners(folder)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -71,30 +66,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from PIL.PngImagePlugin import PngInfo
 
+    from fluxrt.artifacts import check_envelope
+    from fluxrt.runtime import FluxPipeline
     from fluxrt.runtime.params import GenerationParams
     from fluxrt.runtime.pipeline import progress_bar
 
     if args.out.suffix.lower() != ".png":  # reported before any work
         raise UsageError(f"--out must name a .png file, got {args.out}")
-    call = dict(prompt=args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
-                guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length,
-                num_images_per_prompt=args.num_images, seed=args.seed)
-
-    def check(folder) -> None:  # every argument, and the engines' envelope, before any plan or graph loads
-        from fluxrt.artifacts import check_envelope
-
-        p = GenerationParams.resolve(folder.dims, **call)
-        if folder.kind == "engines":
-            check_envelope(folder.envelope, p.batch, p.height, p.width, p.max_sequence_length)
-
-    pipe = load_pipeline(args.engines or args.onnx, args.backend, args.cuda_graph, check)
-    out = pipe(**call, output_type="pil", callback=progress_bar("fluxrt generate:"))
-    settings = dict(out.settings, prompt=args.prompt, model=str(args.engines or args.onnx),
+    folder, runners = stage_runners(args.engines or args.onnx, args.backend, args.cuda_graph)
+    # every argument, and the engines' envelope, checked before any graph or plan is loaded
+    p = GenerationParams.resolve(folder.dims, args.prompt, args.height, args.width, args.steps, args.guidance,
+                                 args.max_sequence_length, args.num_images, args.seed)
+    if folder.kind == "engines":
+        check_envelope(folder.envelope, p.batch, p.height, p.width, p.max_sequence_length)
+    pipe = FluxPipeline(folder, runners)
+    images = pipe.postprocess(pipe.generate(p, callback=progress_bar("fluxrt generate:")), "pil")
+    settings = dict(p.to_json(), prompt=args.prompt, model=str(args.engines or args.onnx),
                     variant=pipe.variant, precision=pipe.folder.precision,
                     backends={k: r.backend for k, r in pipe.runners.items()})
     settings.pop("prompts", None)
-    paths = output_paths(args.out, len(out.images))
-    for i, (image, path) in enumerate(zip(out.images, paths)):
+    paths = output_paths(args.out, len(images))
+    for i, (image, path) in enumerate(zip(images, paths)):
         info = PngInfo()
         for key, value in dict(settings, index=i).items():
             info.add_text(f"fluxrt:{key}", json.dumps(value) if not isinstance(value, str) else value)

@@ -72,9 +72,8 @@ class FluxPipeline:
         engine folder, the shapes its plans accept."""
         p = GenerationParams.resolve(self.dims, prompt, height, width, num_inference_steps, guidance_scale,
                                      max_sequence_length, num_images_per_prompt, seed)
-        envelope = getattr(self.folder, "envelope", None)
-        if envelope is not None:
-            check_envelope(envelope, p.batch, p.height, p.width, p.max_sequence_length)
+        if self.folder.kind == "engines":
+            check_envelope(self.folder.envelope, p.batch, p.height, p.width, p.max_sequence_length)
         return p
 
     def check_latents(self, latents: Array, p: GenerationParams) -> Array:

@@ -14,8 +14,8 @@ import math
 
 import numpy as np
 
-from fluxrt.errors import InvalidInputError
 from fluxrt.dtypes import Array, array_module
+from fluxrt.errors import InvalidInputError
 
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 # options of diffusers' scheduler that FLUX's configs leave unset or false; each changes the schedule

@@ -7,7 +7,8 @@ import torch
 
 from fluxrt.errors import CheckpointError
 from fluxrt.export.bfl import (
-    SAME, SPLIT, SWAP, FluxLayout, Rule, count_indexed, shape_of, swap_halves, transformer_rules, vae_layout, vae_rules,
+    SAME, SPLIT, SWAP, FluxLayout, Rule, count_indexed, shape_of, swap_halves, transformer_rules, vae_layout,
+    vae_rules,
 )
 from fluxrt.export.weights import check_keys
 

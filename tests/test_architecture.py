@@ -110,3 +110,11 @@ def test_rule_catches_a_forbidden_edge(tmp_path, monkeypatch):
     found = imports(pkg / "bad.py", {"fluxrt.export.checkpoint"})
     assert found == {"fluxrt.export.checkpoint"}
     assert layer("fluxrt.export.checkpoint") not in ALLOWED[layer("fluxrt.runtime.bad")]
+
+
+def test_cli_backend_choices_are_the_registry_and_torch():
+    """The CLI lists the backends without importing the runtime; the list is the registry's."""
+    from fluxrt.cli import BACKEND_CHOICES
+    from fluxrt.runtime.backends import BACKENDS, TORCH_BACKEND
+
+    assert sorted(BACKEND_CHOICES) == sorted([*BACKENDS, TORCH_BACKEND])

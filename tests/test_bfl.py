@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxrt.errors import CheckpointError
 from bfl_writers import transformer_diffusers_to_bfl, vae_diffusers_to_bfl
+from fluxrt.errors import CheckpointError
 from fluxrt.export import bfl
 
 TRANSFORMER = dict(num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2, in_channels=64,

@@ -14,14 +14,13 @@ import onnx
 import pytest
 import torch
 
-from fluxrt.components import ModelDims, component_spec
 from fluxrt import trt as trt_picker
+from fluxrt.components import ModelDims, ShapeEnvelope, component_spec
 from fluxrt.engines.build import build_engine
-from fluxrt.components import ShapeEnvelope
 from fluxrt.engines.profiles import profile_shapes
 from fluxrt.errors import EngineError
-from fluxrt.export.weights import TORCH_DTYPES
 from fluxrt.export.onnx_export import dynamic_shapes, example_inputs, opset_for
+from fluxrt.export.weights import TORCH_DTYPES
 
 DIMS = ModelDims("dev", clip_hidden_size=8, t5_d_model=8, t5_max_length=64, in_channels=16,
                  joint_attention_dim=8, pooled_projection_dim=8, latent_channels=4)

@@ -13,7 +13,7 @@ import pytest
 
 from fluxrt.artifacts import EngineFolder, ExportFolder, current_gpu, graph_fingerprint
 from fluxrt.components import ShapeEnvelope, component_spec
-from fluxrt.engines.folder import BuildSettings, build_folder, up_to_date
+from fluxrt.engines.folder import BuildSettings, build_folder, fp8_graph_kept, up_to_date
 from fluxrt.engines.profiles import profile_shapes
 from fluxrt.errors import EngineError, ExportError
 from fluxrt.trt import library_info
@@ -137,6 +137,7 @@ def test_fp8_folder_from_fp16_export(half_exports, tmp_path):
     assert set(actions.values()) == {"built"}
     assert (out / "transformer.fp8.onnx").is_file()
     record = json.loads((out / "transformer.fp8.json").read_text())
+    calibration_dict = settings("fp8", fp8=calibration).fp8_settings_dict()
     assert record["calibration"]["num_prompts"] == 2
     assert record["source"]["fingerprint"] == ExportFolder.open(half_exports["fp16"]).record("transformer")[
         "fingerprint"]["sha256"]
@@ -147,15 +148,16 @@ def test_fp8_folder_from_fp16_export(half_exports, tmp_path):
     assert folder.sidecar("t5")["precision"] == "fp16"
     again = build_folder(half_exports["fp16"], out, settings("fp8", fp8=calibration), trt_module=trt, progress=False)
     assert set(again.values()) == {"kept"}
-    # a plain graph copied over the FP8 one no longer matches its record: calibrated and built again
+    # the FP8 graph is reused only while its files match its own record: a plain graph copied over it is not
+    source = record["source"]["fingerprint"]
+    assert fp8_graph_kept(out, source, calibration_dict) == record["fingerprint"]["sha256"]
+    assert fp8_graph_kept(out, "0" * 64, calibration_dict) is None  # another source graph
+    assert fp8_graph_kept(out, source, dict(calibration_dict, num_prompts=3)) is None  # other settings
+    fp8_graph = (out / "transformer.fp8.onnx").read_bytes()
     shutil.copyfile(half_exports["fp16"] / "transformer.onnx", out / "transformer.fp8.onnx")
-    build_folder(half_exports["fp16"], out, settings("fp8", fp8=calibration), trt_module=trt, progress=False)
-    import onnx
-
-    restored = onnx.load(str(out / "transformer.fp8.onnx"), load_external_data=False)
-    assert any(n.op_type == "QuantizeLinear" for n in restored.graph.node)  # calibrated again, not the plain graph
-    assert json.loads((out / "transformer.fp8.json").read_text())["fingerprint"] == \
-        graph_fingerprint(out / "transformer.fp8.onnx")
+    assert fp8_graph_kept(out, source, calibration_dict) is None
+    (out / "transformer.fp8.onnx").write_bytes(fp8_graph)
+    assert fp8_graph_kept(out, source, calibration_dict) == record["fingerprint"]["sha256"]
     assert folder.verify_plan("transformer", library_info(trt), None) == out / "transformer.plan"
 
 
@@ -172,9 +174,17 @@ def test_builds_from_a_bfl_style_onnx_folder(half_exports, tmp_path):
     src = bfl_style_folder(half_exports["fp16"], tmp_path / "FLUX.1-dev-onnx")
     actions = build_folder(src, tmp_path / "eng", settings("fp16"), trt_module=trt, progress=False)
     assert set(actions.values()) == {"built"}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "eng").glob("*.plan")}
     folder = EngineFolder.open(tmp_path / "eng")
     assert folder.variant == "dev" and folder.dims.joint_attention_dim == 32 and folder.precision == "fp16"
     assert folder.sidecar("transformer")["onnx"].endswith("transformer.opt/fp16/model.onnx")
+    # the CLI takes the same folder: same settings, so every plan is kept
+    from fluxrt.cli import main
+
+    assert main(["build", str(src), "--out", str(tmp_path / "eng"), "--precision", "fp16", "--batch", "1,2,4",
+                 "--text-length", "1,64,128", "--image-side", "32,64,128", "--compute-capability", "SM89,SM120",
+                 "--optimization-level", "3", "--library", "tensorrt-rtx"]) == 0
+    assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in (tmp_path / "eng").glob("*.plan"))
     (src / "transformer.opt" / "bf16").mkdir()
     shutil.copy(half_exports["bf16"] / "transformer.onnx", src / "transformer.opt" / "bf16" / "model.onnx")
     with pytest.raises(ExportError, match="two transformer graphs"):

@@ -18,8 +18,8 @@ from onnx.reference import ReferenceEvaluator
 from fluxrt.components import component_spec
 from fluxrt.errors import ExportError
 from fluxrt.export.checkpoint import Checkpoint
-from fluxrt.export.weights import TORCH_DTYPES
 from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
+from fluxrt.export.weights import TORCH_DTYPES
 
 VARIANTS = ("dev", "schnell")
 # (batch, text length, image height px, image width px): both sizes differ on every axis, one non-square
@@ -116,20 +116,21 @@ def test_graph_io_follows_spec(variant, fp32_exports, tiny_checkpoints):
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_half_precision_exports(precision, tiny_checkpoints, tmp_path):
+def test_half_precision_exports(precision, tiny_checkpoints, half_exports):
     """fp16/bf16 graphs carry the right I/O dtypes and stay finite and close to the fp32 model.
     The VAE stays fp32 (fp16 overflows; ONNX Runtime has no bf16 Resize)."""
     ckpt = Checkpoint.open(tiny_checkpoints["dev"])
-    manifest = export_checkpoint(ckpt, tmp_path, ExportRequest(("transformer", "vae", "t5"), precision))
+    folder = half_exports[precision]  # the session's exports of the dev checkpoint
+    manifest = json.loads((folder / "manifest.json").read_text())
     expected_vae = "fp32"
     assert manifest["components"]["vae_decoder"]["precision"] == expected_vae
     assert manifest["components"]["transformer"]["precision"] == precision
     # each graph records the opset it was written at: bf16 graphs 22, the fp32 VAE of a bf16 export 20
     for name, record in manifest["components"].items():
-        written = onnx.load(str(tmp_path / record["file"]), load_external_data=False).opset_import
+        written = onnx.load(str(folder / record["file"]), load_external_data=False).opset_import
         assert record["opset"] == next(o.version for o in written if o.domain == "") == \
             (22 if record["precision"] == "bf16" else 20), name
-    model = onnx.load(str(tmp_path / "transformer.onnx"))
+    model = onnx.load(str(folder / "transformer.onnx"))
     elem = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[precision]
     assert model.graph.input[0].type.tensor_type.elem_type == elem
     assert model.graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # timestep stays float32
@@ -140,9 +141,9 @@ def test_half_precision_exports(precision, tiny_checkpoints, tmp_path):
     half = {k: v.astype(half_dtype) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections")
             else v for k, v in feed.items()}
     if precision == "fp16":
-        got = ort.InferenceSession(str(tmp_path / "transformer.onnx")).run(None, half)[0]
+        got = ort.InferenceSession(str(folder / "transformer.onnx")).run(None, half)[0]
     else:  # ONNX Runtime's CPU kernels have no bfloat16: ONNX's reference evaluator does
-        got = ReferenceEvaluator(str(tmp_path / "transformer.onnx")).run(None, half)[0]
+        got = ReferenceEvaluator(str(folder / "transformer.onnx")).run(None, half)[0]
     got = got.astype(np.float32)
     assert np.isfinite(got).all()
     # same-precision torch model, a few roundings apart: 3% of the output range (measured: bf16 0.9%, fp16 2.4%
@@ -183,12 +184,13 @@ def test_cli_export_error_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_external_data_is_fingerprinted_and_a_changed_byte_refused(tiny_checkpoints, fp32_exports, tmp_path):
+def test_external_data_is_fingerprinted_and_a_changed_byte_refused(tiny_checkpoints, fp32_exports, tmp_path, capsys):
     """A graph's fingerprint covers its external data file: the same graph saved with external data gives
     the same images, and one byte changed in NAME.onnx.data is refused by name, through the API and the CLI."""
     import shutil
 
     from fluxrt.artifacts import ExportFolder
+    from fluxrt.cli import main
     from fluxrt.runtime import FluxPipeline
 
     out = shutil.copytree(fp32_exports["dev"], tmp_path / "onnx")
@@ -209,11 +211,31 @@ def test_external_data_is_fingerprinted_and_a_changed_byte_refused(tiny_checkpoi
     with pytest.raises(ExportError, match=message):
         FluxPipeline.load(out)
     png = tmp_path / "x.png"
-    r = subprocess.run([sys.executable, "-m", "fluxrt.cli", "generate", "--onnx", str(out), "--prompt", "a heron",
-                        "--out", str(png), "--height", "32", "--width", "32", "--steps", "1"],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "transformer.onnx.data is not the file that was recorded" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and not png.exists()
+    capsys.readouterr()
+    code = main(["generate", "--onnx", str(out), "--prompt", "a heron", "--out", str(png), "--height", "32",
+                 "--width", "32", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "transformer.onnx.data is not the file that was recorded" in err, err
+    assert len(err.strip().splitlines()) == 1 and not png.exists()
     data.unlink()
     with pytest.raises(ExportError, match=r"transformer graph: .*transformer\.onnx\.data is missing"):
         ExportFolder.open(out).verified_graph("transformer")
+
+
+def test_folders_of_an_older_format_are_refused(fp32_exports, tmp_path):
+    """An export folder written before graph fingerprints covered external data (format 1) is not trusted."""
+    import shutil
+
+    from fluxrt.artifacts import EXPORT_FORMAT, ExportFolder
+    from fluxrt.errors import ExportError
+
+    out = shutil.copytree(fp32_exports["dev"], tmp_path / "old")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == EXPORT_FORMAT == "fluxrt-export/2"
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, format="fluxrt-export/1")))
+    with pytest.raises(ExportError, match=r"format 'fluxrt-export/1', expected 'fluxrt-export/2' .*export again"):
+        ExportFolder.open(out)
+    del manifest["components"]["clip"]["fingerprint"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="clip graph: its record has no file fingerprints"):
+        ExportFolder.open(out).verified_graph("clip")

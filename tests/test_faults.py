@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from fluxrt.cli import main
 from fluxrt.artifacts import EngineFolder, graph_fingerprint
+from fluxrt.cli import main
 from fluxrt.components import STAGES, ShapeEnvelope
 from fluxrt.engines.folder import BuildSettings, up_to_date
 from fluxrt.errors import EngineError, FluxRTError

@@ -18,12 +18,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from fluxrt.artifacts import ExportFolder
 from fluxrt.engines import fp8
 from fluxrt.engines.fp8 import Fp8Settings, bundled_prompts, calibrate_fp8, capture_feeds
 from fluxrt.errors import EngineError
-from fluxrt.artifacts import ExportFolder
-from fluxrt.runtime.pipeline import FluxPipeline
 from fluxrt.runtime.ort import OrtRunner
+from fluxrt.runtime.pipeline import FluxPipeline
 
 CALIBRATION = Fp8Settings(num_prompts=4, num_inference_steps=3, height=64, width=64, max_sequence_length=16, seed=0)
 HELD_OUT_PROMPTS = ["a blue bicycle leaning against a brick wall", "portrait of a cat wearing a crown, oil painting",
@@ -262,8 +262,8 @@ def trt_rtx():
 
 @pytest.mark.parametrize("target", ["SM89", "SM120"])
 def test_trt_rtx_builds_the_fp8_graph(quantized, dev, trt_rtx, target, tmp_path):
-    from fluxrt.engines.build import build_engine
     from fluxrt.components import ShapeEnvelope
+    from fluxrt.engines.build import build_engine
 
     path, _ = quantized
     folder = ExportFolder.open(dev)

@@ -184,8 +184,8 @@ def test_fused_export_generates_the_portable_images_and_is_refused_by_the_engine
     import json
     import shutil
 
-    from fluxrt.engines.folder import BuildSettings, build_folder
     from fluxrt.components import ShapeEnvelope
+    from fluxrt.engines.folder import BuildSettings, build_folder
     from fluxrt.errors import EngineError
     from fluxrt.export.checkpoint import Checkpoint
     from fluxrt.export.onnx_export import ExportRequest, export_checkpoint

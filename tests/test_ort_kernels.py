@@ -24,7 +24,6 @@ from fluxrt.export import ort_kernels
 from fluxrt.export.tiny import perturb
 from fluxrt.runtime import ort_ops
 from fluxrt.runtime.ort_ops import build as ort_build
-
 from test_ort_fusions import TINY, ids
 
 # 2 double + 3 single blocks: the single stack runs several blocks on the joined sequence
@@ -410,8 +409,8 @@ def test_kernels_export_through_the_toolkit(ops_library, tiny_checkpoints, fp32_
     builds are refused."""
     import json
 
-    from fluxrt.engines.folder import BuildSettings, build_folder
     from fluxrt.components import ShapeEnvelope
+    from fluxrt.engines.folder import BuildSettings, build_folder
     from fluxrt.export.checkpoint import Checkpoint
     from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
     from fluxrt.runtime import FluxPipeline
@@ -514,9 +513,10 @@ def test_cuda_kernels_transformer_equals_cpu_and_replays_in_a_cuda_graph(ops_lib
     assert "CUDAExecutionProvider" in gpu.get_providers()
     np.testing.assert_allclose(gpu.run(None, feed)[0], want, rtol=2e-4, atol=2e-4)
 
+    import cupy
+
     from fluxrt.components import ModelDims, component_spec
     from fluxrt.runtime.ort import OrtRunner
-    import cupy
 
     dims = ModelDims("dev", clip_hidden_size=32, t5_d_model=32, joint_attention_dim=32, pooled_projection_dim=32)
     runner = OrtRunner(component_spec("transformer", dims), "fp32", path, backend="ort-cuda", cuda_graph=True,
