@@ -1,6 +1,6 @@
 # fluxrt. The two commands that work on a fresh machine: `make demo` and `make test`.
 #   make engines                         tiny model -> fp16 export -> TensorRT plans in out/engines-fp16
-#   make engines MODEL=/models/FLUX.1-dev ENGINE_PRECISION=fp8 FP8_FLAGS="--calibration-backend ort-cuda"
+#   make engines MODEL=/models/FLUX.1-dev ENGINE_PRECISION=fp8 FP8_FLAGS="--full-calibration --calibration-backend ort-cuda"
 #   make ort-ops                         fluxrt's ONNX Runtime kernels (nvcc), for --attention ort-kernels
 PYTHON ?= python3
 VENV ?= .venv

@@ -56,9 +56,9 @@ class BuildSettings:
     def fp8_settings(self):
         if self.precision != "fp8":
             return None
-        from fluxrt.engines.fp8 import Fp8Settings
+        from fluxrt.engines.fp8 import QUICK_CALIBRATION
 
-        return self.fp8 if self.fp8 is not None else Fp8Settings()
+        return self.fp8 if self.fp8 is not None else QUICK_CALIBRATION
 
     def fp8_settings_dict(self) -> dict | None:
         settings = self.fp8_settings()
@@ -125,8 +125,8 @@ def source_graph(export: ExportFolder, name: str, settings: BuildSettings, out_d
     else:
         path = export.verified_graph(name)
         source = export.record(name)["fingerprint"]["sha256"]
-    if settings.precision != "fp8" or name != "transformer":
-        return path, source
+    if settings.precision != "fp8" or name != "transformer" or export.precision == "fp8":
+        return path, source  # an FP8 export (fluxrt quantize) holds the calibrated graph already
     from fluxrt.engines.fp8 import calibrate_fp8
 
     calibration = settings.fp8_settings_dict()
@@ -147,20 +147,23 @@ def check_export(export: ExportFolder, settings: BuildSettings) -> None:
                           f"RotaryEmbedding, SimplifiedLayerNormalization), which TensorRT cannot parse; export "
                           f"with --attention portable for engines")
     export_precision = manifest.get("precision")
+    if export_precision == "fp8" and settings.precision != "fp8":
+        raise EngineError(f"export folder {export_dir} is an FP8 export (fluxrt quantize of a "
+                          f"{manifest.get('base_precision')} export): build it with --precision fp8")
     if settings.precision in ("fp16", "bf16") and export_precision != settings.precision:
         raise EngineError(
             f"export folder {export_dir} holds {export_precision} graphs; engines are strongly typed and take "
             f"their precision from the graph: export with --precision {settings.precision} for "
             f"{settings.precision} engines"
         )
-    if settings.precision == "fp8" and export_precision not in ("fp16", "bf16"):
+    if settings.precision == "fp8" and export_precision not in ("fp16", "bf16", "fp8"):
         raise EngineError(f"export folder {export_dir} holds {export_precision} graphs; FP8 engines are built "
-                          f"from an fp16 or bf16 export (FP8 linears, the rest in that precision)")
+                          f"from an FP8 export (fluxrt quantize) or an fp16 or bf16 one (calibrated first)")
     missing = [c for c in settings.components if c not in manifest.get("components", {})]
     if missing:
         raise EngineError(f"export folder {export_dir} has no {missing} graphs; it has "
                           f"{sorted(manifest.get('components', {}))}")
-    if settings.precision == "fp8" and export.foreign:
+    if settings.precision == "fp8" and export.foreign and export_precision != "fp8":
         raise EngineError(f"{export_dir}: FP8 calibration runs the sampling loop, which needs a fluxrt export "
                           f"folder (tokenizers, scheduler); export the checkpoint with fluxrt export first")
 

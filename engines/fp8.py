@@ -14,7 +14,9 @@
    captured feeds: one activation scale per tensor, one weight scale per output channel, and a
    QuantizeLinear/DequantizeLinear pair with a FLOAT8E4M3FN zero point on both inputs of each
    selected linear; the scales are then normalized to ``amax / 448`` (see
-   :func:`rescale_to_fp8_range`).  TensorRT fuses each pair into an FP8 GEMM.
+   :func:`rescale_to_fp8_range`), and each weight's QuantizeLinear is replaced by the E4M3 tensor it
+   computes (:func:`store_fp8_weights`), so the graph stores FP8 weights.  TensorRT fuses each
+   DequantizeLinear pair into an FP8 GEMM.
 4. Write: every linear's MatMul/Gemm node is renamed to its module path, the graph is checked
    to keep the component's input and output names and dtypes, and it is written under a
    temporary name and renamed (``NAME.onnx.data`` beside it over 2 GB), with a provenance
@@ -143,6 +145,12 @@ class Fp8Settings:
         if out["guidance_scale"] is not None:
             out["guidance_scale"] = float(out["guidance_scale"])
         return out
+
+
+# the recipe fluxrt's FP8 numbers are stated for: 64 bundled prompts, the variant's steps and text length, 1024 px
+FULL_CALIBRATION = Fp8Settings()
+# the default: minutes on the built-in tiny model on a CPU; a real model on a GPU wants --full-calibration
+QUICK_CALIBRATION = Fp8Settings(num_prompts=8, num_inference_steps=4, height=512, width=512, max_sequence_length=128)
 
 
 def bundled_prompts() -> list[str]:
@@ -416,6 +424,54 @@ def rescale_to_fp8_range(model, what: str) -> float:
     return factor
 
 
+def quantize_e4m3(w: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
+    """ONNX QuantizeLinear to FLOAT8E4M3FN (saturate=1): ``w / scale`` in float32, clipped to +-448, rounded
+    to the nearest even E4M3 value."""
+    import ml_dtypes
+
+    s = scale.astype(np.float32)
+    if s.ndim:  # per channel along ``axis``
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        s = s.reshape(shape)
+    return np.clip(w.astype(np.float32) / s, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+
+
+def store_fp8_weights(model) -> int:
+    """Replace every QuantizeLinear of a constant weight by the E4M3 tensor it computes, so the graph stores
+    its quantized weights (half the bytes of fp16) and DequantizeLinear reads them directly; return how many.
+    TensorRT and ONNX Runtime compute the same tensor from the Q/DQ pair, so the graph means the same."""
+    from onnx import TensorProto, numpy_helper
+
+    tensors = {t.name: t for t in model.graph.initializer}
+    users: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    done, keep = 0, []
+    for node in model.graph.node:
+        weight = tensors.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        zero = tensors.get(node.input[2]) if weight is not None and len(node.input) > 2 else None
+        if weight is None or zero is None or zero.data_type != TensorProto.FLOAT8E4M3FN:
+            keep.append(node)
+            continue
+        w = numpy_helper.to_array(weight)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % w.ndim
+        q = quantize_e4m3(w, numpy_helper.to_array(tensors[node.input[1]]), axis)
+        fp8 = TensorProto(name=node.output[0], data_type=TensorProto.FLOAT8E4M3FN, dims=w.shape,
+                          raw_data=q.tobytes())
+        model.graph.initializer.append(fp8)
+        users[weight.name] -= 1
+        done += 1
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    unused = [t for t in model.graph.initializer
+              if users.get(t.name, 1) == 0 and t.data_type != TensorProto.FLOAT8E4M3FN]
+    for t in unused:
+        model.graph.initializer.remove(t)
+    return done
+
+
 def check_same_io(source, model, what: str) -> None:
     def io(m):
         return [(v.name, v.type.tensor_type.elem_type) for v in list(m.graph.input) + list(m.graph.output)]
@@ -506,6 +562,7 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
         if not done:
             raise EngineError(f"{what}: ModelOpt quantized none of the {len(selected)} selected linears")
         factor = rescale_to_fp8_range(model, what)
+        stored = store_fp8_weights(model)
         for node in model.graph.node:  # every linear, quantized or not, by its module path
             node.name = linears.get(node.name, node.name)
         data_file = write_graph(model, out_onnx, staging)
@@ -523,7 +580,8 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
         quantization=dict(mode="fp8", dtype="FLOAT8E4M3FN",
                           activations="per tensor, scale = max |x| over all samples / 448",
                           weights="per output channel, scale = max |w| / 448",
-                          modelopt_scale_factor=factor),  # applied to ModelOpt's scales; see rescale_to_fp8_range
+                          modelopt_scale_factor=factor,  # applied to ModelOpt's scales; see rescale_to_fp8_range
+                          stored_fp8_weights=stored),
         calibration=asdict(settings), settings=resolved, prompts=chosen,
         prompts_sha256=hashlib.sha256("\n".join(chosen).encode()).hexdigest(),
         num_samples=len(feeds), quantized=sorted(done), excluded=dict(sorted(excluded.items())),

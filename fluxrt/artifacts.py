@@ -189,10 +189,17 @@ class ExportFolder(ModelFolder):
 
     def verified_graph(self, name: str) -> Path:
         """The graph's path, once every file it consists of (the graph and its external data) has the
-        bytes the manifest recorded: a swapped, replaced, truncated or edited file is refused by name."""
+        bytes the manifest recorded: a swapped, replaced, truncated or edited file is refused by name.
+        A quantized graph's calibration record must name the same fingerprint."""
         path = self.graph_path(name)
-        verify_fingerprint(self.root, self.record(name).get("fingerprint"), f"{name} graph", ExportError,
-                           "export again")
+        record = self.record(name)
+        verify_fingerprint(self.root, record.get("fingerprint"), f"{name} graph", ExportError, "export again")
+        quantization = record.get("quantization")
+        if quantization:
+            calibration = read_json(self.root / quantization["record"], f"{name} calibration record", ExportError)
+            if (calibration.get("fingerprint") or {}).get("sha256") != record["fingerprint"]["sha256"]:
+                raise ExportError(f"{name} calibration record {self.root / quantization['record']} does not describe "
+                                  f"{path} (another calibration's record?): run fluxrt quantize again")
         return path
 
 
@@ -272,10 +279,10 @@ class EngineFolder(ModelFolder):
         return self.sidecar(name)["precision"]
 
     def expected_graph(self, name: str) -> str | None:
-        """The fingerprint digest of the graph ``name``'s plan must have been built from: the FP8
-        record's for the FP8 transformer, else the export manifest copy's (None for foreign exports,
-        which have no copy)."""
-        if self.precision == "fp8" and name == "transformer":
+        """The fingerprint digest of the graph ``name``'s plan must have been built from: the FP8 record's
+        for a transformer calibrated into this folder, else the export manifest copy's (an FP8 export's
+        transformer included; None for foreign exports, which have no copy)."""
+        if self.precision == "fp8" and name == "transformer" and fp8_record_path(self.root).is_file():
             record = read_json(fp8_record_path(self.root), "FP8 graph record", EngineError)
             return (record.get("fingerprint") or {}).get("sha256")
         copy = self.root / EXPORT_MANIFEST_COPY

@@ -107,14 +107,48 @@ def parse_range(text: str, what: str) -> tuple[int, int, int]:
     return values
 
 
-def fp8_settings(args: argparse.Namespace):
-    if args.precision != "fp8":
-        return None
-    from fluxrt.engines.fp8 import Fp8Settings
+def calibration(args: argparse.Namespace):
+    """The calibration recipe (quick by default, ``--full-calibration`` for the stated one) with the
+    ``--calibration-*`` flags given on top."""
+    from dataclasses import replace
 
-    return Fp8Settings(num_prompts=args.calibration_prompts, num_inference_steps=args.calibration_steps,
-                       height=args.calibration_size, width=args.calibration_size,
-                       max_sequence_length=args.calibration_text_length, backend=args.calibration_backend)
+    from fluxrt.engines.fp8 import FULL_CALIBRATION, QUICK_CALIBRATION
+
+    given = dict(num_prompts=args.calibration_prompts, num_inference_steps=args.calibration_steps,
+                 height=args.calibration_size, width=args.calibration_size,
+                 max_sequence_length=args.calibration_text_length, backend=args.calibration_backend)
+    base = FULL_CALIBRATION if args.full_calibration else QUICK_CALIBRATION
+    try:
+        return replace(base, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def fp8_settings(args: argparse.Namespace):
+    return calibration(args) if args.precision == "fp8" else None
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from fluxrt.engines.quantize import quantize_export
+
+    start = time.perf_counter()
+    manifest = quantize_export(args.onnx_dir, args.out, calibration(args))
+    q = manifest["components"]["transformer"]["quantization"]
+    print(f"wrote the FP8 export of {args.onnx_dir} ({manifest['base_precision']}, {q['quantized']} linears in FP8, "
+          f"{q['excluded']} kept) to {args.out} in {time.perf_counter() - start:.1f}s")
+
+
+def add_calibration_flags(p: argparse.ArgumentParser, when: str) -> None:
+    p.add_argument("--full-calibration", action="store_true",
+                   help=f"{when}calibrate on the stated recipe: 64 bundled prompts, the variant's steps and text "
+                        f"length, 1024 px (default: 8 prompts, 4 steps, 512 px, 128 tokens: minutes on the tiny "
+                        f"model on a CPU)")
+    p.add_argument("--calibration-prompts", type=int, help=f"{when}bundled prompts to calibrate on")
+    p.add_argument("--calibration-steps", type=int, help=f"{when}sampling steps per prompt")
+    p.add_argument("--calibration-size", type=int, help=f"{when}image side in pixels")
+    p.add_argument("--calibration-text-length", type=int, help=f"{when}T5 tokens")
+    p.add_argument("--calibration-backend", choices=("ort-cpu", "ort-cuda"), help=f"{when}the runtime backend "
+                                                                                   f"that samples (default ort-cpu)")
 
 
 def cmd_ort_ops(args: argparse.Namespace) -> None:
@@ -250,8 +284,8 @@ def parser() -> argparse.ArgumentParser:
                                               "Black Forest Labs' published layout)")
     b.add_argument("--out", type=Path, required=True, help="engine folder to write or update")
     b.add_argument("--precision", choices=("fp16", "bf16", "fp8"), required=True,
-                   help="fp16/bf16 need an export of that precision; fp8 calibrates the transformer from an "
-                        "fp16 or bf16 export")
+                   help="fp16/bf16 need an export of that precision; fp8 takes an FP8 export (fluxrt quantize) "
+                        "or calibrates the transformer from an fp16 or bf16 export first")
     b.add_argument("--batch", default="1,1,4", help="MIN,OPT,MAX batch (default 1,1,4)")
     b.add_argument("--text-length", help="MIN,OPT,MAX T5 tokens (default 1,512,512 dev; 1,256,256 schnell)")
     b.add_argument("--image-side", default="512,1024,1536", help="MIN,OPT,MAX image side in pixels, multiples "
@@ -263,12 +297,16 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--library", choices=("tensorrt", "tensorrt-rtx"), help="default: tensorrt if installed, "
                                                                            "else tensorrt-rtx")
     b.add_argument("--components", help="comma-separated subset of clip,t5,transformer,vae_decoder,vae_encoder")
-    b.add_argument("--calibration-prompts", type=int, default=64, help="fp8: bundled prompts to calibrate on")
-    b.add_argument("--calibration-steps", type=int, help="fp8: sampling steps per prompt (default: the variant's)")
-    b.add_argument("--calibration-size", type=int, default=1024, help="fp8: image side in pixels")
-    b.add_argument("--calibration-text-length", type=int, help="fp8: T5 tokens (default: the variant's)")
-    b.add_argument("--calibration-backend", choices=("ort-cpu", "ort-cuda"), default="ort-cpu")
+    add_calibration_flags(b, "fp8 from an fp16/bf16 export: ")
     b.set_defaults(func=cmd_build)
+
+    q = sub.add_parser("quantize", help="an FP8 export folder from an fp16/bf16 one: calibrated once, run by "
+                                        "ONNX Runtime and built by fluxrt build --precision fp8")
+    q.add_argument("onnx_dir", type=Path, help="fp16 or bf16 export folder written by fluxrt export")
+    q.add_argument("--out", type=Path, required=True, help="FP8 export folder to write")
+    q.add_argument("--precision", choices=("fp8",), default="fp8", help="FP8 E4M3 block linears (the only one)")
+    add_calibration_flags(q, "")
+    q.set_defaults(func=cmd_quantize)
 
     m = sub.add_parser("bench", help="time each stage over export/engine folders and backends; JSON, markdown, PNG")
     m.add_argument("--run", action="append", required=True, metavar="LABEL=FOLDER:BACKEND",

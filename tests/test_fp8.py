@@ -186,7 +186,11 @@ def test_qdq_on_block_linears_only_same_io(quantized, dev):
 
     initializers = {t.name: t for t in model.graph.initializer}
     qdq_nodes = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    assert len(qdq_nodes) == 2 * len({n.input[0] for n in qdq_nodes if n.op_type == "QuantizeLinear"})
+    # activations: a QuantizeLinear/DequantizeLinear pair each; weights: stored in E4M3, read by DequantizeLinear
+    stored = [n for n in qdq_nodes if n.op_type == "DequantizeLinear" and n.input[0] in initializers]
+    assert len(stored) == len(record["quantized"]) == record["quantization"]["stored_fp8_weights"]
+    assert all(initializers[n.input[0]].data_type == FP8 and len(initializers[n.input[0]].dims) == 2 for n in stored)
+    assert len(qdq_nodes) == len(stored) + 2 * len({n.input[0] for n in qdq_nodes if n.op_type == "QuantizeLinear"})
     for n in qdq_nodes:
         assert initializers[n.input[2]].data_type == FP8, n.name  # zero point: FLOAT8E4M3FN
         assert all(a.i == 1 for a in n.attribute if a.name == "saturate"), n.name
@@ -197,6 +201,36 @@ def test_qdq_on_block_linears_only_same_io(quantized, dev):
                 for v in list(m.graph.input) + list(m.graph.output)]
 
     assert io(model) == io(source)
+
+
+def test_stored_fp8_weights_equal_torchs_e4m3_rounding(quantized, dev):
+    """Each stored weight, dequantized, is the source weight quantized by torch's own float8_e4m3fn cast
+    (per output channel, saturating at 448): the graph means what its Q/DQ pair meant."""
+    import torch
+    from onnx import numpy_helper
+
+    path, record = quantized
+    source = onnx.load(str(ExportFolder.open(dev).graph_path("transformer")))
+    model = onnx.load(str(path))
+    linears = fp8.find_linears(source, "source")
+    src_init = {t.name: numpy_helper.to_array(t) for t in source.graph.initializer}
+    q_init = {t.name: t for t in model.graph.initializer}
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    nodes = {n.name: n for n in model.graph.node}
+    checked = 0
+    for node_name, module in linears.items():
+        if module not in record["quantized"]:
+            continue
+        dq = made_by[nodes[module].input[1]]
+        w = torch.from_numpy(src_init[next(n for n in source.graph.node if n.name == node_name).input[1]].copy())
+        scale = torch.from_numpy(numpy_helper.to_array(q_init[dq.input[1]]).astype(np.float32))
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        s = scale.reshape([-1 if d == axis else 1 for d in range(w.ndim)])
+        want = (w.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+        got = numpy_helper.to_array(q_init[dq.input[0]]).astype(np.float32) * s.numpy()
+        np.testing.assert_array_equal(got, want.numpy(), err_msg=module)
+        checked += 1
+    assert checked == len(record["quantized"])
 
 
 def test_record_sidecar_and_untouched_export(quantized, dev):

@@ -1,0 +1,128 @@
+"""``fluxrt quantize``: an FP8 export folder from an fp16 or bf16 one, one calibration for every engine.
+
+    FP8_DIR/manifest.json          precision fp8 over the source's base_precision; the transformer's record
+                                   carries its quantization (calibration record, source fingerprint)
+    FP8_DIR/transformer.onnx       the FP8 Q/DQ graph (+ .data), from ``fp8.calibrate_fp8``
+    FP8_DIR/transformer.json       its calibration record: every setting, library versions, both fingerprints
+    FP8_DIR/clip.onnx ...          copies of the source's other graphs; tokenizer/ tokenizer_2/ scheduler/ vae/
+
+It is an export folder like any other (``fluxrt.artifacts``): the runtime runs it with ONNX Runtime
+(``fluxrt generate --onnx FP8_DIR``), and ``fluxrt build FP8_DIR --precision fp8`` builds TensorRT plans
+from the same graph and scales without calibrating again. The manifest is written last; a second run with
+the same source and settings keeps the calibrated graph.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from fluxrt.artifacts import EXPORT_MANIFEST, SIDE_FILES, ExportFolder, graph_fingerprint, write_export_manifest
+from fluxrt.components import STAGES
+from fluxrt.errors import EngineError, ExportError
+from fluxrt.files import atomic_path, read_json, sha256_file
+
+GRAPH = "transformer.onnx"
+RECORD = "transformer.json"
+
+
+def log(msg: str) -> None:
+    import sys
+
+    print(f"[fluxrt quantize] {msg}", file=sys.stderr, flush=True)
+
+
+def check_folders(source: ExportFolder, out_dir: Path) -> None:
+    if source.foreign:
+        raise EngineError(f"{source.root}: FP8 calibration runs the sampling loop, which needs a fluxrt export "
+                          f"folder (tokenizers, scheduler); export the checkpoint with fluxrt export first")
+    if source.precision not in ("fp16", "bf16"):
+        raise EngineError(f"export folder {source.root} holds {source.precision} graphs; fluxrt quantize takes an "
+                          f"fp16 or bf16 export (FP8 linears, the rest in that precision)")
+    a, b = source.root.resolve(), out_dir.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise EngineError(f"--out {out_dir} is, contains or lies inside the source export folder {source.root}: "
+                          f"name a folder of its own")
+    if (out_dir / EXPORT_MANIFEST).is_file():
+        manifest = read_json(out_dir / EXPORT_MANIFEST, "export manifest", ExportError)
+        previous = (manifest.get("quantized_from") or {}).get("manifest_sha256")
+        if previous != sha256_file(source.root / EXPORT_MANIFEST):
+            raise EngineError(f"{out_dir} already holds another export ({manifest.get('precision')} of "
+                              f"{(manifest.get('source') or {}).get('path')}); use another folder")
+
+
+def copy_verified(source: ExportFolder, name: str, out_dir: Path) -> dict:
+    """Every file of graph ``name`` copied into ``out_dir`` (unless already there, byte for byte); its record."""
+    source.verified_graph(name)
+    record = source.record(name)
+    for file, digest in record["fingerprint"]["files"].items():
+        target = out_dir / file
+        if target.is_file() and sha256_file(target) == digest:
+            continue
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source.root / file, tmp)
+    return record
+
+
+def copy_side_files(source: ExportFolder, out_dir: Path) -> None:
+    for sub in SIDE_FILES:
+        staging = out_dir / f".{sub}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source.root / sub, staging)
+        shutil.rmtree(out_dir / sub, ignore_errors=True)
+        staging.rename(out_dir / sub)
+
+
+def kept_calibration(out_dir: Path, source_fingerprint: str, calibration: dict) -> dict | None:
+    """The existing calibration record, if its graph is intact and it was made from this source with these
+    settings."""
+    if not (out_dir / GRAPH).is_file() or not (out_dir / RECORD).is_file():
+        return None
+    try:
+        record = json.loads((out_dir / RECORD).read_text())
+        if record["source"]["fingerprint"] != source_fingerprint or record["calibration"] != calibration:
+            return None
+        if graph_fingerprint(out_dir / GRAPH)["sha256"] != record["fingerprint"]["sha256"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError, ExportError):
+        return None
+    return record
+
+
+def quantize_export(export_dir: str | Path, out_dir: str | Path, settings) -> dict:
+    """Write the FP8 export folder of ``export_dir`` to ``out_dir`` (see the module doc); return its manifest.
+    ``settings``: a ``fluxrt.engines.fp8.Fp8Settings``."""
+    from fluxrt.engines.fp8 import calibrate_fp8
+
+    source = ExportFolder.open(export_dir)
+    out_dir = Path(out_dir)
+    check_folders(source, out_dir)
+    missing = [s for s in STAGES if s not in source.manifest.get("components", {})]
+    if missing:
+        raise EngineError(f"export folder {source.root} has no {missing} graphs; calibration runs the whole "
+                          f"pipeline (export them with fluxrt export --components ...)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EXPORT_MANIFEST).unlink(missing_ok=True)  # written again last: a folder without it is unfinished
+    copy_side_files(source, out_dir)
+    records = {name: copy_verified(source, name, out_dir) for name in source.manifest["components"]
+               if name != "transformer"}
+    origin = source.record("transformer")
+    source_fingerprint = origin["fingerprint"]["sha256"]
+    calibration = asdict(settings)
+    record = kept_calibration(out_dir, source_fingerprint, calibration)
+    if record is None:
+        source.verified_graph("transformer")
+        record = calibrate_fp8(source.root, out_dir / GRAPH, settings=settings)
+    else:
+        log(f"transformer: {out_dir / GRAPH} is calibrated from this source with these settings; kept")
+    records["transformer"] = dict(
+        origin, file=GRAPH, fingerprint=record["fingerprint"],
+        quantization=dict(mode="fp8", record=RECORD, source_fingerprint=source_fingerprint,
+                          quantized=len(record["quantized"]), excluded=len(record["excluded"])))
+    manifest = dict(source.manifest, precision="fp8", base_precision=source.precision, components=records,
+                    quantized_from=dict(path=str(source.root.resolve()),
+                                        manifest_sha256=sha256_file(source.root / EXPORT_MANIFEST)))
+    write_export_manifest(out_dir, manifest)
+    return ExportFolder.open(out_dir).manifest
