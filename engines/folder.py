@@ -20,11 +20,11 @@ from types import ModuleType
 
 from fluxrt.artifacts import (
     ENGINE_PRECISIONS, EXPORT_MANIFEST, EXPORT_MANIFEST_COPY, FP8_GRAPH, SIDE_FILES, ExportFolder, current_gpu,
-    fp8_record_path, graph_fingerprint, plan_paths, write_engines_index, write_sidecar,
+    graph_fingerprint, plan_paths, write_engines_index, write_sidecar,
 )
 from fluxrt.components import STAGES, ShapeEnvelope, component_spec
 from fluxrt.engines.build import build_engine, log
-from fluxrt.errors import EngineError, ExportError
+from fluxrt.errors import EngineError
 from fluxrt.files import atomic_path, locked, remove_leftovers, sha256_file
 from fluxrt.trt import import_trt, library_info
 
@@ -92,28 +92,6 @@ def up_to_date(out_dir: Path, name: str, onnx_fingerprint: str, settings: BuildS
     return None
 
 
-def fp8_graph_kept(out_dir: Path, source_fingerprint: str, calibration: dict) -> str | None:
-    """The fingerprint digest of an FP8 graph that can be reused, or None: it must exist, its record
-    must name this source graph and these calibration settings, and its files must be the recorded ones."""
-    qdq, record_path = out_dir / FP8_GRAPH, fp8_record_path(out_dir)
-    if not qdq.is_file() or not record_path.is_file():
-        return None
-    try:
-        record = json.loads(record_path.read_text())
-        recorded = record["fingerprint"]["sha256"]
-        if record["source"]["fingerprint"] != source_fingerprint or record["calibration"] != calibration:
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    try:
-        if graph_fingerprint(qdq)["sha256"] != recorded:
-            log(f"transformer: {qdq} does not match its record {record_path.name} (replaced?); calibrating again")
-            return None
-    except ExportError:  # a data file it references is missing
-        return None
-    return recorded
-
-
 def source_graph(export: ExportFolder, name: str, settings: BuildSettings, out_dir: Path,
                  progress: bool) -> tuple[Path, str]:
     """The graph a component's plan is built from and its fingerprint digest: the export's (verified
@@ -127,12 +105,12 @@ def source_graph(export: ExportFolder, name: str, settings: BuildSettings, out_d
         source = export.record(name)["fingerprint"]["sha256"]
     if settings.precision != "fp8" or name != "transformer" or export.precision == "fp8":
         return path, source  # an FP8 export (fluxrt quantize) holds the calibrated graph already
-    from fluxrt.engines.fp8 import calibrate_fp8
+    from fluxrt.engines.fp8 import calibrate_fp8, reusable_calibration
 
     calibration = settings.fp8_settings_dict()
-    kept = fp8_graph_kept(out_dir, source, calibration)
+    kept = reusable_calibration(out_dir / FP8_GRAPH, source, calibration)
     if kept is not None:
-        return out_dir / FP8_GRAPH, kept
+        return out_dir / FP8_GRAPH, kept["fingerprint"]["sha256"]
     if progress:
         log(f"transformer: calibrating FP8 (Q/DQ) from the export folder with {calibration}")
     record = calibrate_fp8(export.root, out_dir / FP8_GRAPH, settings=settings.fp8_settings())

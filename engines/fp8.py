@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -509,6 +510,27 @@ def log(msg: str) -> None:
 def record_path(out_onnx: Path) -> Path:
     """``transformer.fp8.onnx`` -> ``transformer.fp8.json``: the graph's provenance record."""
     return Path(out_onnx).with_suffix(".json")
+
+
+def reusable_calibration(graph: Path, source_fingerprint: str, calibration: dict) -> dict | None:
+    """The record of an FP8 graph written by :func:`calibrate_fp8` that can be used again, or None: the graph
+    and its record must exist, the record name this source graph and these settings (``asdict`` of an
+    Fp8Settings), and the graph's files be the ones it records (a graph copied over it is not)."""
+    from fluxrt.artifacts import graph_fingerprint
+
+    graph, record_file = Path(graph), record_path(graph)
+    if not graph.is_file() or not record_file.is_file():
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+        if record["source"]["fingerprint"] != source_fingerprint or record["calibration"] != calibration:
+            return None
+        if graph_fingerprint(graph)["sha256"] != record["fingerprint"]["sha256"]:
+            log(f"{graph} does not match its record {record_file.name} (replaced?); calibrating again")
+            return None
+    except (OSError, ValueError, KeyError, TypeError, ExportError):  # unreadable, or a data file is missing
+        return None
+    return record
 
 
 def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: str = "transformer",

@@ -14,12 +14,11 @@ the same source and settings keeps the calibrated graph.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from fluxrt.artifacts import EXPORT_MANIFEST, SIDE_FILES, ExportFolder, graph_fingerprint, write_export_manifest
+from fluxrt.artifacts import EXPORT_MANIFEST, SIDE_FILES, ExportFolder, write_export_manifest
 from fluxrt.components import STAGES
 from fluxrt.errors import EngineError, ExportError
 from fluxrt.files import atomic_path, read_json, sha256_file
@@ -75,26 +74,10 @@ def copy_side_files(source: ExportFolder, out_dir: Path) -> None:
         staging.rename(out_dir / sub)
 
 
-def kept_calibration(out_dir: Path, source_fingerprint: str, calibration: dict) -> dict | None:
-    """The existing calibration record, if its graph is intact and it was made from this source with these
-    settings."""
-    if not (out_dir / GRAPH).is_file() or not (out_dir / RECORD).is_file():
-        return None
-    try:
-        record = json.loads((out_dir / RECORD).read_text())
-        if record["source"]["fingerprint"] != source_fingerprint or record["calibration"] != calibration:
-            return None
-        if graph_fingerprint(out_dir / GRAPH)["sha256"] != record["fingerprint"]["sha256"]:
-            return None
-    except (OSError, ValueError, KeyError, TypeError, ExportError):
-        return None
-    return record
-
-
 def quantize_export(export_dir: str | Path, out_dir: str | Path, settings) -> dict:
     """Write the FP8 export folder of ``export_dir`` to ``out_dir`` (see the module doc); return its manifest.
     ``settings``: a ``fluxrt.engines.fp8.Fp8Settings``."""
-    from fluxrt.engines.fp8 import calibrate_fp8
+    from fluxrt.engines.fp8 import calibrate_fp8, reusable_calibration
 
     source = ExportFolder.open(export_dir)
     out_dir = Path(out_dir)
@@ -111,7 +94,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, settings) -> di
     origin = source.record("transformer")
     source_fingerprint = origin["fingerprint"]["sha256"]
     calibration = asdict(settings)
-    record = kept_calibration(out_dir, source_fingerprint, calibration)
+    record = reusable_calibration(out_dir / GRAPH, source_fingerprint, calibration)
     if record is None:
         source.verified_graph("transformer")
         record = calibrate_fp8(source.root, out_dir / GRAPH, settings=settings)

@@ -13,7 +13,7 @@ import pytest
 
 from fluxrt.artifacts import EngineFolder, ExportFolder, current_gpu, graph_fingerprint
 from fluxrt.components import ShapeEnvelope, component_spec
-from fluxrt.engines.folder import BuildSettings, build_folder, fp8_graph_kept, up_to_date
+from fluxrt.engines.folder import BuildSettings, build_folder, up_to_date
 from fluxrt.engines.profiles import profile_shapes
 from fluxrt.errors import EngineError, ExportError
 from fluxrt.trt import library_info
@@ -118,7 +118,8 @@ def test_precision_must_match_the_export(fp32_exports, tmp_path):
     with pytest.raises(EngineError, match="holds fp32 graphs; engines are strongly typed .* export with "
                                           "--precision fp16"):
         build_folder(fp32_exports["dev"], tmp_path / "e", settings("fp16"), trt_module=trt, progress=False)
-    with pytest.raises(EngineError, match="FP8 engines are built from an fp16 or bf16 export"):
+    with pytest.raises(EngineError, match=r"FP8 engines are built from an FP8 export \(fluxrt quantize\) or an fp16 "
+                                          r"or bf16 one"):
         build_folder(fp32_exports["dev"], tmp_path / "e", settings("fp8"), trt_module=trt, progress=False)
     with pytest.raises(ValueError, match="engine precision 'int8' is not one of"):
         settings("int8")
@@ -149,15 +150,17 @@ def test_fp8_folder_from_fp16_export(half_exports, tmp_path):
     again = build_folder(half_exports["fp16"], out, settings("fp8", fp8=calibration), trt_module=trt, progress=False)
     assert set(again.values()) == {"kept"}
     # the FP8 graph is reused only while its files match its own record: a plain graph copied over it is not
-    source = record["source"]["fingerprint"]
-    assert fp8_graph_kept(out, source, calibration_dict) == record["fingerprint"]["sha256"]
-    assert fp8_graph_kept(out, "0" * 64, calibration_dict) is None  # another source graph
-    assert fp8_graph_kept(out, source, dict(calibration_dict, num_prompts=3)) is None  # other settings
-    fp8_graph = (out / "transformer.fp8.onnx").read_bytes()
-    shutil.copyfile(half_exports["fp16"] / "transformer.onnx", out / "transformer.fp8.onnx")
-    assert fp8_graph_kept(out, source, calibration_dict) is None
-    (out / "transformer.fp8.onnx").write_bytes(fp8_graph)
-    assert fp8_graph_kept(out, source, calibration_dict) == record["fingerprint"]["sha256"]
+    from fluxrt.engines.fp8 import reusable_calibration
+
+    graph, source = out / "transformer.fp8.onnx", record["source"]["fingerprint"]
+    assert reusable_calibration(graph, source, calibration_dict) == record
+    assert reusable_calibration(graph, "0" * 64, calibration_dict) is None  # another source graph
+    assert reusable_calibration(graph, source, dict(calibration_dict, num_prompts=3)) is None  # other settings
+    fp8_graph = graph.read_bytes()
+    shutil.copyfile(half_exports["fp16"] / "transformer.onnx", graph)
+    assert reusable_calibration(graph, source, calibration_dict) is None
+    graph.write_bytes(fp8_graph)
+    assert reusable_calibration(graph, source, calibration_dict) == record
     assert folder.verify_plan("transformer", library_info(trt), None) == out / "transformer.plan"
 
 
