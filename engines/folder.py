@@ -11,7 +11,6 @@ holds a lock deletes the temporaries a killed build left under it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from fluxrt.artifacts import (
 from fluxrt.components import STAGES, ShapeEnvelope, component_spec
 from fluxrt.engines.build import build_engine, log
 from fluxrt.errors import EngineError
-from fluxrt.files import atomic_path, locked, remove_leftovers, sha256_file
+from fluxrt.files import atomic_path, locked, remove_leftovers, replace_tree, sha256_file
 from fluxrt.trt import import_trt, library_info
 
 BUILDABLE = STAGES + ("vae_encoder",)  # the VAE encoder is built only if asked for
@@ -150,11 +149,7 @@ def copy_side_files(export_dir: Path, out_dir: Path) -> None:
     """Called holding the folder lock: two builds must not swap the same folders at once."""
     remove_leftovers(out_dir, *(f".{sub}.tmp-*" for sub in SIDE_FILES), f".{EXPORT_MANIFEST_COPY}.*.tmp")
     for sub in SIDE_FILES:
-        staging = out_dir / f".{sub}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(export_dir / sub, staging)
-        shutil.rmtree(out_dir / sub, ignore_errors=True)
-        os.replace(staging, out_dir / sub)
+        replace_tree(export_dir / sub, out_dir / sub)
     with atomic_path(out_dir / EXPORT_MANIFEST_COPY) as tmp:
         shutil.copyfile(export_dir / EXPORT_MANIFEST, tmp)
 

@@ -546,10 +546,9 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
         raise ValueError(f"settings must be an Fp8Settings, got {type(settings).__name__}")
     export_dir, out_onnx = Path(export_dir), Path(out_onnx)
     folder = open_export(export_dir, component)
-    try:
-        source, record = folder.verified_graph(component), folder.record(component)
-    except ExportError as e:
-        raise EngineError(f"FP8 calibration of {component}: {e}") from None
+    # read for its linears only; the sampling loop below verifies every graph it runs (this one too)
+    # before anything is written
+    source, record = folder.graph_path(component), folder.record(component)
     source_files = sorted(record["fingerprint"]["files"])
     external = len(source_files) > 1
     what = f"FP8 calibration of {component}: {source}"
@@ -567,7 +566,10 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
     loop = (f"{resolved['num_inference_steps']} steps at {resolved['height']}x{resolved['width']}"
             if component == "transformer" else f"{resolved['max_sequence_length']} tokens")
     log(f"{component}: sampling {len(chosen)} prompts ({loop}) on {settings.backend}")
-    feeds = capture_feeds(export_dir, chosen, settings, component)
+    try:
+        feeds = capture_feeds(export_dir, chosen, settings, component)
+    except ExportError as e:  # a graph that does not match the manifest, refused before it ran
+        raise EngineError(f"FP8 calibration of {component}: {e}") from None
     captured = time.perf_counter()
     log(f"{component}: {len(feeds)} samples in {captured - start:.1f}s; quantizing {len(selected)} linears")
 

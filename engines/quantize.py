@@ -21,7 +21,7 @@ from pathlib import Path
 from fluxrt.artifacts import EXPORT_MANIFEST, SIDE_FILES, ExportFolder, write_export_manifest
 from fluxrt.components import STAGES
 from fluxrt.errors import EngineError, ExportError
-from fluxrt.files import atomic_path, read_json, sha256_file
+from fluxrt.files import atomic_path, read_json, remove_leftovers, replace_tree, sha256_file
 
 GRAPH = "transformer.onnx"
 RECORD = "transformer.json"
@@ -65,15 +65,6 @@ def copy_verified(source: ExportFolder, name: str, out_dir: Path) -> dict:
     return record
 
 
-def copy_side_files(source: ExportFolder, out_dir: Path) -> None:
-    for sub in SIDE_FILES:
-        staging = out_dir / f".{sub}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source.root / sub, staging)
-        shutil.rmtree(out_dir / sub, ignore_errors=True)
-        staging.rename(out_dir / sub)
-
-
 def quantize_export(export_dir: str | Path, out_dir: str | Path, settings) -> dict:
     """Write the FP8 export folder of ``export_dir`` to ``out_dir`` (see the module doc); return its manifest.
     ``settings``: a ``fluxrt.engines.fp8.Fp8Settings``."""
@@ -88,15 +79,16 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, settings) -> di
                           f"pipeline (export them with fluxrt export --components ...)")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / EXPORT_MANIFEST).unlink(missing_ok=True)  # written again last: a folder without it is unfinished
-    copy_side_files(source, out_dir)
+    remove_leftovers(out_dir, *(f".{sub}.tmp-*" for sub in SIDE_FILES))  # a killed earlier run's copies
+    for sub in SIDE_FILES:
+        replace_tree(source.root / sub, out_dir / sub)
     records = {name: copy_verified(source, name, out_dir) for name in source.manifest["components"]
                if name != "transformer"}
     origin = source.record("transformer")
     source_fingerprint = origin["fingerprint"]["sha256"]
     calibration = asdict(settings)
     record = reusable_calibration(out_dir / GRAPH, source_fingerprint, calibration)
-    if record is None:
-        source.verified_graph("transformer")
+    if record is None:  # calibration verifies every graph it runs, the transformer included
         record = calibrate_fp8(source.root, out_dir / GRAPH, settings=settings)
     else:
         log(f"transformer: {out_dir / GRAPH} is calibrated from this source with these settings; kept")

@@ -69,6 +69,16 @@ def atomic_write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
+def replace_tree(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of the folder ``src``: copied beside it under a temporary name first, so a
+    killed copy leaves a ``.NAME.tmp-PID`` folder (see :func:`remove_leftovers`), never half a ``dst``."""
+    staging = Path(dst).with_name(f".{Path(dst).name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(staging, dst)
+
+
 def remove_leftovers(folder: Path, *patterns: str) -> None:
     """Delete temporaries a killed writer left behind; call it holding the lock their writers hold."""
     for pattern in patterns:

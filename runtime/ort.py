@@ -43,7 +43,7 @@ class OrtRunner(Runner):
         if cuda_graph and backend != "ort-cuda":
             raise ValueError("cuda_graph needs backend 'ort-cuda'")
         if isinstance(max_cuda_graphs, bool) or not isinstance(max_cuda_graphs, int) or max_cuda_graphs < 1:
-            raise ValueError(f"max_cuda_graphs must be a positive integer, got {max_cuda_graphs!r}")
+            raise InvalidInputError(f"max_cuda_graphs must be a positive integer, got {max_cuda_graphs!r}")
         self.backend = backend
         self.device = "cuda" if backend == "ort-cuda" else "cpu"
         self.onnx_path = Path(onnx_path)
