@@ -119,9 +119,28 @@ def _(x, bias):
 
 # ---- module rewrites -------------------------------------------------------------------------------
 
-def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """The matrix product alone: the bias is added by the op that consumes it."""
-    return F.linear(x, layer.weight)
+class BareLinear(nn.Module):
+    """A linear's matrix product alone: its bias (kept as ``.bias``) is added by the op that consumes
+    the product. It takes the linear's place in the module tree, so the exported MatMul carries the
+    linear's module path (FP8 quantization selects and names linears by it)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @classmethod
+    def of(cls, layer: nn.Linear) -> "BareLinear":
+        return cls(layer.weight, layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def _bare(owner: nn.Module, names: tuple[str, ...]) -> None:
+    for n in names:
+        setattr(owner, n, BareLinear.of(getattr(owner, n)))
 
 
 def _eps(module, what: str) -> float:
@@ -144,15 +163,18 @@ def _check_norms(attn, names: tuple[str, ...]) -> float:
     return eps.pop()
 
 
-def _ff_layers(ff: nn.Module) -> tuple[nn.Linear, nn.Linear]:
-    """diffusers' FeedForward as (input projection, output projection), tanh GELU between."""
-    net = list(getattr(ff, "net", []))
-    rest = [m for m in net[1:] if not isinstance(m, (nn.Dropout, nn.Identity))]
-    if (not net or not isinstance(getattr(net[0], "proj", None), nn.Linear) or len(rest) != 1
-            or not isinstance(rest[0], nn.Linear)):
+def _ff_layers(ff: nn.Module) -> tuple[BareLinear, BareLinear]:
+    """diffusers' FeedForward as (input projection, output projection), tanh GELU between; both
+    replaced in place by their BareLinear."""
+    net = getattr(ff, "net", [])
+    rest = [i for i, m in enumerate(net) if i and not isinstance(m, (nn.Dropout, nn.Identity))]
+    if (not len(net) or not isinstance(getattr(net[0], "proj", None), nn.Linear) or len(rest) != 1
+            or not isinstance(net[rest[0]], nn.Linear)):
         raise ExportError(f"feed-forward {type(ff).__name__} is not diffusers' [GELU(proj), Dropout, Linear]")
     _check_tanh_gelu(net[0], "feed-forward activation")
-    return net[0].proj, rest[0]
+    _bare(net[0], ("proj",))
+    net[rest[0]] = BareLinear.of(net[rest[0]])
+    return net[0].proj, net[rest[0]]
 
 
 def _check_tanh_gelu(module: nn.Module, what: str) -> None:
@@ -184,9 +206,11 @@ class KernelDoubleBlock(nn.Module):
         self.eps_qk = _check_norms(attn, ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))
         self.eps_ln = {n: _eps(getattr(block, n), n) for n in ("norm2", "norm2_context")}
         self.eps_ln.update({n: _eps(getattr(block, n).norm, f"{n}.norm") for n in ("norm1", "norm1_context")})
-        self.ff_in, self.ff_out = _ff_layers(block.ff)
-        self.ffc_in, self.ffc_out = _ff_layers(block.ff_context)
         self.block = block
+        _bare(attn, ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
+        attn.to_out[0] = BareLinear.of(attn.to_out[0])
+        # a tuple, not submodules: the MLP linears keep their paths under block.ff / block.ff_context
+        self.mlps = (_ff_layers(block.ff), _ff_layers(block.ff_context))
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
         _no_kwargs(joint_attention_kwargs)
@@ -201,42 +225,43 @@ class KernelDoubleBlock(nn.Module):
         x = ada_layer_norm(hidden_states, scale, shift, self.eps_ln["norm1"])
         cx = ada_layer_norm(encoder_hidden_states, c_scale, c_shift, self.eps_ln["norm1_context"])
         cos, sin = _rotary(image_rotary_emb)
-        q = norm_rope(_linear(cx, attn.add_q_proj), attn.add_q_proj.bias, attn.norm_added_q.weight,
-                      _linear(x, attn.to_q), attn.to_q.bias, attn.norm_q.weight, cos, sin, heads, self.eps_qk)
-        k = norm_rope(_linear(cx, attn.add_k_proj), attn.add_k_proj.bias, attn.norm_added_k.weight,
-                      _linear(x, attn.to_k), attn.to_k.bias, attn.norm_k.weight, cos, sin, heads, self.eps_qk)
-        v = norm_rope(_linear(cx, attn.add_v_proj), attn.add_v_proj.bias, None,
-                      _linear(x, attn.to_v), attn.to_v.bias, None, None, None, heads, self.eps_qk)
+        q = norm_rope(attn.add_q_proj(cx), attn.add_q_proj.bias, attn.norm_added_q.weight,
+                      attn.to_q(x), attn.to_q.bias, attn.norm_q.weight, cos, sin, heads, self.eps_qk)
+        k = norm_rope(attn.add_k_proj(cx), attn.add_k_proj.bias, attn.norm_added_k.weight,
+                      attn.to_k(x), attn.to_k.bias, attn.norm_k.weight, cos, sin, heads, self.eps_qk)
+        v = norm_rope(attn.add_v_proj(cx), attn.add_v_proj.bias, None,
+                      attn.to_v(x), attn.to_v.bias, None, None, None, heads, self.eps_qk)
         out = attention(q, k, v, heads)
         text = encoder_hidden_states.shape[1]
         c_out, out = out.split_with_sizes([text, out.shape[1] - text], dim=1)
 
-        h = gated_residual(hidden_states, _linear(out, attn.to_out[0]), attn.to_out[0].bias, gate, None, 0.0)
+        h = gated_residual(hidden_states, attn.to_out[0](out), attn.to_out[0].bias, gate, None, 0.0)
         x = ada_layer_norm(h, scale_mlp, shift_mlp, self.eps_ln["norm2"])
-        x = bias_gelu(_linear(x, self.ff_in), self.ff_in.bias)
-        h = gated_residual(h, _linear(x, self.ff_out), self.ff_out.bias, gate_mlp, None, 0.0)
+        (ff_in, ff_out), (ffc_in, ffc_out) = self.mlps
+        x = bias_gelu(ff_in(x), ff_in.bias)
+        h = gated_residual(h, ff_out(x), ff_out.bias, gate_mlp, None, 0.0)
 
-        e = gated_residual(encoder_hidden_states, _linear(c_out, attn.to_add_out), attn.to_add_out.bias, c_gate,
-                           None, 0.0)
+        e = gated_residual(encoder_hidden_states, attn.to_add_out(c_out), attn.to_add_out.bias, c_gate, None, 0.0)
         cx = ada_layer_norm(e, c_scale_mlp, c_shift_mlp, self.eps_ln["norm2_context"])
-        cx = bias_gelu(_linear(cx, self.ffc_in), self.ffc_in.bias)
-        e = gated_residual(e, _linear(cx, self.ffc_out), self.ffc_out.bias, c_gate_mlp, None, clamp)
+        cx = bias_gelu(ffc_in(cx), ffc_in.bias)
+        e = gated_residual(e, ffc_out(cx), ffc_out.bias, c_gate_mlp, None, clamp)
         return e, h
 
 
 class SplitProjection(nn.Module):
-    """A single block's proj_out over cat(attention [C], mlp [M]) as its two column blocks, with
-    the value projection's bias folded into the bias: softmax weights sum to 1, so attention
-    passes a bias on v straight through, and proj_out maps it to the constant W_attn @ b_v."""
+    """A single block's proj_out over cat(attention [C], mlp [M]) as its two column blocks (``attn``
+    and ``mlp``, bare linears), with the value projection's bias folded into the bias: softmax
+    weights sum to 1, so attention passes a bias on v straight through, and proj_out maps it to the
+    constant W_attn @ b_v."""
 
     def __init__(self, proj: nn.Linear, attention_width: int, value_bias: torch.Tensor | None):
         super().__init__()
         w = proj.weight.detach()
-        self.w_attn = nn.Parameter(w[:, :attention_width].contiguous(), requires_grad=False)
-        self.w_mlp = nn.Parameter(w[:, attention_width:].contiguous(), requires_grad=False)
+        self.attn = BareLinear(w[:, :attention_width].contiguous(), None)
+        self.mlp = BareLinear(w[:, attention_width:].contiguous(), None)
         bias = proj.bias.detach().float() if proj.bias is not None else torch.zeros(w.shape[0])
         if value_bias is not None:
-            bias = bias + self.w_attn.float() @ value_bias.detach().float()
+            bias = bias + self.attn.weight.float() @ value_bias.detach().float()
         self.bias = nn.Parameter(bias.to(w.dtype), requires_grad=False)
 
 
@@ -257,6 +282,8 @@ class KernelSingleStack(nn.Module):
             _check_tanh_gelu(blk.act_mlp, f"single block {i} act_mlp")
             self.proj.append(SplitProjection(blk.proj_out, width, blk.attn.to_v.bias))
             blk.proj_out = None  # its weight now lives in SplitProjection (no second copy)
+            _bare(blk.attn, ("to_q", "to_k", "to_v"))
+            _bare(blk, ("proj_mlp",))
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
@@ -269,13 +296,11 @@ class KernelSingleStack(nn.Module):
             attn, heads = blk.attn, blk.attn.heads
             shift, scale, gate = blk.norm.linear(blk.norm.silu(temb)).chunk(3, dim=1)
             x = ada_layer_norm(h, scale, shift, eps_ln)
-            mlp = bias_gelu(_linear(x, blk.proj_mlp), blk.proj_mlp.bias)
-            q = norm_rope(_linear(x, attn.to_q), attn.to_q.bias, attn.norm_q.weight, None, None, None, cos, sin,
-                          heads, eps_qk)
-            k = norm_rope(_linear(x, attn.to_k), attn.to_k.bias, attn.norm_k.weight, None, None, None, cos, sin,
-                          heads, eps_qk)
-            out = attention(q, k, _linear(x, attn.to_v), heads)  # to_v's bias is in proj.bias
-            h = gated_residual(h, F.linear(out, proj.w_attn), proj.bias, gate, F.linear(mlp, proj.w_mlp), clamp)
+            mlp = bias_gelu(blk.proj_mlp(x), blk.proj_mlp.bias)
+            q = norm_rope(attn.to_q(x), attn.to_q.bias, attn.norm_q.weight, None, None, None, cos, sin, heads, eps_qk)
+            k = norm_rope(attn.to_k(x), attn.to_k.bias, attn.norm_k.weight, None, None, None, cos, sin, heads, eps_qk)
+            out = attention(q, k, attn.to_v(x), heads)  # to_v's bias is in proj.bias
+            h = gated_residual(h, proj.attn(out), proj.bias, gate, proj.mlp(mlp), clamp)
         return h[:, :text], h[:, text:]
 
 

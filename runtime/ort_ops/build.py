@@ -111,12 +111,46 @@ def fetch_with_apt(target: Path) -> Path:
     return target
 
 
+CUBLAS_HEADER = "cublasLt.h"
+
+
+def toolkit_includes() -> list[Path]:
+    """Where the CUDA toolkit nvcc belongs to keeps its headers (nvcc searches these itself)."""
+    places = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        places.append(Path(nvcc).resolve().parent.parent / "include")
+    return places + [Path("/usr/local/cuda/include"), Path("/usr/include")]
+
+
+def cublas_flags() -> list[str]:
+    """nvcc flags for cuBLASLt (the FP8 linears' matrix products): none beyond the library when the CUDA
+    toolkit has it, else the headers and library of an installed ``nvidia-cublas`` wheel (rpath set, so the
+    built library finds it at run time)."""
+    if any((folder / CUBLAS_HEADER).is_file() for folder in toolkit_includes()):
+        return ["-lcublasLt"]
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")  # the namespace package of NVIDIA's pip wheels
+    roots = [Path(p) for p in spec.submodule_search_locations or []] if spec else []
+    for root in roots:
+        for sub in sorted(root.glob("cu*"), reverse=True):
+            libs = sorted((sub / "lib").glob("libcublasLt.so*"))
+            if (sub / "include" / CUBLAS_HEADER).is_file() and libs:
+                lib = sub / "lib"
+                return ["-I", str(sub / "include"), "-L", str(lib), f"-l:{libs[0].name}", "-Xlinker", f"-rpath={lib}"]
+    raise EngineError(f"fluxrt's CUDA kernels use cuBLASLt for the FP8 linears, and {CUBLAS_HEADER} is in neither the "
+                      f"CUDA toolkit ({', '.join(str(p) for p in toolkit_includes())}) nor an installed nvidia-cublas "
+                      f"wheel: install cuBLAS (the toolkit's libcublas development files, or `pip install "
+                      f"nvidia-cublas`), or build the CPU kernels alone with --cpu-only")
+
+
 def compile_command(include: Path, out: Path, cuda: bool, archs: tuple[str, ...]) -> list[str]:
     if cuda:
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
         return ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-I", str(include),
-                *gencode, "-o", str(out), str(SOURCE)]
+                *gencode, "-o", str(out), str(SOURCE), *cublas_flags()]
     cxx = os.environ.get("CXX", "g++")
     return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DFLUXRT_CPU_ONLY", "-x", "c++",
             "-I", str(include), "-o", str(out), str(SOURCE)]

@@ -18,19 +18,38 @@
 //   BiasGelu(x, bias?) -> y
 //     x [..., C], bias [C]: GELU with the tanh approximation of x + bias.
 //
+// FP8 (E4M3, "e4m3fn": max 448, no infinities). Quantizing v with a scale s gives the E4M3 value
+// nearest v / s (ties to even), saturated to +-448 (NaN stays NaN): ONNX QuantizeLinear with a
+// FLOAT8E4M3FN zero point and saturate=1. Scales are float32 and come in CPU memory.
+//   Fp8Linear(x, x_scale, w, w_scale, bias) -> y
+//     x E4M3 [..., K], x_scale [] or [1], w E4M3 [N, K] (one row per output feature), w_scale [N],
+//     bias T [N]: y = (x . w^T) * x_scale * w_scale + bias, float32 accumulation, in bias's type T.
+//     On CUDA: one cuBLASLt FP8 matrix product (Hopper or newer), the per-output-channel weight
+//     scales and the bias applied in its epilogue; K and N multiples of 16.
+//   QuantizeFp8(x, scale) -> E4M3               x T [...]
+//   AdaLayerNormFp8(x, scale, shift, quant_scale) -> E4M3     AdaLayerNorm, its output quantized
+//   BiasGeluFp8(x, bias?, quant_scale) -> E4M3                 BiasGelu, its output quantized
+//
 // Built by runtime/ort_ops/build.py against ONNX Runtime's C API headers (ORT_API_VERSION >= 17).
 
 #include <onnxruntime_c_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #ifndef FLUXRT_CPU_ONLY
+#include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -243,6 +262,85 @@ OrtStatusPtr check_bias_gelu(BiasGeluArgs* p) {
   return nullptr;
 }
 
+// ---- FP8 arguments -----------------------------------------------------------------------------------
+
+constexpr auto kE4M3 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT8E4M3FN;
+
+// A quantization scale: a positive finite float32 scalar in CPU memory.
+OrtStatusPtr read_scale(const std::string& op, const char* name, const In& t, float* out) {
+  if (t.size() != 1 || t.shape.size() > 1) {
+    return Status::error(op, std::string(name) + " must be a float32 scalar ([] or [1]), got " + shape_str(t.shape));
+  }
+  *out = *static_cast<const float*>(t.data);
+  if (!(*out > 0.f) || !std::isfinite(*out)) {
+    return Status::error(op, std::string(name) + " must be positive and finite, got " + std::to_string(*out));
+  }
+  return nullptr;
+}
+
+struct Fp8LinearArgs {
+  In x, x_scale, w, w_scale, bias;
+  float xs = 1.f;
+  int64_t M = 0, K = 0, N = 0;
+};
+
+OrtStatusPtr check_fp8_linear(Fp8LinearArgs* p) {
+  const std::string op = "Fp8Linear";
+  if (p->x.shape.empty()) return Status::error(op, "x must be [..., K], got a scalar");
+  if (p->w.shape.size() != 2) return Status::error(op, "w must be [N, K], got " + shape_str(p->w.shape));
+  p->N = p->w.dim(0), p->K = p->w.dim(1);
+  if (p->x.dim(-1) != p->K) {
+    return Status::error(op, "x's last axis " + std::to_string(p->x.dim(-1)) + " must equal w's K = " +
+                                 std::to_string(p->K) + " (w is " + shape_str(p->w.shape) + ")");
+  }
+  p->M = p->K ? p->x.size() / p->K : 0;
+  if (p->w_scale.shape != std::vector<int64_t>{p->N}) {
+    return Status::error(op, "w_scale must be [" + std::to_string(p->N) + "] (one per output feature), got " +
+                                 shape_str(p->w_scale.shape));
+  }
+  if (p->bias.shape != std::vector<int64_t>{p->N}) {
+    return Status::error(op, "bias must be [" + std::to_string(p->N) + "], got " + shape_str(p->bias.shape));
+  }
+  return read_scale(op, "x_scale", p->x_scale, &p->xs);
+}
+
+std::vector<int64_t> linear_shape(const Fp8LinearArgs& p) {
+  std::vector<int64_t> s = p.x.shape;
+  s.back() = p.N;
+  return s;
+}
+
+// ---- E4M3 on the host: the reference rounding -----------------------------------------------------
+
+uint8_t e4m3_from_float(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint8_t sign = (u >> 24) & 0x80;
+  if (std::isnan(f)) return sign | 0x7F;
+  const float a = std::fabs(f);
+  if (a >= 448.f) return sign | 0x7E;                         // saturate (infinities too)
+  if (a < 0.015625f) return sign | uint8_t(std::nearbyint(a * 512.f));  // subnormals: steps of 2^-9; 8 is 2^-6
+  int e = 0;
+  std::frexp(a, &e);                                          // a = f * 2^e, f in [0.5, 1)
+  int exponent = e - 1;                                       // a = 1.m * 2^exponent, exponent in [-6, 8]
+  int q = int(std::nearbyint(std::ldexp(a, 3 - exponent)));   // 8..16, ties to even
+  if (q == 16) q = 8, ++exponent;
+  return sign | uint8_t((exponent + 7) << 3) | uint8_t(q - 8);
+}
+
+float e4m3_to_float(uint8_t b) {
+  const int exponent = (b >> 3) & 0xF, mantissa = b & 7;
+  float v;
+  if (exponent == 15 && mantissa == 7) v = NAN;
+  else if (exponent == 0) v = std::ldexp(float(mantissa), -9);
+  else v = std::ldexp(1.f + mantissa / 8.f, exponent - 7);
+  return (b & 0x80) ? -v : v;
+}
+
+void quantize_cpu(const float* x, int64_t n, float scale, uint8_t* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = e4m3_from_float(x[i] / scale);
+}
+
 // ---- CPU kernels (float32): the reference ----------------------------------------------------------
 
 void norm_rope_cpu(const Attrs& a, const NormRopeArgs& p, float* y) {
@@ -318,6 +416,27 @@ void bias_gelu_cpu(const BiasGeluArgs& p, float* y) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i] + (bias ? bias[i % p.C] : 0.f);
     y[i] = 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+  }
+}
+
+// y[m, n] = sum_k x[m, k] w[n, k], float32 accumulation, then * x_scale * w_scale[n] + bias[n].
+void fp8_linear_cpu(const Fp8LinearArgs& p, float* y) {
+  float lut[256];
+  for (int i = 0; i < 256; ++i) lut[i] = e4m3_to_float(uint8_t(i));
+  const uint8_t* x = static_cast<const uint8_t*>(p.x.data);
+  const uint8_t* w = static_cast<const uint8_t*>(p.w.data);
+  const float* ws = static_cast<const float*>(p.w_scale.data);
+  const float* bias = static_cast<const float*>(p.bias.data);
+  std::vector<float> wf(p.N * p.K), xr(p.K);
+  for (int64_t i = 0; i < p.N * p.K; ++i) wf[i] = lut[w[i]];
+  for (int64_t m = 0; m < p.M; ++m) {
+    for (int64_t k = 0; k < p.K; ++k) xr[k] = lut[x[m * p.K + k]];
+    for (int64_t n = 0; n < p.N; ++n) {
+      const float* wr = wf.data() + n * p.K;
+      float acc = 0.f;
+      for (int64_t k = 0; k < p.K; ++k) acc += xr[k] * wr[k];
+      y[m * p.N + n] = acc * p.xs * ws[n] + bias[n];
+    }
   }
 }
 
@@ -481,6 +600,21 @@ template <typename T> __device__ __forceinline__ void store8(T* p, const float* 
   *reinterpret_cast<Vec8<T>*>(p) = a;
 }
 
+// FP8 outputs: v / qscale to the nearest E4M3 value, saturated (the host's e4m3_from_float).
+__device__ __forceinline__ uint8_t to_e4m3(float v) { return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3); }
+
+// One output element / eight adjacent ones, in O: T as computed, or uint8_t (E4M3) after / qscale.
+template <typename O> __device__ __forceinline__ O out1(float v, float) { return from_f<O>(v); }
+template <> __device__ __forceinline__ uint8_t out1<uint8_t>(float v, float qscale) { return to_e4m3(v / qscale); }
+template <typename O> __device__ __forceinline__ void out8(O* p, const float* in, float) { store8(p, in); }
+template <> __device__ __forceinline__ void out8<uint8_t>(uint8_t* p, const float* in, float qscale) {
+  uint2 packed;
+  uint8_t* b = reinterpret_cast<uint8_t*>(&packed);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) b[i] = to_e4m3(in[i] / qscale);
+  *reinterpret_cast<uint2*>(p) = packed;
+}
+
 // NormRope when the head size D is a multiple of 8 and D/8 divides 32: D/8 threads per head row,
 // eight elements (four pairs) each; the row's sum of squares is reduced among those threads.
 template <typename T>
@@ -532,9 +666,9 @@ __global__ void norm_rope_vec8_kernel(const T* x0, const T* b0, const T* w0, con
 
 // AdaLayerNorm when C is a multiple of 8: one warp per row, eight elements per access; the row
 // is read three times (mean, variance about it, output), the last two from cache.
-template <typename T>
-__global__ void ada_norm_vec8_kernel(const T* x, const T* scale, const T* shift, T* y, int64_t rows, int64_t L,
-                                     int64_t C, float eps) {
+template <typename T, typename O = T>
+__global__ void ada_norm_vec8_kernel(const T* x, const T* scale, const T* shift, O* y, int64_t rows, int64_t L,
+                                     int64_t C, float eps, float qscale = 1.f) {
   const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (r >= rows) return;
   const int lane = threadIdx.x % 32;
@@ -561,7 +695,7 @@ __global__ void ada_norm_vec8_kernel(const T* x, const T* scale, const T* shift,
     load8(shift + b * C + c, t);
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = (v[i] - mean) * rstd * (1.f + a[i]) + t[i];
-    store8(y + r * C + c, v);
+    out8(y + r * C + c, v, qscale);
   }
 }
 
@@ -570,8 +704,8 @@ __device__ __forceinline__ float gelu_tanh(float v) {
 }
 
 // BiasGelu: gelu_tanh(x + bias), eight elements per thread when C is a multiple of 8, else one.
-template <typename T>
-__global__ void bias_gelu_kernel(const T* x, const T* bias, T* y, int64_t n, int64_t C, bool vec8) {
+template <typename T, typename O = T>
+__global__ void bias_gelu_kernel(const T* x, const T* bias, O* y, int64_t n, int64_t C, bool vec8, float qscale = 1.f) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   if (vec8) {
     float v[8], u[8];
@@ -584,13 +718,32 @@ __global__ void bias_gelu_kernel(const T* x, const T* bias, T* y, int64_t n, int
       }
 #pragma unroll
       for (int k = 0; k < 8; ++k) v[k] = gelu_tanh(v[k]);
-      store8(y + i, v);
+      out8(y + i, v, qscale);
     }
     return;
   }
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    y[i] = from_f<T>(gelu_tanh(to_f(x[i]) + (bias ? to_f(bias[i % C]) : 0.f)));
+    y[i] = out1<O>(gelu_tanh(to_f(x[i]) + (bias ? to_f(bias[i % C]) : 0.f)), qscale);
   }
+}
+
+// QuantizeFp8: x / qscale to E4M3, eight elements per thread when n is a multiple of 8, else one.
+template <typename T>
+__global__ void quantize_kernel(const T* x, uint8_t* y, int64_t n, bool vec8, float qscale) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  if (vec8) {
+    float v[8];
+    for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 8; i < n; i += stride * 8) {
+      load8(x + i, v);
+      out8(y + i, v, qscale);
+    }
+    return;
+  }
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) y[i] = out1<uint8_t>(to_f(x[i]), qscale);
+}
+
+__global__ void fill_kernel(float* p, int64_t n, float v) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) p[i] = v;
 }
 
 bool aligned16(std::initializer_list<const void*> ptrs) {
@@ -659,29 +812,231 @@ OrtStatusPtr bias_gelu_cuda(cudaStream_t st, const BiasGeluArgs& p, void* y) {
   }
   return cuda_status("BiasGelu");
 }
+
+// ---- FP8 on CUDA -------------------------------------------------------------------------------------
+
+unsigned grid_for(int64_t work) { return unsigned(std::max<int64_t>(1, std::min<int64_t>((work + 255) / 256, 132 * 32))); }
+
+template <typename T>
+OrtStatusPtr ada_norm_fp8_cuda(cudaStream_t st, const Attrs& a, const AdaNormArgs& p, float qscale, void* y) {
+  if (p.rows > 0)
+    ada_norm_vec8_kernel<T, uint8_t><<<blocks_for(p.rows), 32 * kWarps, 0, st>>>(
+        ptr<T>(p.x), ptr<T>(p.scale), ptr<T>(p.shift), static_cast<uint8_t*>(y), p.rows, p.L, p.C, a.epsilon, qscale);
+  return cuda_status("AdaLayerNormFp8");
+}
+
+template <typename T>
+OrtStatusPtr bias_gelu_fp8_cuda(cudaStream_t st, const BiasGeluArgs& p, float qscale, void* y) {
+  const int64_t n = p.x.size();
+  const bool vec8 = p.C % 8 == 0 && aligned16({p.x.data, p.bias.data}) && reinterpret_cast<uintptr_t>(y) % 8 == 0;
+  if (n > 0)
+    bias_gelu_kernel<T, uint8_t><<<grid_for(vec8 ? n / 8 : n), 256, 0, st>>>(ptr<T>(p.x), ptr<T>(p.bias),
+                                                                            static_cast<uint8_t*>(y), n, p.C, vec8, qscale);
+  return cuda_status("BiasGeluFp8");
+}
+
+template <typename T>
+OrtStatusPtr quantize_cuda(cudaStream_t st, const In& x, float qscale, void* y) {
+  const int64_t n = x.size();
+  const bool vec8 = n % 8 == 0 && aligned16({x.data}) && reinterpret_cast<uintptr_t>(y) % 8 == 0;
+  if (n > 0)
+    quantize_kernel<T><<<grid_for(vec8 ? n / 8 : n), 256, 0, st>>>(ptr<T>(x), static_cast<uint8_t*>(y), n, vec8, qscale);
+  return cuda_status("QuantizeFp8");
+}
+
+OrtStatusPtr lt_status(cublasStatus_t s, const std::string& what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return nullptr;
+  return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION,
+                             ("fluxrt.Fp8Linear: " + what + " failed: " + cublasLtGetStatusString(s)).c_str());
+}
+
+constexpr size_t kWorkspaceBytes = 32u << 20;  // cuBLASLt's recommendation for Hopper
+
+// One cuBLASLt handle per device and one workspace per (device, stream): kernels on one stream run
+// in order, so they share it; two streams never do.
+struct LtDevice {
+  cublasLtHandle_t handle = nullptr;
+  std::map<cudaStream_t, void*> workspace;
+};
+
+OrtStatusPtr lt_device(cudaStream_t st, cublasLtHandle_t* handle, void** workspace) {
+  static std::mutex mu;
+  static std::map<int, LtDevice> devices;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return cuda_status("Fp8Linear");
+  std::lock_guard<std::mutex> lock(mu);
+  LtDevice& d = devices[dev];
+  if (!d.handle) RETURN_IF(lt_status(cublasLtCreate(&d.handle), "cublasLtCreate"));
+  void*& ws = d.workspace[st];
+  if (!ws && cudaMalloc(&ws, kWorkspaceBytes) != cudaSuccess) {
+    ws = nullptr;
+    return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, "fluxrt.Fp8Linear: could not allocate cuBLASLt's 32 MiB workspace");
+  }
+  *handle = d.handle, *workspace = ws;
+  return nullptr;
+}
+
+// A matrix product planned for one row count M: descriptors, the heuristic's algorithm, and the
+// activation's scale as a vector (cuBLASLt's per-channel scaling on Hopper scales both operands by
+// vectors: the weights' per output feature, the activation's per row, here all x_scale).
+struct LtPlan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  float* x_scales = nullptr;
+  float x_scale = 0.f;  // the value x_scales holds
+};
+
+struct LtState {
+  std::mutex mu;
+  std::map<std::pair<int64_t, int>, LtPlan> plans;  // (M, output type)
+  ~LtState() {
+    for (auto& [key, p] : plans) {
+      if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+      for (auto l : {p.a, p.b, p.c})
+        if (l) cublasLtMatrixLayoutDestroy(l);
+      // x_scales stays allocated: a CUDA graph captured with it may outlive this kernel
+    }
+  }
+};
+
+template <typename T> cudaDataType_t cuda_type();
+template <> cudaDataType_t cuda_type<float>() { return CUDA_R_32F; }
+template <> cudaDataType_t cuda_type<__half>() { return CUDA_R_16F; }
+template <> cudaDataType_t cuda_type<__nv_bfloat16>() { return CUDA_R_16BF; }
+
+OrtStatusPtr make_plan(cublasLtHandle_t handle, const Fp8LinearArgs& p, cudaDataType_t out, cudaStream_t st,
+                       LtPlan* plan) {
+  const std::string shape = "an FP8 product of " + std::to_string(p.M) + "x" + std::to_string(p.K) + " by " +
+                            std::to_string(p.K) + "x" + std::to_string(p.N);
+  RETURN_IF(lt_status(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate"));
+  const cublasOperation_t t = CUBLAS_OP_T, n = CUBLAS_OP_N;
+  const cublasLtMatmulMatrixScale_t vec = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+  const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+  auto set = [&](cublasLtMatmulDescAttributes_t attr, const void* v, size_t size) {
+    return lt_status(cublasLtMatmulDescSetAttribute(plan->desc, attr, v, size), "setting a matmul attribute");
+  };
+  // column-major view: y^T [N, M] = (w [N, K]) . (x^T [K, M]); w is K x N column-major, transposed
+  RETURN_IF(set(CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t));
+  RETURN_IF(set(CUBLASLT_MATMUL_DESC_TRANSB, &n, sizeof n));
+  RETURN_IF(set(CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &vec, sizeof vec));
+  RETURN_IF(set(CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec, sizeof vec));
+  RETURN_IF(set(CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue));
+  RETURN_IF(set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &out, sizeof out));
+  RETURN_IF(lt_status(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_8F_E4M3, p.K, p.N, p.K), "layout"));
+  RETURN_IF(lt_status(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_8F_E4M3, p.K, p.M, p.K), "layout"));
+  RETURN_IF(lt_status(cublasLtMatrixLayoutCreate(&plan->c, out, p.N, p.M, p.N), "layout"));
+  cublasLtMatmulPreference_t pref = nullptr;
+  RETURN_IF(lt_status(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate"));
+  const size_t ws = kWorkspaceBytes;
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->c, plan->c, pref,
+                                                          1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
+    int dev = 0, major = 0, minor = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    return g_api->CreateStatus(
+        ORT_NOT_IMPLEMENTED,
+        ("fluxrt.Fp8Linear: cuBLASLt " + std::to_string(cublasLtGetVersion()) + " has no algorithm for " + shape +
+         " with per-channel (outer vector) scales on this GPU (compute capability " + std::to_string(major) + "." +
+         std::to_string(minor) + "; " + cublasLtGetStatusString(s) +
+         "): FP8 linears need a Hopper (sm_90) or newer GPU and CUDA 12.9 or newer")
+            .c_str());
+  }
+  plan->algo = result.algo;
+  const int64_t rows = std::max<int64_t>(p.M, 1);
+  if (cudaMalloc(&plan->x_scales, rows * sizeof(float)) != cudaSuccess) return cuda_status("Fp8Linear");
+  fill_kernel<<<grid_for(rows), 256, 0, st>>>(plan->x_scales, rows, p.xs);
+  plan->x_scale = p.xs;
+  return cuda_status("Fp8Linear");
+}
+
+template <typename T>
+OrtStatusPtr fp8_linear_cuda(cudaStream_t st, LtState& state, const Fp8LinearArgs& p, void* y) {
+  if (p.M == 0 || p.N == 0) return nullptr;
+  if (p.K % 16 || p.N % 16) {
+    return Status::error("Fp8Linear", "on CUDA, K and N must be multiples of 16 (cuBLASLt's FP8 layouts), got K = " +
+                                          std::to_string(p.K) + ", N = " + std::to_string(p.N));
+  }
+  cublasLtHandle_t handle;
+  void* workspace;
+  RETURN_IF(lt_device(st, &handle, &workspace));
+  std::lock_guard<std::mutex> lock(state.mu);  // one kernel object may run on several threads
+  const cudaDataType_t out = cuda_type<T>();
+  LtPlan& plan = state.plans[{p.M, int(out)}];
+  if (!plan.desc) {
+    OrtStatusPtr s = make_plan(handle, p, out, st, &plan);
+    if (s) {
+      state.plans.erase({p.M, int(out)});
+      return s;
+    }
+  } else if (plan.x_scale != p.xs) {  // a scale fed at run time rather than stored in the graph
+    fill_kernel<<<grid_for(p.M), 256, 0, st>>>(plan.x_scales, p.M, p.xs);
+    plan.x_scale = p.xs;
+  }
+  const void* w_scale = p.w_scale.data;
+  const void* bias = p.bias.data;
+  RETURN_IF(lt_status(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale,
+                                                     sizeof w_scale), "setting the weight scales"));
+  RETURN_IF(lt_status(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &plan.x_scales,
+                                                     sizeof plan.x_scales), "setting the activation scales"));
+  RETURN_IF(lt_status(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias),
+                      "setting the bias"));
+  const float alpha = 1.f, beta = 0.f;
+  RETURN_IF(lt_status(cublasLtMatmul(handle, plan.desc, &alpha, p.w.data, plan.a, p.x.data, plan.b, &beta, y, plan.c, y,
+                                     plan.c, &plan.algo, workspace, kWorkspaceBytes, st),
+                      "cublasLtMatmul"));
+  return cuda_status("Fp8Linear");
+}
 #endif  // FLUXRT_CPU_ONLY
 
 // ---- ONNX Runtime glue -----------------------------------------------------------------------------
 
-enum class Kind { NormRope, AdaLayerNorm, GatedResidual, BiasGelu };
+enum class Kind { NormRope, AdaLayerNorm, GatedResidual, BiasGelu, Fp8Linear, QuantizeFp8, AdaLayerNormFp8, BiasGeluFp8 };
 
 struct Op : OrtCustomOp {
   Kind kind;
   const char* name;
   const char* provider;  // "CPUExecutionProvider" or "CUDAExecutionProvider"
-  ONNXTensorElementDataType type;
+  ONNXTensorElementDataType type;      // the element type T the kernel computes in
+  ONNXTensorElementDataType out_type;  // T, or E4M3 for the quantizers
   std::vector<ONNXTensorElementDataType> inputs;
   std::vector<bool> optional;
+  std::vector<bool> on_host;  // scales: read by the host, so kept in CPU memory
 };
 
 struct Kernel {
   const Op* op;
   Attrs attrs;
+#ifndef FLUXRT_CPU_ONLY
+  LtState lt;  // Fp8Linear's cuBLASLt plans
+#endif
 };
 
 // Even widths only: the CUDA kernels move two elements per access.
 OrtStatusPtr check_even(const std::string& op, int64_t width) {
   if (width % 2) return Status::error(op, "the last axis must have an even size, got " + std::to_string(width));
+  return nullptr;
+}
+
+// The CPU kernels compute in float32; the FP8 ones quantize that result.
+OrtStatusPtr quantized_output(OrtKernelContext* ctx, const std::vector<int64_t>& shape, const std::vector<float>& v,
+                              float qscale) {
+  void* y = nullptr;
+  RETURN_IF(get_output(ctx, shape, &y));
+  quantize_cpu(v.data(), int64_t(v.size()), qscale, static_cast<uint8_t*>(y));
+  return nullptr;
+}
+
+OrtStatusPtr check_vec8(const std::string& op, int64_t width) {
+  if (width % 8) {
+    return Status::error(op, "on CUDA, the last axis must be a multiple of 8, got " + std::to_string(width));
+  }
   return nullptr;
 }
 
@@ -741,6 +1096,53 @@ OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
       RETURN_IF(get_output(ctx, p.x.shape, &y));
       if (!cuda) return bias_gelu_cpu(p, static_cast<float*>(y)), nullptr;
       LAUNCH(bias_gelu_cuda, p);
+    }
+    case Kind::Fp8Linear: {
+      Fp8LinearArgs p{in[0], in[1], in[2], in[3], in[4]};
+      RETURN_IF(check_fp8_linear(&p));
+      RETURN_IF(get_output(ctx, linear_shape(p), &y));
+      if (!cuda) return fp8_linear_cpu(p, static_cast<float*>(y)), nullptr;
+#ifndef FLUXRT_CPU_ONLY
+      LtState& lt = const_cast<Kernel&>(k).lt;
+#endif
+      LAUNCH(fp8_linear_cuda, lt, p);
+    }
+    case Kind::QuantizeFp8: {
+      float qs = 1.f;
+      RETURN_IF(read_scale(op.name, "scale", in[1], &qs));
+      if (!cuda) {
+        RETURN_IF(get_output(ctx, in[0].shape, &y));
+        return quantize_cpu(static_cast<const float*>(in[0].data), in[0].size(), qs, static_cast<uint8_t*>(y)), nullptr;
+      }
+      RETURN_IF(get_output(ctx, in[0].shape, &y));
+      LAUNCH(quantize_cuda, in[0], qs);
+    }
+    case Kind::AdaLayerNormFp8: {
+      AdaNormArgs p{in[0], in[1], in[2]};
+      float qs = 1.f;
+      RETURN_IF(check_ada_norm(&p));
+      RETURN_IF(read_scale(op.name, "quant_scale", in[3], &qs));
+      if (!cuda) {
+        std::vector<float> v(p.x.size());
+        ada_norm_cpu(k.attrs, p, v.data());
+        return quantized_output(ctx, p.x.shape, v, qs);
+      }
+      RETURN_IF(check_vec8(op.name, p.C));
+      RETURN_IF(get_output(ctx, p.x.shape, &y));
+      LAUNCH(ada_norm_fp8_cuda, k.attrs, p, qs);
+    }
+    case Kind::BiasGeluFp8: {
+      BiasGeluArgs p{in[0], in[1]};
+      float qs = 1.f;
+      RETURN_IF(check_bias_gelu(&p));
+      RETURN_IF(read_scale(op.name, "quant_scale", in[2], &qs));
+      if (!cuda) {
+        std::vector<float> v(p.x.size());
+        bias_gelu_cpu(p, v.data());
+        return quantized_output(ctx, p.x.shape, v, qs);
+      }
+      RETURN_IF(get_output(ctx, p.x.shape, &y));
+      LAUNCH(bias_gelu_fp8_cuda, p, qs);
     }
   }
   return Status::error(op.name, "unknown op");
@@ -807,6 +1209,18 @@ OrtStatusPtr ORT_API_CALL infer_shape(const OrtCustomOp* base, OrtShapeInferCont
       dims[1] = -1;
     }
   }
+  if (op->kind == Kind::Fp8Linear) {  // [..., K] -> [..., N], in bias's type
+    std::vector<int64_t> w_dims;
+    std::vector<std::string> w_names;
+    ONNXTensorElementDataType w_type;
+    if (!input_dims(ctx, 2, &w_type, &w_dims, &w_names) || w_dims.size() != 2 || !input_dims(ctx, 4, &type, &dims1, &names1)) {
+      return nullptr;
+    }
+    dims.back() = w_dims[0];
+    names.back() = w_names[0];
+  } else if (op->out_type == kE4M3) {
+    type = kE4M3;
+  }
   std::vector<const char*> ptrs;
   for (auto& n : names) ptrs.push_back(n.c_str());
   OrtTensorTypeAndShapeInfo* out = nullptr;
@@ -822,7 +1236,7 @@ OrtStatusPtr ORT_API_CALL infer_shape(const OrtCustomOp* base, OrtShapeInferCont
 Op make_op(Kind kind, const char* name, const char* provider, ONNXTensorElementDataType t) {
   Op op{};
   op.version = kOpVersion;
-  op.kind = kind, op.name = name, op.provider = provider, op.type = t;
+  op.kind = kind, op.name = name, op.provider = provider, op.type = t, op.out_type = t;
   const auto F = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   switch (kind) {
     case Kind::NormRope:
@@ -841,7 +1255,31 @@ Op make_op(Kind kind, const char* name, const char* provider, ONNXTensorElementD
       op.inputs = {t, t};
       op.optional = {false, true};
       break;
+    case Kind::Fp8Linear:
+      op.inputs = {kE4M3, F, kE4M3, F, t};
+      op.optional = {false, false, false, false, false};
+      op.on_host = {false, true, false, false, false};
+      break;
+    case Kind::QuantizeFp8:
+      op.inputs = {t, F};
+      op.optional = {false, false};
+      op.on_host = {false, true};
+      op.out_type = kE4M3;
+      break;
+    case Kind::AdaLayerNormFp8:
+      op.inputs = {t, t, t, F};
+      op.optional = {false, false, false, false};
+      op.on_host = {false, false, false, true};
+      op.out_type = kE4M3;
+      break;
+    case Kind::BiasGeluFp8:
+      op.inputs = {t, t, F};
+      op.optional = {false, true, false};
+      op.on_host = {false, false, true};
+      op.out_type = kE4M3;
+      break;
   }
+  op.on_host.resize(op.inputs.size(), false);
   op.CreateKernel = nullptr;
   op.KernelCompute = nullptr;
   op.CreateKernelV2 = create_kernel;
@@ -852,12 +1290,14 @@ Op make_op(Kind kind, const char* name, const char* provider, ONNXTensorElementD
   op.GetInputTypeCount = [](const OrtCustomOp* o) { return static_cast<const Op*>(o)->inputs.size(); };
   op.GetInputType = [](const OrtCustomOp* o, size_t i) { return static_cast<const Op*>(o)->inputs[i]; };
   op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-  op.GetOutputType = [](const OrtCustomOp* o, size_t) { return static_cast<const Op*>(o)->type; };
+  op.GetOutputType = [](const OrtCustomOp* o, size_t) { return static_cast<const Op*>(o)->out_type; };
   op.GetInputCharacteristic = [](const OrtCustomOp* o, size_t i) {
     return static_cast<const Op*>(o)->optional[i] ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   };
   op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
-  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+  op.GetInputMemoryType = [](const OrtCustomOp* o, size_t i) {
+    return static_cast<const Op*>(o)->on_host[i] ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+  };
   op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
   op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
   op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
@@ -873,7 +1313,8 @@ std::vector<Op>& registry() {
     std::vector<Op> v;
     const std::pair<Kind, const char*> kinds[] = {
         {Kind::NormRope, "NormRope"}, {Kind::AdaLayerNorm, "AdaLayerNorm"}, {Kind::GatedResidual, "GatedResidual"},
-        {Kind::BiasGelu, "BiasGelu"}};
+        {Kind::BiasGelu, "BiasGelu"}, {Kind::Fp8Linear, "Fp8Linear"}, {Kind::QuantizeFp8, "QuantizeFp8"},
+        {Kind::AdaLayerNormFp8, "AdaLayerNormFp8"}, {Kind::BiasGeluFp8, "BiasGeluFp8"}};
     for (auto& [kind, name] : kinds) {
       v.push_back(make_op(kind, name, "CPUExecutionProvider", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
 #ifndef FLUXRT_CPU_ONLY
