@@ -57,7 +57,8 @@ from fluxrt.runner import Runner
 
 PROMPTS_FILE = "calibration_prompts.txt"
 BACKENDS = ("ort-cpu", "ort-cuda")
-LINEAR_CLASS = "torch.nn.modules.linear.Linear"
+# torch's Linear, and the ort-kernels export's bias-less product of one (export/ort_kernels.py)
+LINEAR_CLASSES = ("torch.nn.modules.linear.Linear", "fluxrt.export.ort_kernels.BareLinear")
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,7 @@ def find_linears(model, what: str) -> dict[str, str]:
             continue
         tagged += 1
         path, cls = origin
-        if cls == LINEAR_CLASS and node.input[1] in constants:
+        if cls in LINEAR_CLASSES and node.input[1] in constants:
             linears[node.name] = path
     if not tagged:
         raise EngineError(f"{what}: no MatMul/Gemm node carries torch.onnx's module-scope metadata, so the linears "
@@ -363,6 +364,27 @@ def run_modelopt(quantize, source: Path, out: Path, feeds, selected: dict[str, s
         high_precision_dtype="fp32",  # "fp32" leaves every tensor in the graph's own dtype (no conversion)
         use_external_data_format=external, output_path=str(out), log_level="WARNING",
     )
+
+
+def quantize_kernels(source: Path, files: list[str], feeds, selected: dict[str, str], backend: str, staging: Path,
+                     what: str):
+    """An ort-kernels graph on fluxrt's FP8 ops (fp8_ort): calibrated by running it, with the op library,
+    on ``feeds``; returns (model, module paths quantized, module paths left out)."""
+    import onnx
+
+    from fluxrt.engines import fp8_ort
+
+    model = onnx.load(str(source), load_external_data=False)
+    linears = fp8_ort.kernel_linears(model, selected, what)
+    tensors = list(dict.fromkeys(lin.input for lin in linears))
+    amax = fp8_ort.activation_amax(model, tensors, feeds, backend, staging,
+                                   [source.parent / f for f in files if f != source.name])
+    from onnx.external_data_helper import load_external_data_for_model
+
+    load_external_data_for_model(model, str(source.parent))
+    scales = fp8_ort.Scales(amax, fp8_ort.weight_amax(model, linears))
+    fp8_ort.fp8_graph(model, linears, scales)
+    return model, sorted(lin.path for lin in linears), []
 
 
 def producer_ops(model) -> dict[str, str]:
@@ -558,7 +580,11 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
         raise EngineError(f"{what}: the output {out_onnx} is the source graph itself; write it elsewhere")
     resolved = settings.resolve(folder.variant)
     chosen = pick_prompts(prompts, settings.num_prompts)
-    modelopt_version, quantize = import_modelopt()
+    kernels = record.get("attention") == "ort-kernels"  # fluxrt's ops: its own calibration, not ModelOpt's
+    library = dict(name="fluxrt", method="max, fluxrt.engines.fp8_ort") if kernels else None
+    if not kernels:
+        modelopt_version, quantize = import_modelopt()
+        library = dict(name="nvidia-modelopt", version=modelopt_version)
     source_model = onnx.load(str(source), load_external_data=False)
     linears = find_linears(source_model, what)
     selected, excluded = select_linears(linears, component, what)
@@ -577,16 +603,21 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        staged = stage_source(source, source_files, staging)
-        quantized_path = staging / "quantized.onnx"
-        run_modelopt(quantize, staged, quantized_path, feeds, selected, settings.backend, external=external)
-        model = onnx.load(str(quantized_path))
+        if kernels:
+            model, done, missed = quantize_kernels(source, source_files, feeds, selected, settings.backend, staging,
+                                                   what)
+            factor, stored = 1.0, len(done)
+        else:
+            staged = stage_source(source, source_files, staging)
+            quantized_path = staging / "quantized.onnx"
+            run_modelopt(quantize, staged, quantized_path, feeds, selected, settings.backend, external=external)
+            model = onnx.load(str(quantized_path))
+            done, missed = quantized_linears(model, selected)
+            if not done:
+                raise EngineError(f"{what}: ModelOpt quantized none of the {len(selected)} selected linears")
+            factor = rescale_to_fp8_range(model, what)
+            stored = store_fp8_weights(model)
         check_same_io(source_model, model, what)
-        done, missed = quantized_linears(model, selected)
-        if not done:
-            raise EngineError(f"{what}: ModelOpt quantized none of the {len(selected)} selected linears")
-        factor = rescale_to_fp8_range(model, what)
-        stored = store_fp8_weights(model)
         for node in model.graph.node:  # every linear, quantized or not, by its module path
             node.name = linears.get(node.name, node.name)
         data_file = write_graph(model, out_onnx, staging)
@@ -604,12 +635,13 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
         quantization=dict(mode="fp8", dtype="FLOAT8E4M3FN",
                           activations="per tensor, scale = max |x| over all samples / 448",
                           weights="per output channel, scale = max |w| / 448",
+                          graph="fluxrt FP8 ops (Fp8Linear on cuBLASLt)" if kernels else "QuantizeLinear/DequantizeLinear",
                           modelopt_scale_factor=factor,  # applied to ModelOpt's scales; see rescale_to_fp8_range
                           stored_fp8_weights=stored),
         calibration=asdict(settings), settings=resolved, prompts=chosen,
         prompts_sha256=hashlib.sha256("\n".join(chosen).encode()).hexdigest(),
         num_samples=len(feeds), quantized=sorted(done), excluded=dict(sorted(excluded.items())),
-        library=dict(name="nvidia-modelopt", version=modelopt_version),
+        library=library,
         versions=dict(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__, numpy=np.__version__),
         seconds=dict(capture=round(captured - start, 2), quantize=round(quantized_at - captured, 2),
                      total=round(time.perf_counter() - start, 2)),

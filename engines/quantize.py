@@ -2,7 +2,8 @@
 
     FP8_DIR/manifest.json          precision fp8 over the source's base_precision; the transformer's record
                                    carries its quantization (calibration record, source fingerprint)
-    FP8_DIR/transformer.onnx       the FP8 Q/DQ graph (+ .data), from ``fp8.calibrate_fp8``
+    FP8_DIR/transformer.onnx       the FP8 graph (+ .data), from ``fp8.calibrate_fp8``: Q/DQ pairs (ModelOpt), or
+                                   for an ``--attention ort-kernels`` export fluxrt's FP8 ops (``fp8_ort``)
     FP8_DIR/transformer.json       its calibration record: every setting, library versions, both fingerprints
     FP8_DIR/clip.onnx ...          copies of the source's other graphs; tokenizer/ tokenizer_2/ scheduler/ vae/
 
@@ -37,9 +38,11 @@ def check_folders(source: ExportFolder, out_dir: Path) -> None:
     if source.foreign:
         raise EngineError(f"{source.root}: FP8 calibration runs the sampling loop, which needs a fluxrt export "
                           f"folder (tokenizers, scheduler); export the checkpoint with fluxrt export first")
-    if source.precision not in ("fp16", "bf16"):
+    kernels = source.manifest.get("components", {}).get("transformer", {}).get("attention") == "ort-kernels"
+    if source.precision not in ("fp16", "bf16") and not (kernels and source.precision == "fp32"):
         raise EngineError(f"export folder {source.root} holds {source.precision} graphs; fluxrt quantize takes an "
-                          f"fp16 or bf16 export (FP8 linears, the rest in that precision)")
+                          f"fp16 or bf16 export (FP8 linears, the rest in that precision), or an fp32 one exported "
+                          f"with --attention ort-kernels (whose FP8 graph ONNX Runtime also runs on the CPU)")
     a, b = source.root.resolve(), out_dir.resolve()
     if a == b or a in b.parents or b in a.parents:
         raise EngineError(f"--out {out_dir} is, contains or lies inside the source export folder {source.root}: "

@@ -1,5 +1,5 @@
 """Shared fixtures: the built-in tiny checkpoints (dev and schnell), their fp32 exports and the
-dev model's fp16 and bf16 exports, written once per test session."""
+dev model's fp16 and bf16 exports, written once per test session; fluxrt's ONNX Runtime op library."""
 
 from __future__ import annotations
 
@@ -44,3 +44,15 @@ def half_exports(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
     for precision in ("fp16", "bf16"):
         export_checkpoint(ckpt, root / precision, ExportRequest(("clip", "t5", "transformer", "vae"), precision))
     return {p: root / p for p in ("fp16", "bf16")}
+
+
+@pytest.fixture(scope="session")
+def ops_library(tmp_path_factory) -> Path:
+    """$FLUXRT_ORT_OPS where a build was brought along (the GPU machine has no network for the
+    headers), else a CPU build compiled here."""
+    from fluxrt.runtime import ort_ops
+    from fluxrt.runtime.ort_ops import build as ort_build
+
+    if os.environ.get(ort_ops.ENV_LIBRARY):
+        return Path(os.environ[ort_ops.ENV_LIBRARY])
+    return ort_build.build(tmp_path_factory.mktemp("ort-ops") / ort_ops.LIBRARY_NAME, cuda=False)

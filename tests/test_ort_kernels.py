@@ -30,18 +30,6 @@ from test_ort_fusions import TINY, ids
 TINY_DEEP = dict(TINY, num_layers=2, num_single_layers=3)
 
 
-@pytest.fixture(scope="session")
-def ops_library(tmp_path_factory):
-    """$FLUXRT_ORT_OPS where a build was brought along (the GPU machine has no network for the
-    headers), else a CPU build compiled here."""
-    import os
-    from pathlib import Path
-
-    if os.environ.get(ort_ops.ENV_LIBRARY):
-        return Path(os.environ[ort_ops.ENV_LIBRARY])
-    return ort_build.build(tmp_path_factory.mktemp("ort-ops") / ort_ops.LIBRARY_NAME, cuda=False)
-
-
 def session(model: onnx.ModelProto, library, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library))

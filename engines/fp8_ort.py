@@ -1,0 +1,349 @@
+"""FP8 for fluxrt's ONNX Runtime kernels: an ``--attention ort-kernels`` transformer calibrated and
+rewritten onto the op library's FP8 ops (runtime/ort_ops/fluxrt_ops.cu), so ONNX Runtime runs its
+block linears on FP8 tensor cores (cuBLASLt) and, on the CPU, on the reference kernels.
+
+1. Select: the same linears as the TensorRT recipe (``fp8.RULES``): the blocks' attention
+   projections and MLPs, by the module path each MatMul carries; the AdaLN modulation, embedders,
+   final projection and attention products keep the graph's precision.
+2. Calibrate (max, as the TensorRT recipe): the graph with ``max |x|`` of every selected linear's
+   input as extra outputs, run by ONNX Runtime (with the op library) on the feeds the sampling loop
+   gave; the largest value over all feeds is that activation's ``amax``.  Weights: ``max |w|`` per
+   output feature.  Scales are ``amax / 448`` (1 where amax is 0): E4M3's full range.
+3. Rewrite (:func:`fp8_graph`): each selected ``MatMul(x, W [K, N])`` becomes
+   ``Fp8Linear(x8, x_scale, W8 [N, K], w_scale [N], bias)``, its weights stored in E4M3 and the
+   bias moved out of the op that consumed the product (NormRope, GatedResidual, BiasGelu) into
+   cuBLASLt's epilogue (zeros where the linear has none).  ``x8`` comes from the kernel that makes
+   ``x`` where fluxrt has one: ``AdaLayerNorm`` and ``BiasGelu`` become ``AdaLayerNormFp8`` and
+   ``BiasGeluFp8`` when every consumer of their output is a quantized linear; anything else (the
+   attention output) gets a ``QuantizeFp8``.  GELU stays in BiasGeluFp8 rather than cuBLASLt's
+   epilogue: cuBLASLt writes no FP8 output with per-channel scales, and BiasGeluFp8 writes the MLP's
+   FP8 input in the one pass over memory that a separate quantizer would take anyway.
+4. The same calibration as Q/DQ (:func:`qdq_graph`): QuantizeLinear/DequantizeLinear pairs on the
+   activations and DequantizeLinear on the stored E4M3 weights (per output channel), the graph
+   TensorRT's FP8 recipe builds and ONNX Runtime evaluates with its own operators: the reference
+   the rewritten graph is tested against.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from fluxrt.components import ORT_OPS_DOMAIN
+from fluxrt.errors import EngineError
+
+E4M3_MAX = 448.0
+FUSED_QUANTIZERS = {"AdaLayerNorm": "AdaLayerNormFp8", "BiasGelu": "BiasGeluFp8"}
+# (consumer op, input index of the product) -> input index of the bias added to it
+BIAS_SLOTS = {("NormRope", 0): 1, ("NormRope", 3): 4, ("GatedResidual", 1): 2, ("BiasGelu", 0): 1}
+AMAX_PREFIX = "fluxrt_amax/"
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A selected linear: its MatMul node, module path, input tensor and weight initializer ([K, N])."""
+
+    node: str
+    path: str
+    input: str
+    weight: str
+
+
+def kernel_linears(model, selected: Mapping[str, str], what: str) -> list[Linear]:
+    """The selected ``{node name: module path}`` as Linears: MatMuls whose weight is an initializer."""
+    inits = {t.name for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    out = []
+    for name, path in selected.items():
+        node = nodes[name]
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            raise EngineError(f"{what}: linear {path} is a {node.op_type} without an initializer weight; the FP8 "
+                              f"rewrite takes the MatMul(x, W) of an ort-kernels export")
+        out.append(Linear(name, path, node.input[0], node.input[1]))
+    return out
+
+
+# ---------------------------------------------------------------- tensors
+
+def e4m3(values: np.ndarray) -> np.ndarray:
+    """float32 -> E4M3 as ONNX QuantizeLinear(saturate=1) and the op library round: nearest, ties to even,
+    clipped to +-448."""
+    import ml_dtypes
+
+    return np.clip(values.astype(np.float32), -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+
+
+def to_float32(tensor) -> np.ndarray:
+    """An initializer's values as float32 (bfloat16 read from its raw bits)."""
+    from onnx import TensorProto, numpy_helper
+
+    if tensor.data_type == TensorProto.BFLOAT16:
+        bits = np.frombuffer(tensor.raw_data, dtype=np.uint16) if tensor.raw_data else \
+            np.asarray(tensor.int32_data, dtype=np.uint16)
+        return (bits.astype(np.uint32) << 16).view(np.float32).reshape(tuple(tensor.dims))
+    return numpy_helper.to_array(tensor).astype(np.float32)
+
+
+def from_float32(values: np.ndarray, name: str, data_type: int):
+    """A float32 array as an initializer of ``data_type`` (float, float16 or bfloat16, rounded to nearest even)."""
+    from onnx import TensorProto, numpy_helper
+
+    if data_type == TensorProto.BFLOAT16:
+        import ml_dtypes
+
+        raw = values.astype(np.float32).astype(ml_dtypes.bfloat16).tobytes()
+        return TensorProto(name=name, data_type=data_type, dims=values.shape, raw_data=raw)
+    return numpy_helper.from_array(values.astype({TensorProto.FLOAT: np.float32,
+                                                  TensorProto.FLOAT16: np.float16}[data_type]), name)
+
+
+def fp8_tensor(values, name: str):
+    from onnx import TensorProto
+
+    return TensorProto(name=name, data_type=TensorProto.FLOAT8E4M3FN, dims=values.shape, raw_data=values.tobytes())
+
+
+def scale_of(amax) -> np.ndarray:
+    """amax / 448, with 1 where amax is 0 (an all-zero tensor: any scale gives zeros)."""
+    amax = np.asarray(amax, dtype=np.float32)
+    return np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Scales:
+    """One calibration: per activation tensor its amax, per linear its weight's per-output-feature amax."""
+
+    activations: dict[str, float]
+    weights: dict[str, np.ndarray]  # module path -> [N]
+
+
+def weight_amax(model, linears: Sequence[Linear]) -> dict[str, np.ndarray]:
+    inits = {t.name: t for t in model.graph.initializer}
+    return {lin.path: np.abs(to_float32(inits[lin.weight])).max(axis=0) for lin in linears}  # W [K, N]
+
+
+# ---------------------------------------------------------------- calibration
+
+def amax_graph(model, tensors: Iterable[str]):
+    """``model`` with ``max |t|`` (float32 scalars) of every tensor in ``tensors`` as extra outputs,
+    named ``AMAX_PREFIX + i`` in order."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(list(model.graph.node), model.graph.name, list(model.graph.input),
+                              list(model.graph.output), list(model.graph.initializer),
+                              value_info=list(model.graph.value_info))
+    for i, t in enumerate(tensors):
+        name = f"{AMAX_PREFIX}{i}"
+        graph.node.extend([
+            helper.make_node("Cast", [t], [f"{name}/f"], to=TensorProto.FLOAT),
+            helper.make_node("Abs", [f"{name}/f"], [f"{name}/abs"]),
+            helper.make_node("ReduceMax", [f"{name}/abs"], [name], keepdims=0),
+        ])
+        graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, []))
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def ort_value(array: np.ndarray, onnx_type: str):
+    """A captured feed as an OrtValue; bfloat16 comes as its uint16 bits."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    if onnx_type == "tensor(bfloat16)":
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(array).view(np.uint16),
+                                                               TensorProto.BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+
+
+def activation_amax(model, tensors: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], backend: str,
+                    staging: Path, data_files: Sequence[Path] = ()) -> dict[str, float]:
+    """``{tensor: max |tensor| over every feed}``, the graph run by ONNX Runtime on ``backend`` with fluxrt's
+    op library.  ``data_files``: the source graph's external data, linked (or copied) into ``staging`` beside
+    the measuring graph, which refers to them by name."""
+    import onnx
+    import onnxruntime as ort
+
+    from fluxrt.runtime.ort_ops import check_library, library_path
+
+    device = "cuda" if backend == "ort-cuda" else "cpu"
+    for f in data_files:
+        try:
+            os.link(f, staging / f.name)
+        except OSError:  # another file system
+            shutil.copyfile(f, staging / f.name)
+    path = staging / "amax.onnx"
+    onnx.save_model(amax_graph(model, tensors), str(path))
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(check_library(library_path(), device)))
+    providers = ["CPUExecutionProvider"] if device == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # onnxruntime's own untyped errors
+        raise EngineError(f"FP8 calibration: ONNX Runtime could not load the measuring graph: {e}") from None
+    types = {i.name: i.type for i in session.get_inputs()}
+    names = [f"{AMAX_PREFIX}{i}" for i in range(len(tensors))]
+    amax = np.zeros(len(tensors), dtype=np.float32)
+    for feed in feeds:
+        values = session.run_with_ort_values(names, {k: ort_value(v, types[k]) for k, v in feed.items()})
+        amax = np.maximum(amax, np.array([v.numpy() for v in values], dtype=np.float32).reshape(-1))
+    bad = [t for t, a in zip(tensors, amax) if not np.isfinite(a)]
+    if bad:
+        raise EngineError(f"FP8 calibration: the inputs of {len(bad)} linears reached inf/NaN on the calibration "
+                          f"feeds (first: {bad[0]}); the source graph overflows at this precision")
+    return dict(zip(tensors, amax.tolist()))
+
+
+# ---------------------------------------------------------------- graph rewrites
+
+class GraphIndex:
+    """Producers and users of every tensor among ``nodes`` (a list the rewrite edits; the same objects)."""
+
+    def __init__(self, graph, nodes: list):
+        self.inits = {t.name: t for t in graph.initializer}
+        self.producer = {o: n for n in nodes for o in n.output}
+        self.users = defaultdict(list)  # tensor -> [(node, input index)]
+        for n in nodes:
+            for i, t in enumerate(n.input):
+                if t:
+                    self.users[t].append((n, i))
+
+
+def position(nodes: list, node) -> int:
+    return next(i for i, n in enumerate(nodes) if n is node)
+
+
+def graph_dtype(index: GraphIndex, linears: Sequence[Linear]) -> int:
+    types = {index.inits[lin.weight].data_type for lin in linears}
+    if len(types) != 1:
+        raise EngineError(f"the selected linears' weights have several element types {sorted(types)}; expected one")
+    return types.pop()
+
+
+def insert_before_first_user(nodes: list, new: list, tensor: str) -> None:
+    """Insert the nodes ``new`` (in order) before the first node that reads ``tensor``."""
+    at = next(i for i, n in enumerate(nodes) if tensor in n.input)
+    nodes[at:at] = new
+
+
+def fp8_graph(model, linears: Sequence[Linear], scales: Scales):
+    """Rewrite ``model`` in place onto fluxrt's FP8 ops (see the module doc); return it."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    nodes = list(graph.node)
+    index = GraphIndex(graph, nodes)
+    dtype = graph_dtype(index, linears)
+    by_node = {lin.node: lin for lin in linears}
+    new_inits = []
+
+    # the linears first: they take their biases from the ops that consume their products
+    quantized = {t: f"{t}.fp8" for t in dict.fromkeys(lin.input for lin in linears)}
+    for lin in linears:
+        node = next(n for n in nodes if n.name == lin.node)
+        w = to_float32(index.inits[lin.weight])  # [K, N]
+        w_scale = scale_of(scales.weights[lin.path])
+        new_inits += [fp8_tensor(e4m3(w.T / w_scale[:, None]), f"{lin.path}.weight_fp8"),
+                      numpy_helper.from_array(w_scale, f"{lin.path}.weight_scale")]
+        bias = take_bias(index, node.output[0])
+        if bias is None:
+            bias = f"{lin.path}.zero_bias"
+            new_inits.append(from_float32(np.zeros(w.shape[1], np.float32), bias, dtype))
+        fp8 = helper.make_node("Fp8Linear", [quantized[lin.input], f"{lin.input}.fp8_scale", f"{lin.path}.weight_fp8",
+                                             f"{lin.path}.weight_scale", bias], list(node.output), name=node.name,
+                               domain=ORT_OPS_DOMAIN)
+        fp8.metadata_props.extend(node.metadata_props)
+        nodes[position(nodes, node)] = fp8
+
+    # then the activations, quantized once each, by their producer where it is one of fluxrt's kernels
+    for t in quantized:
+        scale_name = f"{t}.fp8_scale"
+        new_inits.append(numpy_helper.from_array(scale_of(scales.activations[t]).reshape(()), scale_name))
+        producer = index.producer.get(t)
+        fusable = (producer is not None and producer.domain == ORT_OPS_DOMAIN and producer.op_type in FUSED_QUANTIZERS
+                   and all(user.name in by_node and i == 0 for user, i in index.users[t]))
+        if fusable:
+            inputs = list(producer.input) + [""] * (2 - len(producer.input)) if producer.op_type == "BiasGelu" \
+                else list(producer.input)
+            fused = helper.make_node(FUSED_QUANTIZERS[producer.op_type], inputs + [scale_name], [quantized[t]],
+                                     name=f"{producer.name}.fp8", domain=ORT_OPS_DOMAIN)
+            fused.attribute.extend(producer.attribute)
+            nodes[position(nodes, producer)] = fused
+        else:
+            insert_before_first_user(nodes, [helper.make_node("QuantizeFp8", [t, scale_name], [quantized[t]],
+                                                              name=f"{t}.quantize", domain=ORT_OPS_DOMAIN)],
+                                     quantized[t])
+
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    drop_unused_initializers(graph)
+    return model
+
+
+def take_bias(index: GraphIndex, product: str) -> str | None:
+    """The bias the op consuming ``product`` adds to it, removed from that op (the linear adds it now)."""
+    users = index.users[product]
+    if len(users) != 1:
+        return None
+    user, i = users[0]
+    slot = BIAS_SLOTS.get((user.op_type, i)) if user.domain == ORT_OPS_DOMAIN else None
+    if slot is None or slot >= len(user.input) or not user.input[slot] or user.input[slot] not in index.inits:
+        return None
+    bias = user.input[slot]
+    user.input[slot] = ""
+    return bias
+
+
+def drop_unused_initializers(graph) -> None:
+    used = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def qdq_graph(model, linears: Sequence[Linear], scales: Scales):
+    """The same calibration as QuantizeLinear/DequantizeLinear around each selected MatMul (E4M3 weights
+    stored, dequantized per output channel): the TensorRT recipe's graph, evaluated by ONNX Runtime's own
+    operators.  Rewrites ``model`` in place; returns it."""
+    from onnx import helper
+
+    graph = model.graph
+    nodes = list(graph.node)
+    index = GraphIndex(graph, nodes)
+    dtype = graph_dtype(index, linears)
+    zero = fp8_tensor(e4m3(np.zeros((), np.float32)), "fp8_zero_point")
+    new_inits, dequantized = [zero], {}
+    for t in dict.fromkeys(lin.input for lin in linears):
+        s = f"{t}.qdq_scale"
+        new_inits.append(from_float32(scale_of(scales.activations[t]).reshape(()), s, dtype))
+        dequantized[t] = f"{t}.dq"
+        insert_before_first_user(nodes, [helper.make_node("QuantizeLinear", [t, s, zero.name], [f"{t}.q"]),
+                                         helper.make_node("DequantizeLinear", [f"{t}.q", s, zero.name],
+                                                          [dequantized[t]])], t)
+    for lin in linears:
+        node = next(n for n in nodes if n.name == lin.node)
+        w = to_float32(index.inits[lin.weight])  # [K, N]
+        w_scale = scale_of(scales.weights[lin.path])
+        new_inits += [fp8_tensor(e4m3(w / w_scale[None, :]), f"{lin.path}.weight_fp8"),
+                      from_float32(w_scale, f"{lin.path}.weight_scale", dtype)]
+        dq = helper.make_node("DequantizeLinear", [f"{lin.path}.weight_fp8", f"{lin.path}.weight_scale"],
+                              [f"{lin.path}.weight_dq"], axis=1)
+        nodes.insert(position(nodes, node), dq)
+        node.input[0], node.input[1] = dequantized[lin.input], f"{lin.path}.weight_dq"
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    drop_unused_initializers(graph)
+    return model
+
+
+def count_fp8_linears(model) -> int:
+    return sum(1 for n in model.graph.node if n.domain == ORT_OPS_DOMAIN and n.op_type == "Fp8Linear")
+
+
+__all__ = ["Linear", "Scales", "activation_amax", "fp8_graph", "kernel_linears", "qdq_graph", "weight_amax"]

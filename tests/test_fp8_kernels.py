@@ -1,0 +1,370 @@
+"""FP8 on fluxrt's ONNX Runtime kernels (runtime/ort_ops/fluxrt_ops.cu, engines/fp8_ort.py): the CPU
+reference kernels against ONNX's QuantizeLinear and an independent dequantize-then-multiply in torch,
+the rewritten transformer against the Q/DQ graph of the same calibration (the TensorRT recipe's,
+evaluated by ONNX Runtime's own operators), ``fluxrt quantize`` of an ort-kernels export end to end,
+and on a GPU the cuBLASLt kernels against the CPU ones."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from fluxrt.engines import fp8, fp8_ort
+from fluxrt.runtime import ort_ops
+from test_ort_kernels import ada_inputs, export_kernels_transformer, require_cuda_library, session, transformer_args
+
+E4M3 = TensorProto.FLOAT8E4M3FN
+OPSET = [helper.make_opsetid("", 20), helper.make_opsetid("fluxrt", 1)]
+
+
+def fp8_init(values: np.ndarray, name: str):
+    """float32 values (already E4M3-representable or not) as an E4M3 initializer, saturating."""
+    q = np.clip(values, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    return TensorProto(name=name, data_type=E4M3, dims=q.shape, raw_data=q.tobytes())
+
+
+def model_of(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(graph, ir_version=10, opset_imports=OPSET)
+
+
+def vi(name, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, None)
+
+
+def fp8_bits(sess, feed) -> np.ndarray:
+    """An E4M3 output as its bytes (ONNX Runtime hands float8 back as ml_dtypes arrays)."""
+    return np.asarray(sess.run(None, feed)[0]).view(np.uint8)
+
+
+# ---- the CPU reference kernels -----------------------------------------------------------------------
+
+SPECIAL = np.array([0.0, -0.0, 448.0, -448.0, 449.0, 464.0, 470.0, 1e9, np.inf, -np.inf, np.nan, 2.0 ** -9,
+                    2.0 ** -10, 3 * 2.0 ** -10, 2.0 ** -6, 1.0625, 1.1875, 0.9375 * 2.0 ** -6, 240.0, 248.0, 13.5,
+                    -13.5, 1e-30], dtype=np.float32)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.37, 1e-3])
+def test_quantizer_rounds_as_onnx_quantize_linear(ops_library, scale):
+    """Nearest E4M3 value, ties to even, saturated at +-448 (infinities too), NaN kept, subnormals: bit for
+    bit what ONNX Runtime's QuantizeLinear(saturate=1) and ml_dtypes give."""
+    x = np.concatenate([SPECIAL * scale, np.random.default_rng(0).standard_normal(4000).astype(np.float32) * 300 *
+                        scale]).astype(np.float32)
+    s = numpy_helper.from_array(np.array(scale, np.float32), "s")
+    ours = session(model_of([helper.make_node("QuantizeFp8", ["x", "s"], ["y"], domain="fluxrt")], [vi("x")],
+                            [vi("y", E4M3)], [s]), ops_library)
+    zero = TensorProto(name="z", data_type=E4M3, dims=[], raw_data=b"\x00")
+    onnx_q = ort.InferenceSession(model_of([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])], [vi("x")],
+                                           [vi("y", E4M3)], [s, zero]).SerializeToString(),
+                                  providers=["CPUExecutionProvider"])
+    got, want = fp8_bits(ours, {"x": x}), fp8_bits(onnx_q, {"x": x})
+    np.testing.assert_array_equal(got, want)
+    clipped = np.where(np.isnan(x), x, np.clip(x / np.float32(scale), -448, 448))
+    np.testing.assert_array_equal(got, clipped.astype(ml_dtypes.float8_e4m3fn).view(np.uint8))
+    assert got[2] == 0x7E and got[4] == 0x7E and got[8] == 0x7E and got[9] == 0xFE  # 448 and saturation
+
+
+def linear_case(seed: int, shape=(2, 7, 48), N=80, outliers=False):
+    g = np.random.default_rng(seed)
+    K = shape[-1]
+    x = (g.standard_normal(shape) * 2).astype(np.float32)
+    if outliers:
+        x.reshape(-1)[::97] = 5000.0  # saturates at +-448 * x_scale
+    x_scale = np.float32(np.abs(x).max() / 448 if not outliers else 0.01)
+    w = g.standard_normal((N, K)).astype(np.float32) * g.uniform(0.1, 3, (N, 1)).astype(np.float32)
+    w_scale = (np.abs(w).max(axis=1) / 448).astype(np.float32)
+    bias = g.standard_normal(N).astype(np.float32)
+    return x, x_scale, w, w_scale, bias
+
+
+def fp8_linear_model(x_scale, w, w_scale, bias, K: int) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(np.array(x_scale), "xs"), fp8_init(w / w_scale[:, None], "w8"),
+             numpy_helper.from_array(w_scale, "ws"), numpy_helper.from_array(bias, "b")]
+    nodes = [helper.make_node("QuantizeFp8", ["x", "xs"], ["x8"], domain="fluxrt"),
+             helper.make_node("Fp8Linear", ["x8", "xs", "w8", "ws", "b"], ["y"], domain="fluxrt")]
+    return model_of(nodes, [vi("x")], [vi("y")], inits)
+
+
+@pytest.mark.parametrize("shape, N, outliers", [((2, 7, 48), 80, False), ((37, 64), 16, False), ((1, 3, 16), 48, True)],
+                         ids=["3d", "odd-rows", "saturating"])
+def test_fp8_linear_equals_torch_dequantize_then_multiply(ops_library, shape, N, outliers):
+    """Per-tensor activation scale, per-output-channel weight scales, bias: against torch's own float8_e4m3fn
+    rounding, dequantized and multiplied in float64 (float32 accumulation: 1e-5 of the output's size)."""
+    x, x_scale, w, w_scale, bias = linear_case(0, shape, N, outliers)
+    got = session(fp8_linear_model(x_scale, w, w_scale, bias, shape[-1]), ops_library).run(None, {"x": x})[0]
+    tx = (torch.from_numpy(x) / float(x_scale)).clamp(-448, 448).to(torch.float8_e4m3fn).double() * float(x_scale)
+    tw = (torch.from_numpy(w) / torch.from_numpy(w_scale)[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    want = (tx @ (tw.double() * torch.from_numpy(w_scale).double()[:, None]).T + torch.from_numpy(bias).double()).numpy()
+    assert got.shape == (*shape[:-1], N)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    if outliers:  # the saturated inputs count as exactly 448 * x_scale
+        assert np.isclose(np.abs(tx.numpy()).max(), 448 * x_scale)
+
+
+def test_fused_quantizers_equal_the_kernel_then_quantize(ops_library):
+    """AdaLayerNormFp8 and BiasGeluFp8 write, bit for bit, QuantizeFp8 of AdaLayerNorm's and BiasGelu's output."""
+    s = numpy_helper.from_array(np.array(0.013, np.float32), "s")
+    ada = ada_inputs(B=2, L=5, C=48)
+    cases = [("AdaLayerNorm", ["x", "scale", "shift"], ada, dict(epsilon=1e-6)),
+             ("BiasGelu", ["x", "bias"], dict(x=np.random.default_rng(3).standard_normal((2, 5, 48)).astype(np.float32),
+                                              bias=np.random.default_rng(4).standard_normal(48).astype(np.float32)), {}),
+             ("BiasGelu", ["x"], dict(x=np.random.default_rng(5).standard_normal((3, 40)).astype(np.float32) * 4), {})]
+    for op, names, feed, attrs in cases:
+        inputs = [vi(n) for n in names]
+        fused_inputs = names + ([""] if op == "BiasGelu" and len(names) == 1 else []) + ["s"]
+        fused = model_of([helper.make_node(f"{op}Fp8", fused_inputs, ["y"], domain="fluxrt", **attrs)], inputs,
+                         [vi("y", E4M3)], [s])
+        two = model_of([helper.make_node(op, names, ["t"], domain="fluxrt", **attrs),
+                        helper.make_node("QuantizeFp8", ["t", "s"], ["y"], domain="fluxrt")], inputs, [vi("y", E4M3)],
+                       [s])
+        got, want = fp8_bits(session(fused, ops_library), feed), fp8_bits(session(two, ops_library), feed)
+        np.testing.assert_array_equal(got, want)
+        assert len(np.unique(got)) > 20  # a real spread of codes, not all zero or saturated
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(ws_shape=(3,)), r"w_scale must be \[16\] \(one per output feature\), got \[3\]"),
+    (dict(bias_shape=(15,)), r"bias must be \[16\], got \[15\]"),
+    (dict(x_scale=0.0), "x_scale must be positive and finite, got 0"),
+    (dict(x_scale=np.inf), "x_scale must be positive and finite"),
+    (dict(K=24), r"x's last axis 24 must equal w's K = 32 \(w is \[16, 32\]\)"),
+])
+def test_fp8_ops_name_the_bad_input(ops_library, change, message):
+    K = change.get("K", 32)
+    inits = [numpy_helper.from_array(np.array(change.get("x_scale", 0.5), np.float32), "xs"),
+             fp8_init(np.ones((16, 32), np.float32), "w8"),
+             numpy_helper.from_array(np.ones(change.get("ws_shape", (16,)), np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(change.get("bias_shape", (16,)), np.float32), "b")]
+    nodes = [helper.make_node("QuantizeFp8", ["x", "q"], ["x8"], domain="fluxrt"),
+             helper.make_node("Fp8Linear", ["x8", "xs", "w8", "ws", "b"], ["y"], domain="fluxrt")]
+    inits.append(numpy_helper.from_array(np.array(1.0, np.float32), "q"))
+    sess = session(model_of(nodes, [vi("x")], [vi("y")], inits), ops_library)
+    with pytest.raises(Exception, match=f"fluxrt.Fp8Linear: {message}"):
+        sess.run(None, {"x": np.ones((2, K), np.float32)})
+
+
+def test_quantizer_scale_must_be_a_positive_scalar(ops_library):
+    for value, message in ((np.array([1.0, 2.0], np.float32), r"scale must be a float32 scalar \(\[\] or \[1\]\), got \[2\]"),
+                           (np.array(-1.0, np.float32), "scale must be positive and finite, got -1")):
+        m = model_of([helper.make_node("QuantizeFp8", ["x", "s"], ["y"], domain="fluxrt")], [vi("x")], [vi("y", E4M3)],
+                     [numpy_helper.from_array(value, "s")])
+        with pytest.raises(Exception, match=f"fluxrt.QuantizeFp8: {message}"):
+            session(m, ops_library).run(None, {"x": np.ones(4, np.float32)})
+
+
+# ---- the rewritten transformer against the Q/DQ graph of the same calibration --------------------------
+
+@pytest.fixture(scope="module")
+def kernels_graph(tmp_path_factory, ops_library, monkeypatch_module):
+    """The tiny 2+3-block ort-kernels transformer (fp32), its selected linears and one max calibration."""
+    monkeypatch_module.setenv(ort_ops.ENV_LIBRARY, str(ops_library))
+    tmp = tmp_path_factory.mktemp("fp8-kernels")
+    model = onnx.load(str(export_kernels_transformer(tmp)))
+    selected, _ = fp8.select_linears(fp8.find_linears(model, "t"), "transformer", "t")
+    linears = fp8_ort.kernel_linears(model, selected, "t")
+    args = transformer_args()
+    feed = {i.name: args[i.name].numpy() for i in model.graph.input}
+    feeds = [feed, {**feed, "hidden_states": feed["hidden_states"] * 1.5}]
+    amax = fp8_ort.activation_amax(model, list(dict.fromkeys(lin.input for lin in linears)), feeds, "ort-cpu", tmp)
+    scales = fp8_ort.Scales(amax, fp8_ort.weight_amax(model, linears))
+    return model, linears, scales, feed
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_calibration_is_the_max_over_feeds(kernels_graph, ops_library):
+    """amax of an activation = max |x| over both feeds, read here from the graph with that tensor as an output."""
+    model, linears, scales, feed = kernels_graph
+    t = linears[0].input
+    probe = copy.deepcopy(model)
+    probe.graph.output.append(vi(t))
+    sess = session(probe, ops_library)
+    values = [sess.run([t], f)[0] for f in (feed, {**feed, "hidden_states": feed["hidden_states"] * 1.5})]
+    assert scales.activations[t] == pytest.approx(max(np.abs(v).max() for v in values), rel=1e-6)
+    assert len(scales.activations) < len(linears)  # q, k, v (and the MLP) share their input: one scale each
+
+
+def test_fp8_graph_agrees_with_the_qdq_graph_of_the_same_calibration(kernels_graph, ops_library):
+    """Same E4M3 weights and activations; only float32 summation order and where the bias is added differ
+    (measured: relative RMS 2e-5). Both differ from the fp32 graph by FP8's error (measured 1.4%)."""
+    model, linears, scales, feed = kernels_graph
+    ours = fp8_ort.fp8_graph(copy.deepcopy(model), linears, scales)
+    qdq = fp8_ort.qdq_graph(copy.deepcopy(model), linears, scales)
+    ops = collections.Counter(n.op_type for n in ours.graph.node if n.domain == "fluxrt")
+    assert ops["Fp8Linear"] == len(linears) == 2 * 12 + 3 * 6
+    assert ops["AdaLayerNormFp8"] == 2 * 4 + 3 and ops["AdaLayerNorm"] == 0  # every norm feeds only linears
+    assert ops["BiasGeluFp8"] == 2 * 2 + 3 and ops["BiasGelu"] == 0
+    assert ops["QuantizeFp8"] == 2 * 2 + 3  # the attention outputs (text and image halves in double blocks)
+    left = {n.name for n in ours.graph.node if n.op_type == "MatMul"}
+    assert not left & {lin.node for lin in linears}
+    assert not any(n.input[1] or n.input[4] for n in ours.graph.node if n.op_type == "NormRope")  # biases moved
+    fp8_weights = [t for t in ours.graph.initializer if t.data_type == E4M3]
+    assert len(fp8_weights) == len(linears)
+
+    def run(m):
+        return session(m, ops_library).run(None, feed)[0]
+
+    base, a, b = run(model), run(ours), run(qdq)
+
+    def rel(u, v):
+        return float(np.sqrt(((u - v) ** 2).mean() / (v ** 2).mean()))
+
+    print(f"\nFP8 ops vs Q/DQ: {rel(a, b):.2e}; FP8 vs fp32: {rel(a, base):.3%}")
+    assert rel(a, b) < 2e-4
+    assert 1e-4 < rel(a, base) < 0.05 and 1e-4 < rel(b, base) < 0.05
+
+
+# ---- fluxrt quantize of an ort-kernels export -------------------------------------------------------------
+
+CALL = dict(prompt="a lighthouse on a cliff", height=64, width=64, num_inference_steps=3, max_sequence_length=16,
+            seed=11, output_type="np")
+FLAGS = ["--calibration-prompts", "2", "--calibration-steps", "2", "--calibration-size", "64",
+         "--calibration-text-length", "16"]
+
+
+@pytest.fixture(scope="module")
+def kernels_exports(tiny_checkpoints, fp32_exports, ops_library, tmp_path_factory, monkeypatch_module):
+    """An fp32 ort-kernels export of the tiny dev model and its FP8 export (``fluxrt quantize``)."""
+    import shutil
+
+    from fluxrt.cli import main
+    from fluxrt.export.checkpoint import Checkpoint
+    from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
+
+    monkeypatch_module.setenv(ort_ops.ENV_LIBRARY, str(ops_library))
+    root = tmp_path_factory.mktemp("kernels")
+    source = shutil.copytree(fp32_exports["dev"], root / "fp32")
+    export_checkpoint(Checkpoint.open(tiny_checkpoints["dev"]), source,
+                      ExportRequest(("transformer",), "fp32", attention="ort-kernels"))
+    assert main(["quantize", str(source), "--out", str(root / "fp8"), *FLAGS]) == 0
+    return source, root / "fp8"
+
+
+def test_quantize_writes_an_fp8_kernels_export_close_to_its_source(kernels_exports):
+    from fluxrt.artifacts import ExportFolder
+    from fluxrt.runtime import FluxPipeline
+
+    source, out = kernels_exports
+    folder = ExportFolder.open(out)
+    assert folder.precision == "fp8" and folder.manifest["base_precision"] == "fp32"
+    assert folder.record("transformer")["attention"] == "ort-kernels"
+    record = json.loads((out / "transformer.json").read_text())
+    assert record["library"]["name"] == "fluxrt" and record["quantization"]["graph"].startswith("fluxrt FP8 ops")
+    assert len(record["quantized"]) == 2 * 12 + 2 * 6 and record["num_samples"] == 2 * 2  # 2 double, 2 single blocks
+    model = onnx.load(str(out / "transformer.onnx"))
+    assert sum(n.op_type == "Fp8Linear" for n in model.graph.node) == len(record["quantized"])
+    want = FluxPipeline.load(source)(**CALL).images
+    got = FluxPipeline.load(out)(**CALL).images
+    diff = np.abs(got.astype(np.float64) - want)
+    psnr = 10 * np.log10(1 / (diff ** 2).mean())
+    print(f"\nFP8 kernels vs fp32 images: PSNR {psnr:.1f} dB, max {diff.max():.4f}, mean {diff.mean():.5f}")
+    assert psnr > 45 and diff.max() < 0.04 and want.std() > 1e-3  # measured: 54.1 dB, max 0.012
+    assert not np.array_equal(got, want)
+
+
+def test_tensorrt_builds_of_a_kernels_fp8_export_are_refused(kernels_exports, tmp_path):
+    from fluxrt.components import ShapeEnvelope
+    from fluxrt.engines.folder import BuildSettings, build_folder
+    from fluxrt.errors import EngineError
+
+    with pytest.raises(EngineError, match=r"\['transformer'\].*--attention portable"):
+        build_folder(kernels_exports[1], tmp_path / "e", BuildSettings(precision="fp8", envelope=ShapeEnvelope()))
+
+
+# ---- on a GPU: cuBLASLt against the CPU reference ---------------------------------------------------------
+
+def cast_model(model: onnx.ModelProto, elem: int) -> onnx.ModelProto:
+    """``model`` computing in ``elem``: the float input cast in, the float output cast back, biases in ``elem``."""
+    m = copy.deepcopy(model)
+    for t in m.graph.initializer:
+        if t.name == "b":
+            t.CopyFrom(fp8_ort.from_float32(numpy_helper.to_array(t), "b", elem))
+    nodes = [helper.make_node("Cast", ["x_in"], ["x"], to=elem)] + list(m.graph.node) + \
+        [helper.make_node("Cast", ["y"], ["y_out"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [vi("x_in")], [vi("y_out")], list(m.graph.initializer))
+    return helper.make_model(graph, ir_version=10, opset_imports=OPSET)
+
+
+FLUX_LINEARS = [(64, 3072, 3072), (37, 3072, 12288), (64, 12288, 3072), (33, 15360 - 12288, 3072), (5, 64, 256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("elem", [TensorProto.BFLOAT16, TensorProto.FLOAT16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("M, K, N", FLUX_LINEARS, ids=[f"{m}x{k}x{n}" for m, k, n in FLUX_LINEARS])
+def test_cuda_fp8_linear_equals_the_cpu_reference(ops_library, elem, M, K, N):
+    """The input quantized on both sides from the same half-precision values; what is left is the output's
+    rounding (bf16: 2^-8) and cuBLASLt's accumulation order."""
+    require_cuda_library(ops_library)
+    x, x_scale, w, w_scale, bias = linear_case(1, (1, M, K), N)
+    dtype = torch.bfloat16 if elem == TensorProto.BFLOAT16 else torch.float16
+    x = torch.from_numpy(x).to(dtype).float().numpy()
+    bias = torch.from_numpy(bias).to(dtype).float().numpy()
+    model = fp8_linear_model(x_scale, w, w_scale, bias, K)
+    want = session(model, ops_library).run(None, {"x": x})[0]
+    got = session(cast_model(model, elem), ops_library, "CUDAExecutionProvider").run(None, {"x_in": x})[0]
+    tol = 2 ** -7 if elem == TensorProto.BFLOAT16 else 2 ** -10
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["QuantizeFp8", "AdaLayerNormFp8", "BiasGeluFp8"])
+def test_cuda_quantizers_equal_the_cpu_ones(ops_library, op):
+    """float32 in on both sides: the same E4M3 codes but where the float value itself differs in its last bit
+    (the CUDA kernels' rsqrt and tanh), at most one code apart."""
+    require_cuda_library(ops_library)
+    s = numpy_helper.from_array(np.array(0.011, np.float32), "s")
+    if op == "AdaLayerNormFp8":
+        feed, names, attrs = ada_inputs(B=2, L=37, C=3072), ["x", "scale", "shift"], dict(epsilon=1e-6)
+    elif op == "BiasGeluFp8":
+        g = np.random.default_rng(2)
+        feed = dict(x=g.standard_normal((2, 37, 1536)).astype(np.float32), bias=g.standard_normal(1536).astype(np.float32))
+        names, attrs = ["x", "bias"], {}
+    else:
+        feed = dict(x=np.concatenate([SPECIAL, np.random.default_rng(3).standard_normal(4093).astype(np.float32) * 3]))
+        names, attrs = ["x"], {}
+    m = model_of([helper.make_node(op, names + ["s"], ["y"], domain="fluxrt", **attrs)], [vi(n) for n in names],
+                 [vi("y", E4M3)], [s])
+    want = fp8_bits(session(m, ops_library), feed)
+    got = fp8_bits(session(m, ops_library, "CUDAExecutionProvider"), feed)
+    codes = lambda b: np.where(b & 0x80, -(b & 0x7F).astype(int), (b & 0x7F).astype(int))  # noqa: E731
+    assert np.abs(codes(got) - codes(want)).max() <= (0 if op == "QuantizeFp8" else 1)
+    assert (got != want).mean() < 1e-3
+
+
+@pytest.mark.gpu
+def test_cuda_fp8_transformer_equals_cpu_and_replays_in_a_cuda_graph(kernels_graph, ops_library, tmp_path):
+    require_cuda_library(ops_library)
+    import cupy
+
+    from fluxrt.components import ModelDims, component_spec
+    from fluxrt.runtime.ort import OrtRunner
+
+    model, linears, scales, feed = kernels_graph
+    path = tmp_path / "fp8.onnx"
+    onnx.save_model(fp8_ort.fp8_graph(copy.deepcopy(model), linears, scales), str(path))
+    want = session(onnx.load(str(path)), ops_library).run(None, feed)[0]
+    dims = ModelDims("dev", clip_hidden_size=32, t5_d_model=32, joint_attention_dim=32, pooled_projection_dim=32)
+    spec = component_spec("transformer", dims)
+    plain = OrtRunner(spec, "fp32", path, backend="ort-cuda", custom_ops=ops_library).activate()
+    device_feed = {k: cupy.asarray(v) for k, v in feed.items()}
+    got = cupy.asnumpy(plain.infer(device_feed)["latent"])
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * scale)  # fp32 out, TF32 in the unquantized products
+    graphed = OrtRunner(spec, "fp32", path, backend="ort-cuda", cuda_graph=True, custom_ops=ops_library).activate()
+    first = cupy.asnumpy(graphed.infer(device_feed)["latent"])
+    again = cupy.asnumpy(graphed.infer(device_feed)["latent"])  # replayed
+    np.testing.assert_allclose(first, got, rtol=0, atol=1e-3 * scale)
+    np.testing.assert_array_equal(again, first)
