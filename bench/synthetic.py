@@ -276,9 +276,44 @@ def ort_optimize(path: Path, component: str) -> tuple[Path, dict]:
     return out, {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
 
 
+def host_feed(component: str, feed: dict, precision: str) -> dict[str, np.ndarray]:
+    """The bench inputs as host arrays in the graph's dtypes (bfloat16 as ml_dtypes)."""
+    from fluxrt.dtypes import cast
+
+    spec = component_spec("vae_decoder" if component == "vae" else component, DIMS)
+    return {t.name: cast(feed[t.name].float().cpu().numpy() if t.dtype != "int32" else feed[t.name].cpu().numpy(),
+                         t.resolved_dtype(precision)) for t in spec.inputs}
+
+
+def fp8_for_timing(source: Path, feed: dict[str, np.ndarray], out: Path, device: str) -> dict:
+    """``source`` (an ort-kernels transformer) on fluxrt's FP8 ops, calibrated on the one bench input: latency
+    does not depend on the scale values, so one sample is enough to time it (and too few for quality)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from fluxrt.engines import fp8, fp8_ort
+
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        model = onnx.load(str(source), load_external_data=False)
+        selected, _ = fp8.select_linears(fp8.find_linears(model, str(source)), "transformer", str(source))
+        linears = fp8_ort.kernel_linears(model, selected, str(source))
+        amax = fp8_ort.activation_amax(model, list(dict.fromkeys(lin.input for lin in linears)), [feed],
+                                       "ort-cuda" if device == "cuda" else "ort-cpu", source.parent)
+        calibrated = time.perf_counter()
+        load_external_data_for_model(model, str(source.parent))
+        fp8_ort.fp8_graph(model, linears, fp8_ort.Scales(amax, fp8_ort.weight_amax(model, linears)))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out.name + ".data", size_threshold=1024)
+        del model
+    return {"quantize_seconds": time.perf_counter() - start, "calibrate_seconds": calibrated - start,
+            "quantize_peak_rss_gib": mem.peak_bytes / 2**30, "fp8_linears": len(linears), "calibration_samples": 1}
+
+
 def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape: Shape, warmup: int, iters: int,
              cuda_graph: bool, device: str, profile_iters: int = 0, disabled: tuple[str, ...] = (),
-             attention: str = "ort") -> dict:
+             attention: str = "ort", outputs: dict | None = None) -> dict:
     import onnxruntime as ort
 
     from fluxrt.dtypes import cast
@@ -307,6 +342,11 @@ def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape:
     stats = bench.summarize(bench.time_call(lambda: runner.infer(device_feed), warmup=warmup, iters=iters))
     if profile_iters and device == "cuda":
         stats["kernels"] = kernel_profile(lambda: runner.infer(device_feed), profile_iters, device)
+    if outputs is not None:  # the first output, float32 on the host, for comparisons
+        from fluxrt.dtypes import to_float32
+
+        y = runner.infer(device_feed)[spec.output_names[0]]
+        outputs[onnx_path] = np.asarray(to_float32(y.get() if hasattr(y, "get") else y))
     runner.deactivate()
     return stats
 
@@ -314,7 +354,8 @@ def time_ort(component: str, onnx_path: Path, precision: str, feed: dict, shape:
 def bench_component(component: str, layers, shape: Shape, precisions: list[str], modes: list[str], work: Path,
                     results: Results, warmup: int, iters: int, attentions: tuple[str, ...], device: str,
                     cuda_graph: str = "auto", optimize: bool = True, profile_iters: int = 0,
-                    ort_variants: tuple[tuple[str, ...], ...] = (ORT_CUDA_DISABLED_OPTIMIZERS,)) -> None:
+                    ort_variants: tuple[tuple[str, ...], ...] = (ORT_CUDA_DISABLED_OPTIMIZERS,),
+                    reuse: bool = False) -> None:
     label = component + (f"[{'+'.join(map(str, layers))}]" if layers else "")
     t = CONFIG["transformer"]
     flops = (bench.transformer_flops(shape.batch, shape.image_tokens, shape.text, layers[0], layers[1],
@@ -346,20 +387,36 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
         free_memory(device)
     if "ort" not in modes:
         return
+    outputs: dict = {}  # graph path -> first output, for FP8 against its bf16 source
     for attention, precision in [(a, p) for a in (attentions if component == "transformer" else attentions[:1])
                                  for p in precisions]:
+        fp8 = precision == "fp8"  # fluxrt's FP8 ops over the ort-kernels graph: bf16 (fp32 on the CPU, whose
+        base = ("bf16" if device == "cuda" else "fp32") if fp8 else precision  # kernels compute in float32)
+        if fp8 and (component != "transformer" or attention != "ort-kernels"):
+            results.add(**common, backend=attention, precision=precision,
+                        error="fp8 is timed for the transformer with --attention ort-kernels only")
+            continue
         # the exporter's rule: the VAE stays fp32 in half-precision exports
-        graph_precision = component_precision("vae_decoder" if component == "vae" else component, precision)
+        graph_precision = component_precision("vae_decoder" if component == "vae" else component, base)
         dtype = TORCH_DTYPES[graph_precision]
-        module = build(component, dtype, device, layers)
         feed = inputs(component, shape, dtype, device)
-        path = work / f"{label}-{attention}-{precision}" / f"{component}.onnx"
+        path = work / f"{label}-{attention}-{base}" / f"{component}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
-        export = export_onnx(component, module, graph_precision, path, attention)
-        del module
-        free_memory(device)
+        record = path.with_name("export.json")
+        if (fp8 or reuse) and path.is_file() and record.is_file():  # the graph of this run (or an earlier one)
+            export = json.loads(record.read_text())
+        else:
+            module = build(component, dtype, device, layers)
+            export = export_onnx(component, module, graph_precision, path, attention)
+            atomic_write_json(record, export)
+            del module
+            free_memory(device)
         opt_path, fused = path, {}
-        if optimize:
+        if fp8:
+            opt_path = work / f"{label}-{attention}-fp8" / f"{component}.onnx"
+            export = dict(export, fp8=fp8_for_timing(path, host_feed(component, feed, base), opt_path, device))
+            free_memory(device)
+        elif optimize:
             try:
                 opt_path, fused = ort_optimize(path, component)
             except Exception as e:  # the optimizer is best effort: measure the plain graph and say why
@@ -370,7 +427,13 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
             for use_graph in choices if device == "cuda" else (False,):
                 try:
                     stats = time_ort(component, opt_path, graph_precision, feed, shape, warmup, iters, use_graph,
-                                     device, profile_iters, disabled, attention)
+                                     device, profile_iters, disabled, attention, outputs)
+                    if fp8 and path not in outputs and path.is_file():  # its bf16 source, on the same input
+                        time_ort(component, path, graph_precision, feed, shape, 0, 1, False, device,
+                                 attention=attention, outputs=outputs)
+                    if fp8:
+                        a, b = outputs[opt_path], outputs[path]
+                        stats["vs_bf16_rel_rms"] = float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
                 except Exception as e:
                     results.add(**common, backend=backend, precision=precision, cuda_graph=use_graph,
                                 error=str(e)[:500])
@@ -405,7 +468,7 @@ def free_memory(device: str) -> None:
 def run(out: Path, plan: list[tuple[str, tuple | None]], shape: Shape, precisions: list[str], modes: list[str],
         warmup: int, iters: int, attention: str | tuple[str, ...] = "ort", device: str = "cuda", cuda_graph: str = "auto",
         optimize: str = "t5,clip,vae", profile_iters: int = 0,
-        ort_variants: tuple[tuple[str, ...], ...] = (ORT_CUDA_DISABLED_OPTIMIZERS,)) -> dict:
+        ort_variants: tuple[tuple[str, ...], ...] = (ORT_CUDA_DISABLED_OPTIMIZERS,), reuse: bool = False) -> dict:
     attentions = (attention,) if isinstance(attention, str) else tuple(attention)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("FLUXRT_BENCH_WORK", "/tmp/fluxrt-bench"))
@@ -417,7 +480,7 @@ def run(out: Path, plan: list[tuple[str, tuple | None]], shape: Shape, precision
         log(f"{component} {layers}: start")
         try:
             bench_component(component, layers, shape, precisions, modes, work, results, warmup, iters, attentions,
-                            device, cuda_graph, component in optimize.split(","), profile_iters, ort_variants)
+                            device, cuda_graph, component in optimize.split(","), profile_iters, ort_variants, reuse)
         except Exception as e:  # keep measuring the other components; the error is in the results
             results.add(component=component, layers=list(layers) if layers else None, error=repr(e)[:800])
     return results.data
@@ -438,7 +501,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="fluxrt bench-synthetic")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--plan", default="transformer:1+2,transformer:2+4")
-    p.add_argument("--precisions", default="fp16,bf16")
+    p.add_argument("--precisions", default="fp16,bf16",
+                   help="comma-separated; fp8: the ort-kernels transformer on fluxrt's FP8 ops, over its bf16 export")
     p.add_argument("--modes", default="eager,compile,ort")
     p.add_argument("--attention", default="ort",
                    help="transformer graphs to time, comma-separated: portable, ort, ort-kernels (needs the "
@@ -461,11 +525,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="ONNX Runtime sessions to time per graph, ';'-separated, each a comma list of graph "
                         "optimizers to disable ('' = all enabled), e.g. ';MatMulAddFusion'. Default: the "
                         "runtime's own choice on CUDA (MatMulAddFusion disabled)")
+    p.add_argument("--reuse-exports", action="store_true",
+                   help="time the graphs an earlier run left in $FLUXRT_BENCH_WORK (with their export.json) instead "
+                        "of exporting again: a long export in one call, the timing in the next")
     a = p.parse_args(argv)
     use_model(a.model)
     run(a.out, parse_plan(a.plan), Shape(a.batch, a.height, a.width, a.text), a.precisions.split(","),
         a.modes.split(","), a.warmup, a.iters, tuple(a.attention.split(",")), a.device, a.cuda_graph, a.optimize, a.profile,
-        tuple(tuple(n for n in v.split(",") if n) for v in a.ort_variants.split(";")))
+        tuple(tuple(n for n in v.split(",") if n) for v in a.ort_variants.split(";")), a.reuse_exports)
 
 
 if __name__ == "__main__":

@@ -366,21 +366,18 @@ def run_modelopt(quantize, source: Path, out: Path, feeds, selected: dict[str, s
     )
 
 
-def quantize_kernels(source: Path, files: list[str], feeds, selected: dict[str, str], backend: str, staging: Path,
-                     what: str):
+def quantize_kernels(source: Path, feeds, selected: dict[str, str], backend: str, what: str):
     """An ort-kernels graph on fluxrt's FP8 ops (fp8_ort): calibrated by running it, with the op library,
     on ``feeds``; returns (model, module paths quantized, module paths left out)."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     from fluxrt.engines import fp8_ort
 
     model = onnx.load(str(source), load_external_data=False)
     linears = fp8_ort.kernel_linears(model, selected, what)
     tensors = list(dict.fromkeys(lin.input for lin in linears))
-    amax = fp8_ort.activation_amax(model, tensors, feeds, backend, staging,
-                                   [source.parent / f for f in files if f != source.name])
-    from onnx.external_data_helper import load_external_data_for_model
-
+    amax = fp8_ort.activation_amax(model, tensors, feeds, backend, source.parent)
     load_external_data_for_model(model, str(source.parent))
     scales = fp8_ort.Scales(amax, fp8_ort.weight_amax(model, linears))
     fp8_ort.fp8_graph(model, linears, scales)
@@ -604,8 +601,7 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
     staging.mkdir()
     try:
         if kernels:
-            model, done, missed = quantize_kernels(source, source_files, feeds, selected, settings.backend, staging,
-                                                   what)
+            model, done, missed = quantize_kernels(source, feeds, selected, settings.backend, what)
             factor, stored = 1.0, len(done)
         else:
             staged = stage_source(source, source_files, staging)

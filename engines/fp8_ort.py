@@ -26,8 +26,6 @@ block linears on FP8 tensor cores (cuBLASLt) and, on the CPU, on the reference k
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,28 +159,20 @@ def ort_value(array: np.ndarray, onnx_type: str):
 
 
 def activation_amax(model, tensors: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], backend: str,
-                    staging: Path, data_files: Sequence[Path] = ()) -> dict[str, float]:
+                    folder: Path) -> dict[str, float]:
     """``{tensor: max |tensor| over every feed}``, the graph run by ONNX Runtime on ``backend`` with fluxrt's
-    op library.  ``data_files``: the source graph's external data, linked (or copied) into ``staging`` beside
-    the measuring graph, which refers to them by name."""
-    import onnx
+    op library.  ``model``: loaded without its external data, which ONNX Runtime reads from ``folder``."""
     import onnxruntime as ort
 
     from fluxrt.runtime.ort_ops import check_library, library_path
 
     device = "cuda" if backend == "ort-cuda" else "cpu"
-    for f in data_files:
-        try:
-            os.link(f, staging / f.name)
-        except OSError:  # another file system
-            shutil.copyfile(f, staging / f.name)
-    path = staging / "amax.onnx"
-    onnx.save_model(amax_graph(model, tensors), str(path))
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(check_library(library_path(), device)))
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     providers = ["CPUExecutionProvider"] if device == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(amax_graph(model, tensors).SerializeToString(), options, providers=providers)
     except Exception as e:  # onnxruntime's own untyped errors
         raise EngineError(f"FP8 calibration: ONNX Runtime could not load the measuring graph: {e}") from None
     types = {i.name: i.type for i in session.get_inputs()}

@@ -352,7 +352,8 @@ def export_kernels_transformer(tmp_path, config=TINY_DEEP, precision="fp32"):
 
     dims = ModelDims("dev", clip_hidden_size=32, t5_d_model=32, joint_attention_dim=32, pooled_projection_dim=32)
     spec = component_spec("transformer", dims)
-    module = TransformerGraph(tiny_transformer(config), guidance=True, rewrite="ort-kernels").eval()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    module = TransformerGraph(tiny_transformer(config).to(dtype), guidance=True, rewrite="ort-kernels").eval()
     with torch.no_grad():
         program = torch.onnx.export(
             module, onnx_export.example_inputs(spec, dims, precision), dynamo=True, opset_version=20,

@@ -25,7 +25,7 @@
 //     x E4M3 [..., K], x_scale [] or [1], w E4M3 [N, K] (one row per output feature), w_scale [N],
 //     bias T [N]: y = (x . w^T) * x_scale * w_scale + bias, float32 accumulation, in bias's type T.
 //     On CUDA: one cuBLASLt FP8 matrix product (Hopper or newer), the per-output-channel weight
-//     scales and the bias applied in its epilogue; K and N multiples of 16.
+//     scales and the bias applied in its epilogue; K and N multiples of 16; T bfloat16 or float16.
 //   QuantizeFp8(x, scale) -> E4M3               x T [...]
 //   AdaLayerNormFp8(x, scale, shift, quant_scale) -> E4M3     AdaLayerNorm, its output quantized
 //   BiasGeluFp8(x, bias?, quant_scale) -> E4M3                 BiasGelu, its output quantized
@@ -42,6 +42,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -923,6 +924,14 @@ OrtStatusPtr make_plan(cublasLtHandle_t handle, const Fp8LinearArgs& p, cudaData
   RETURN_IF(set(CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec, sizeof vec));
   RETURN_IF(set(CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue));
   RETURN_IF(set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &out, sizeof out));
+  // the heuristic wants the scale and bias pointers set (they are set again before every product)
+  const int64_t rows = std::max<int64_t>(p.M, 1);
+  if (cudaMalloc(&plan->x_scales, rows * sizeof(float)) != cudaSuccess) return cuda_status("Fp8Linear");
+  fill_kernel<<<grid_for(rows), 256, 0, st>>>(plan->x_scales, rows, p.xs);
+  plan->x_scale = p.xs;
+  RETURN_IF(set(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &p.w_scale.data, sizeof(void*)));
+  RETURN_IF(set(CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &plan->x_scales, sizeof(void*)));
+  RETURN_IF(set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias.data, sizeof(void*)));
   RETURN_IF(lt_status(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_8F_E4M3, p.K, p.N, p.K), "layout"));
   RETURN_IF(lt_status(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_8F_E4M3, p.K, p.M, p.K), "layout"));
   RETURN_IF(lt_status(cublasLtMatrixLayoutCreate(&plan->c, out, p.N, p.M, p.N), "layout"));
@@ -949,15 +958,16 @@ OrtStatusPtr make_plan(cublasLtHandle_t handle, const Fp8LinearArgs& p, cudaData
             .c_str());
   }
   plan->algo = result.algo;
-  const int64_t rows = std::max<int64_t>(p.M, 1);
-  if (cudaMalloc(&plan->x_scales, rows * sizeof(float)) != cudaSuccess) return cuda_status("Fp8Linear");
-  fill_kernel<<<grid_for(rows), 256, 0, st>>>(plan->x_scales, rows, p.xs);
-  plan->x_scale = p.xs;
   return cuda_status("Fp8Linear");
 }
 
 template <typename T>
 OrtStatusPtr fp8_linear_cuda(cudaStream_t st, LtState& state, const Fp8LinearArgs& p, void* y) {
+  if (std::is_same<T, float>::value) {
+    return Status::error("Fp8Linear", "float32 output is not supported on CUDA (cuBLASLt's FP8 products with "
+                                      "per-channel scales write bfloat16 or float16): quantize a bf16 or fp16 export "
+                                      "for CUDA; an fp32 FP8 export runs on the CPU");
+  }
   if (p.M == 0 || p.N == 0) return nullptr;
   if (p.K % 16 || p.N % 16) {
     return Status::error("Fp8Linear", "on CUDA, K and N must be multiples of 16 (cuBLASLt's FP8 layouts), got K = " +
