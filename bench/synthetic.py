@@ -355,7 +355,7 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
                     results: Results, warmup: int, iters: int, attentions: tuple[str, ...], device: str,
                     cuda_graph: str = "auto", optimize: bool = True, profile_iters: int = 0,
                     ort_variants: tuple[tuple[str, ...], ...] = (ORT_CUDA_DISABLED_OPTIMIZERS,),
-                    reuse: bool = False) -> None:
+                    reuse: bool = False, export_only: bool = False) -> None:
     label = component + (f"[{'+'.join(map(str, layers))}]" if layers else "")
     t = CONFIG["transformer"]
     flops = (bench.transformer_flops(shape.batch, shape.image_tokens, shape.text, layers[0], layers[1],
@@ -411,6 +411,9 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
             atomic_write_json(record, export)
             del module
             free_memory(device)
+        if export_only:
+            results.add(**common, backend=attention, precision=precision, export=export, graph=str(path))
+            continue
         opt_path, fused = path, {}
         if fp8:
             opt_path = work / f"{label}-{attention}-fp8" / f"{component}.onnx"
@@ -468,7 +471,8 @@ def free_memory(device: str) -> None:
 def run(out: Path, plan: list[tuple[str, tuple | None]], shape: Shape, precisions: list[str], modes: list[str],
         warmup: int, iters: int, attention: str | tuple[str, ...] = "ort", device: str = "cuda", cuda_graph: str = "auto",
         optimize: str = "t5,clip,vae", profile_iters: int = 0,
-        ort_variants: tuple[tuple[str, ...], ...] = (ORT_CUDA_DISABLED_OPTIMIZERS,), reuse: bool = False) -> dict:
+        ort_variants: tuple[tuple[str, ...], ...] = (ORT_CUDA_DISABLED_OPTIMIZERS,), reuse: bool = False,
+        export_only: bool = False) -> dict:
     attentions = (attention,) if isinstance(attention, str) else tuple(attention)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("FLUXRT_BENCH_WORK", "/tmp/fluxrt-bench"))
@@ -480,7 +484,8 @@ def run(out: Path, plan: list[tuple[str, tuple | None]], shape: Shape, precision
         log(f"{component} {layers}: start")
         try:
             bench_component(component, layers, shape, precisions, modes, work, results, warmup, iters, attentions,
-                            device, cuda_graph, component in optimize.split(","), profile_iters, ort_variants, reuse)
+                            device, cuda_graph, component in optimize.split(","), profile_iters, ort_variants, reuse,
+                            export_only)
         except Exception as e:  # keep measuring the other components; the error is in the results
             results.add(component=component, layers=list(layers) if layers else None, error=repr(e)[:800])
     return results.data
@@ -528,11 +533,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reuse-exports", action="store_true",
                    help="time the graphs an earlier run left in $FLUXRT_BENCH_WORK (with their export.json) instead "
                         "of exporting again: a long export in one call, the timing in the next")
+    p.add_argument("--export-only", action="store_true",
+                   help="export the ONNX Runtime graphs (and their export.json) without timing them")
     a = p.parse_args(argv)
     use_model(a.model)
     run(a.out, parse_plan(a.plan), Shape(a.batch, a.height, a.width, a.text), a.precisions.split(","),
         a.modes.split(","), a.warmup, a.iters, tuple(a.attention.split(",")), a.device, a.cuda_graph, a.optimize, a.profile,
-        tuple(tuple(n for n in v.split(",") if n) for v in a.ort_variants.split(";")), a.reuse_exports)
+        tuple(tuple(n for n in v.split(",") if n) for v in a.ort_variants.split(";")), a.reuse_exports, a.export_only)
 
 
 if __name__ == "__main__":

@@ -107,3 +107,30 @@ def test_synthetic_vae_follows_the_exporters_precision_rule(tmp_path, monkeypatc
     rows = [m for m in data["measurements"] if "p50_ms" in m]
     assert [(m["precision"], m["graph_precision"]) for m in rows] == [("bf16", "fp32")], data
     assert json.loads((tmp_path / "out" / "results.json").read_text())["measurements"] == data["measurements"]
+
+
+def test_synthetic_times_the_fp8_kernels_transformer_over_a_reused_export(tmp_path, monkeypatch, ops_library):
+    """--export-only then --reuse-exports (two calls on the GPU machine): the second call times the exported
+    ort-kernels graph without exporting again, and its FP8 rewrite (on the CPU over the fp32 graph) with its
+    distance from that source."""
+    from fluxrt.bench import synthetic
+
+    monkeypatch.setenv("FLUXRT_BENCH_WORK", str(tmp_path / "work"))
+    monkeypatch.setenv("FLUXRT_ORT_OPS", str(ops_library))
+    synthetic.use_model("tiny")
+    shape, plan = synthetic.Shape(1, 64, 64, 16), [("transformer", (1, 2))]
+    try:
+        first = synthetic.run(tmp_path / "a", plan, shape, ["fp32"], ["ort"], warmup=0, iters=1, attention="ort-kernels",
+                              device="cpu", optimize="", export_only=True)
+        graph = tmp_path / "work" / "transformer[1+2]-ort-kernels-fp32" / "transformer.onnx"
+        stamp = graph.stat().st_mtime_ns
+        data = synthetic.run(tmp_path / "b", plan, shape, ["fp32", "fp8"], ["ort"], warmup=0, iters=1,
+                             attention="ort-kernels", device="cpu", optimize="", reuse=True)
+    finally:
+        synthetic.use_model("flux-dev")
+    assert "p50_ms" not in first["measurements"][0] and first["measurements"][0]["export"]["export_seconds"] > 0
+    assert graph.stat().st_mtime_ns == stamp  # reused, not exported again
+    base, fp8 = data["measurements"]
+    assert base["precision"] == "fp32" and fp8["precision"] == "fp8" and fp8["graph_precision"] == "fp32"
+    assert fp8["export"]["fp8"]["fp8_linears"] == 1 * 12 + 2 * 6
+    assert 1e-4 < fp8["vs_bf16_rel_rms"] < 0.1  # FP8's own error: quantized, and close

@@ -385,7 +385,9 @@ def test_cuda_fp8_transformer_equals_cpu_and_replays_in_a_cuda_graph(kernels_gra
     bf16_plain = on_cuda(plain / "t.onnx")[1]()
     print(f"\nCUDA bf16 FP8 vs CPU fp32 FP8: {rel(got, want):.3%}; CUDA bf16 vs CPU fp32 (no FP8): "
           f"{rel(bf16_plain, fp32):.3%}; CUDA bf16 FP8 vs CUDA bf16: {rel(got, bf16_plain):.3%}")
-    assert rel(got, want) < 0.05
+    # measured on the H200: 6.7% against the CPU's fp32 FP8 graph, which is bf16's own 6.5% against fp32, and
+    # 1.6% against the same bf16 graph without FP8
+    assert rel(got, want) < rel(bf16_plain, fp32) + 0.02 and rel(got, bf16_plain) < 0.03
     _, replay = on_cuda(path, cuda_graph=True)
     first, again = replay(), replay()  # captured, then replayed
     np.testing.assert_allclose(first, got, rtol=0, atol=1e-2 * np.abs(got).max())
