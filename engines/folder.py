@@ -24,7 +24,7 @@ from fluxrt.artifacts import (
 from fluxrt.components import STAGES, ShapeEnvelope, component_spec
 from fluxrt.engines.build import build_engine, log
 from fluxrt.errors import EngineError
-from fluxrt.files import atomic_path, locked, remove_leftovers, replace_tree, sha256_file
+from fluxrt.files import atomic_path, locked, remove_leftovers, replace_tree, separate_folders, sha256_file
 from fluxrt.trt import import_trt, library_info
 
 BUILDABLE = STAGES + ("vae_encoder",)  # the VAE encoder is built only if asked for
@@ -116,6 +116,35 @@ def source_graph(export: ExportFolder, name: str, settings: BuildSettings, out_d
     return out_dir / FP8_GRAPH, record["fingerprint"]["sha256"]
 
 
+def check_settings(export: ExportFolder, settings: BuildSettings, trt: ModuleType) -> None:
+    """What the export and the library allow: the text length the model takes, targets the library knows, and
+    for FP8 the calibration's prompts (the bundled ones hold a fixed number)."""
+    from fluxrt.engines.build import compute_capability
+
+    top = export.dims.t5_max_length
+    if settings.envelope.text_length[2] > top:
+        raise EngineError(f"text length {settings.envelope.text_length[2]} exceeds the {top} T5 tokens the model takes "
+                          f"(--text-length MIN,OPT,MAX with MAX <= {top})")
+    if settings.compute_capabilities:
+        if not hasattr(trt, "ComputeCapability"):
+            raise EngineError(f"compute capabilities need TensorRT-RTX; TensorRT {trt.__version__} builds for the GPU "
+                              f"it runs on (leave --compute-capability out)")
+        for value in settings.compute_capabilities:
+            try:
+                compute_capability(trt, value)
+            except ValueError as e:
+                raise EngineError(f"--compute-capability: {e}") from None
+    fp8 = settings.fp8_settings()
+    if fp8 is not None and not (export.precision == "fp8"):
+        from fluxrt.engines.fp8 import pick_prompts
+
+        try:
+            pick_prompts(None, fp8.num_prompts)
+            fp8.resolve(export.variant)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+
+
 def check_export(export: ExportFolder, settings: BuildSettings) -> None:
     manifest, export_dir = export.manifest, export.root
     fused = [c for c, r in manifest.get("components", {}).items() if r.get("attention", "portable") != "portable"]
@@ -167,8 +196,10 @@ def build_folder(export_dir: str | Path, out_dir: str | Path, settings: BuildSet
                  trt_module: ModuleType | None = None, progress: bool = True) -> dict:
     """Build every requested plan that is not up to date; return ``{component: "built"|"kept"}``."""
     export = open_export(Path(export_dir))
+    separate_folders(export.root, Path(out_dir), "the export folder", "--out", EngineError)
     check_export(export, settings)
     trt = trt_module or import_trt()
+    check_settings(export, settings, trt)  # every option, before anything is written
     lib = library_info(trt)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from fluxrt.artifacts import EXPORT_MANIFEST, SIDE_FILES, ExportFolder, write_export_manifest
 from fluxrt.components import STAGES
 from fluxrt.errors import EngineError, ExportError
-from fluxrt.files import atomic_path, read_json, remove_leftovers, replace_tree, sha256_file
+from fluxrt.files import atomic_path, read_json, remove_leftovers, replace_tree, separate_folders, sha256_file
 
 GRAPH = "transformer.onnx"
 RECORD = "transformer.json"
@@ -43,10 +43,7 @@ def check_folders(source: ExportFolder, out_dir: Path) -> None:
         raise EngineError(f"export folder {source.root} holds {source.precision} graphs; fluxrt quantize takes an "
                           f"fp16 or bf16 export (FP8 linears, the rest in that precision), or an fp32 one exported "
                           f"with --attention ort-kernels (whose FP8 graph ONNX Runtime also runs on the CPU)")
-    a, b = source.root.resolve(), out_dir.resolve()
-    if a == b or a in b.parents or b in a.parents:
-        raise EngineError(f"--out {out_dir} is, contains or lies inside the source export folder {source.root}: "
-                          f"name a folder of its own")
+    separate_folders(source.root, out_dir, "the source export folder", "--out", EngineError)
     if (out_dir / EXPORT_MANIFEST).is_file():
         manifest = read_json(out_dir / EXPORT_MANIFEST, "export manifest", ExportError)
         previous = (manifest.get("quantized_from") or {}).get("manifest_sha256")

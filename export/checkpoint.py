@@ -55,7 +55,40 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {root} lacks the subfolders {need}; a diffusers FLUX folder has {list(SUBFOLDERS)}")
         ckpt = cls(root, Path(transformer_file) if transformer_file else None, Path(vae_file) if vae_file else None)
         ckpt.dims()  # validates the configs now rather than halfway through an export
+        ckpt.check_configs()
+        ckpt.check_tokenizers()
         return ckpt
+
+    def check_weights(self, components) -> None:
+        """Every safetensors header of ``components`` (user names: clip, t5, transformer, vae) checked before
+        anything is written: float dtypes, shapes, offsets inside the file."""
+        files = {"clip": lambda: weight_files(self.root / "text_encoder", TRANSFORMERS_WEIGHTS),
+                 "t5": lambda: weight_files(self.root / "text_encoder_2", TRANSFORMERS_WEIGHTS),
+                 "transformer": lambda: [self.transformer_file] if self.transformer_file else
+                 weight_files(self.root / "transformer", DIFFUSERS_WEIGHTS),
+                 "vae": lambda: [self.vae_file] if self.vae_file else weight_files(self.root / "vae", DIFFUSERS_WEIGHTS)}
+        for c in components:
+            for path in files[c]():
+                safetensors_header(Path(path))
+
+    def check_tokenizers(self) -> None:
+        from fluxrt.export.tokenizers_tiny import check_checkpoint_tokenizer
+
+        for sub, kind, encoder in (("tokenizer", "clip", "text_encoder"), ("tokenizer_2", "t5", "text_encoder_2")):
+            vocab = self.config(encoder).get("vocab_size")
+            if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+                raise CheckpointError(f"{self.root / encoder}/config.json: vocab_size must be a positive integer, "
+                                      f"got {vocab!r}")
+            check_checkpoint_tokenizer(self.root / sub, kind, vocab)
+
+    def check_configs(self) -> None:
+        """The diffusers models' configs against their classes: every key a parameter, integers integers."""
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+        if not self.transformer_file:
+            check_config(FluxTransformer2DModel, self.config("transformer"), f"{self.root / 'transformer'}/config.json")
+        if not self.vae_file:
+            check_config(AutoencoderKL, self.config("vae"), f"{self.root / 'vae'}/config.json")
 
     # ---- configs -------------------------------------------------------------------------
     def config(self, sub: str) -> dict:
@@ -113,14 +146,18 @@ class Checkpoint:
             state = read_state_dict(weight_files(self.root / sub, DIFFUSERS_WEIGHTS), dtype)
             what = f"{sub} {self.root / sub}"
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-        return assign_weights(module_on_meta(lambda: cls(**kwargs)), state, what)
+        try:
+            module = module_on_meta(lambda: cls(**kwargs))
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{what}: its config does not make a {cls.__name__}: {e}") from None
+        return assign_weights(module, state, what)
 
     def load_clip(self, dtype: torch.dtype) -> torch.nn.Module:
         from transformers import CLIPTextConfig, CLIPTextModel
 
         config = CLIPTextConfig(**self.config("text_encoder"))
         state = read_state_dict(weight_files(self.root / "text_encoder", TRANSFORMERS_WEIGHTS), dtype)
-        model = module_on_meta(lambda: CLIPTextModel(config))
+        model = build_text_encoder(lambda: CLIPTextModel(config), f"CLIP text encoder {self.root / 'text_encoder'}")
         state = match_prefix(state, set(model.state_dict()), "text_model.")
         # position_ids: a buffer that older files carry and newer ones do not
         ids = [k for k in model.state_dict() if k.endswith("position_ids")]
@@ -147,7 +184,7 @@ class Checkpoint:
             )
         for k in tied:
             state.setdefault(k, state[present[0]])
-        model = module_on_meta(lambda: T5EncoderModel(config))
+        model = build_text_encoder(lambda: T5EncoderModel(config), f"T5 encoder {self.root / 'text_encoder_2'}")
         model = assign_weights(model, state, f"T5 encoder {self.root / 'text_encoder_2'}")
         model.encoder.embed_tokens = model.shared
         return model
@@ -200,3 +237,29 @@ class Checkpoint:
                     f.seek(i * (size - 65536) // 15)
                     h.update(f.read(65536))
         return h.hexdigest()
+
+
+def check_config(cls, config: dict, what: str) -> None:
+    """Refuse a key ``cls`` does not take, and a non-integer where it takes an integer."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    takes = sorted(p for p in params if p not in ("self", "args", "kwargs"))
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in params)
+    if unknown:
+        raise CheckpointError(f"{what}: {unknown} {'is not a parameter' if len(unknown) == 1 else 'are not parameters'} "
+                              f"of {cls.__name__} (it takes {takes})")
+    for key, value in config.items():
+        p = params.get(key)
+        if p is None:
+            continue
+        integer = p.annotation in (int, "int") or (p.annotation is inspect.Parameter.empty and type(p.default) is int)
+        if integer and (isinstance(value, bool) or not isinstance(value, int)):
+            raise CheckpointError(f"{what}: {key} must be an integer, got {value!r}")
+
+
+def build_text_encoder(factory, what: str) -> torch.nn.Module:
+    try:
+        return module_on_meta(factory)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{what}: its config does not make the model: {e}") from None

@@ -37,7 +37,7 @@ from fluxrt.export.checkpoint import Checkpoint
 from fluxrt.export.memory import PeakMemory
 from fluxrt.export.ort_fusions import fuse_graph
 from fluxrt.export.weights import TORCH_DTYPES
-from fluxrt.files import atomic_write_text, read_json
+from fluxrt.files import atomic_write_text, locked, read_json, separate_folders
 
 OPSET = 20
 OPSET_BF16 = 22  # Conv, InstanceNormalization and others accept bfloat16 only from opset 22
@@ -263,9 +263,26 @@ def library_versions() -> dict:
 
 def export_checkpoint(ckpt: Checkpoint, out_dir: str | Path, request: ExportRequest) -> dict:
     """Export the requested components; a folder already holding another checkpoint's or
-    precision's graphs is refused rather than mixed."""
+    precision's graphs is refused rather than mixed, and so is the checkpoint's own folder (or one around or
+    inside it).  One export at a time writes into a folder (a lock beside the manifest)."""
     out_dir = Path(out_dir)
+    separate_folders(ckpt.root, out_dir, "the checkpoint folder", "--out", ExportError)
+    for extra in (ckpt.transformer_file, ckpt.vae_file):
+        if extra is not None and Path(extra).resolve().is_relative_to(out_dir.resolve()):
+            raise ExportError(f"--out {out_dir} contains the checkpoint file {extra}: name a folder of its own")
+    ckpt.check_weights(request.components)  # before anything is written
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with locked(out_dir / ".export.lock"):
+            return export_locked(ckpt, out_dir, request)
+    except BaseException:
+        if created and not (out_dir / EXPORT_MANIFEST).exists():  # nothing of it to keep
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def export_locked(ckpt: Checkpoint, out_dir: Path, request: ExportRequest) -> dict:
     dims = ckpt.dims()
     fingerprint = ckpt.fingerprint()
     manifest = read_manifest(out_dir) or {}

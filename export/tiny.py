@@ -76,6 +76,8 @@ def write_tiny_checkpoint(out: str | Path, variant: str = "dev", seed: int = 0) 
     """Write the tiny checkpoint to ``out`` (which must not exist or be empty), atomically."""
     if variant not in VARIANTS:
         raise CheckpointError(f"tiny-model variant {variant!r} is not one of {VARIANTS}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise CheckpointError(f"tiny-model seed must be an integer in [0, 2**63 - 1] (torch's generator), got {seed!r}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"tiny-model output {out} already exists and is not an empty folder")

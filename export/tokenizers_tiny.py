@@ -266,6 +266,26 @@ def load_checkpoint_tokenizer(src_dir: Path, kind: str):
         raise CheckpointError(f"{kind} tokenizer in {src_dir} could not be loaded (files: {files}): {e}") from None
 
 
+TOKENIZER_FILES = {"clip": (("tokenizer.json",), ("vocab.json", "merges.txt")),
+                   "t5": (("tokenizer.json",), ("spiece.model",))}
+EMBEDDING_PADDING = 128  # rows a text encoder may have beyond its tokenizer's vocabulary (T5: 32128 for 32100)
+
+
+def check_checkpoint_tokenizer(src_dir: Path, kind: str, vocab_size: int) -> None:
+    """A checkpoint's tokenizer checked like its weights: its files present, loadable, and its vocabulary the
+    text encoder's (every id it makes has an embedding row; at most a few rows of padding beyond)."""
+    src_dir = Path(src_dir)
+    options = TOKENIZER_FILES[kind]
+    if not src_dir.is_dir() or not any(all((src_dir / f).is_file() for f in files) for files in options):
+        found = sorted(p.name for p in src_dir.iterdir()) if src_dir.is_dir() else "no folder"
+        raise CheckpointError(f"{kind} tokenizer {src_dir} needs {' or '.join(' + '.join(f) for f in options)}; "
+                              f"found {found}")
+    size = len(load_checkpoint_tokenizer(src_dir, kind))
+    if not vocab_size - EMBEDDING_PADDING <= size <= vocab_size:
+        raise CheckpointError(f"{kind} tokenizer {src_dir} has {size} tokens, but its text encoder embeds "
+                              f"{vocab_size}: not this model's tokenizer")
+
+
 def write_runtime_tokenizer(src_dir: Path, dst_file: Path, kind: str) -> None:
     """Write the ``tokenizers`` JSON of the checkpoint's tokenizer to ``dst_file``, atomically.
 

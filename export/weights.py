@@ -33,10 +33,45 @@ def safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file: its header is a JSON {type(header).__name__}, "
+                              f"expected an object of tensors")
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        check_entry(path, key, entry)
+        end = max(end, entry["data_offsets"][1])
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: its header needs {8 + n + end} bytes, the file has {size}")
     return header
+
+
+FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}  # safetensors names of the weights fluxrt converts
+INDEX_DTYPES = {"I64": 8, "I32": 4}  # position ids that older CLIP files carry
+
+
+def check_entry(path: Path, key: str, entry) -> None:
+    """One tensor of a safetensors header: a float dtype (integer ids for ``position_ids`` only), a shape of
+    non-negative integers, and data offsets that span exactly its bytes."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise CheckpointError(f"{path}: header entry {key!r} is {entry!r}, expected dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    sizes = dict(FLOAT_DTYPES, **(INDEX_DTYPES if key.endswith("position_ids") else {}))
+    if dtype not in sizes:
+        raise CheckpointError(f"{path}: tensor {key!r} is {dtype}; fluxrt takes float weights "
+                              f"({', '.join(FLOAT_DTYPES)}), not quantized or integer ones")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {key!r} has shape {shape!r}, expected a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: tensor {key!r} has data_offsets {offsets!r}, expected [begin, end]")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * sizes[dtype]:
+        raise CheckpointError(f"{path}: tensor {key!r} spans {offsets[1] - offsets[0]} bytes, its {dtype} shape "
+                              f"{shape} needs {numel * sizes[dtype]}")
 
 
 def weight_files(folder: Path, single_name: str) -> list[Path]:

@@ -9,12 +9,14 @@ Errors fluxrt raises on purpose become one line on stderr and exit status 2, wit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from fluxrt.components import ATTENTION_MODES, VARIANT_DEFAULTS
 from fluxrt.errors import FluxRTError
+from fluxrt.files import UMASK
 
 BACKEND_CHOICES = ("ort-cpu", "ort-cuda", "trt", "torch")  # fluxrt.runtime.backends.BACKENDS and torch
 
@@ -42,13 +44,17 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"in {total:.1f}s")
 
 
-def stage_runners(path: Path, backend: str | None, cuda_graph: bool):
+def stage_runners(path: Path, backend: str | None, cuda_graph: bool, expect: str):
     """An export or engine folder and one runner per stage on ``backend``, each verified once and none
     loaded yet (``--backend torch``: the export side's reference runners, injected into the runtime)."""
     from fluxrt.artifacts import open_folder
     from fluxrt.runtime.backends import BackendOptions, make_runners
 
     folder = open_folder(path)
+    flag = "--engines" if expect == "engines" else "--onnx"
+    if folder.kind != expect:
+        other = "--onnx" if flag == "--engines" else "--engines"
+        raise UsageError(f"{flag} {path} is an {folder.kind} folder, not an {expect} folder: pass it with {other}")
     if backend != "torch":
         return folder, make_runners(folder, backend, BackendOptions(cuda_graph=cuda_graph))
     if folder.kind != "export":
@@ -67,30 +73,37 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     from fluxrt.artifacts import check_envelope
-    from fluxrt.runtime import FluxPipeline
+    from fluxrt.runtime import FluxPipeline, memory
     from fluxrt.runtime.params import GenerationParams
     from fluxrt.runtime.pipeline import progress_bar
 
     if args.out.suffix.lower() != ".png":  # reported before any work
         raise UsageError(f"--out must name a .png file, got {args.out}")
-    folder, runners = stage_runners(args.engines or args.onnx, args.backend, args.cuda_graph)
+    check_text("--prompt", args.prompt)
+    folder, runners = stage_runners(args.engines or args.onnx, args.backend, args.cuda_graph,
+                                    "engines" if args.engines else "export")
     # every argument, and the engines' envelope, checked before any graph or plan is loaded
     p = GenerationParams.resolve(folder.dims, args.prompt, args.height, args.width, args.steps, args.guidance,
                                  args.max_sequence_length, args.num_images, args.seed)
     if folder.kind == "engines":
         check_envelope(folder.envelope, p.batch, p.height, p.width, p.max_sequence_length)
+    memory.check(folder, p, {name: r.device for name, r in runners.items()})  # before the outputs are listed
+    paths = output_paths(args.out, p.batch)
+    check_writable(paths)
     pipe = FluxPipeline(folder, runners)
     images = pipe.postprocess(pipe.generate(p, callback=progress_bar("fluxrt generate:")), "pil")
     settings = dict(p.to_json(), prompt=args.prompt, model=str(args.engines or args.onnx),
                     variant=pipe.variant, precision=pipe.folder.precision,
                     backends={k: r.backend for k, r in pipe.runners.items()})
     settings.pop("prompts", None)
-    paths = output_paths(args.out, len(images))
-    for i, (image, path) in enumerate(zip(images, paths)):
+    infos = []
+    for i in range(len(images)):
         info = PngInfo()
         for key, value in dict(settings, index=i).items():
             info.add_text(f"fluxrt:{key}", json.dumps(value) if not isinstance(value, str) else value)
-        write_png(image, path, info)
+        infos.append(info)
+    write_pngs(images, paths, infos)
+    for path in paths:
         print(f"wrote {path}")
 
 
@@ -220,7 +233,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_bench_synthetic(args: argparse.Namespace) -> None:
     from fluxrt.bench import synthetic
 
-    synthetic.main(args.rest)
+    synthetic.main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
@@ -229,16 +242,85 @@ def output_paths(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
 
 
-def write_png(image, path: Path, info) -> None:
-    from fluxrt.files import atomic_path
+def check_text(flag: str, text: str) -> None:
+    """Text the tokenizers can take: valid Unicode (a shell can pass bytes that are not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{flag} is not valid UTF-8 text: {text.encode('utf-8', 'surrogateescape')[e.start:e.end]!r} "
+                         f"at character {e.start}") from None
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+
+def check_writable(paths: list[Path]) -> None:
+    """Every output file can be made: not a folder, in a folder that exists or can be made and that takes a
+    new file (tried with an empty one, removed at once) -- before any stage runs."""
+    import tempfile
+
+    for path in paths:
+        if path.is_dir():
+            raise UsageError(f"--out {path} is a folder; name a .png file")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:  # made when the images are written
+            folder = folder.parent
+        try:
+            if not folder.is_dir():
+                raise NotADirectoryError(f"{folder} is not a folder")
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise UsageError(f"--out {path} cannot be written: {e.strerror or e}") from None
+
+
+def write_pngs(images, paths: list[Path], infos) -> None:
+    """All images to temporary names first, then each renamed into place: an error leaves none half-written
+    and no temporary file behind."""
+    import tempfile
+
+    temps = []
+    try:
+        for image, path, info in zip(images, paths, infos):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            temps.append(Path(tmp))
+            image.save(tmp, format="PNG", pnginfo=info)
+            os.chmod(tmp, 0o666 & ~UMASK)
+        for tmp, path in zip(temps, paths):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
 
 
 class UsageError(FluxRTError):
     """A command-line argument is invalid."""
+
+
+CALIBRATION_FLAGS = {"Fp8Settings.num_prompts": "--calibration-prompts",
+                     "Fp8Settings.num_inference_steps": "--calibration-steps",
+                     "Fp8Settings.height": "--calibration-size", "Fp8Settings.width": "--calibration-size",
+                     "Fp8Settings.max_sequence_length": "--calibration-text-length",
+                     "Fp8Settings.backend": "--calibration-backend"}
+# the API's names (keywords, settings fields) in messages, as each command's flags
+FLAGS = {
+    "generate": {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_images_per_prompt": "--num-images",
+                 "max_sequence_length": "--max-sequence-length", "height": "--height", "width": "--width",
+                 "seed": "--seed"},
+    "build": {"ShapeEnvelope.batch": "--batch", "ShapeEnvelope.text_length": "--text-length",
+              "ShapeEnvelope.image_side": "--image-side", **CALIBRATION_FLAGS},
+    "quantize": CALIBRATION_FLAGS,
+    "bench": {"BenchSettings.steps": "--steps", "BenchSettings.text_length": "--text-length"},
+}
+
+
+def flag_names(command: str, message: str) -> str:
+    """``message`` with the API names it uses replaced by ``command``'s flags."""
+    import re
+
+    for name, flag in sorted(FLAGS.get(command, {}).items(), key=lambda kv: -len(kv[0])):
+        message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w])", flag, message)
+    return message
 
 
 def parser() -> argparse.ArgumentParser:
@@ -352,11 +434,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench-synthetic"]:  # its own parser takes every flag, --help included
+        argv = ["bench-synthetic", "--", *argv[1:]]
     args = parser().parse_args(argv)
     try:
         args.func(args)
     except FluxRTError as e:
-        print(f"fluxrt {args.command}: error: {e}", file=sys.stderr)
+        print(f"fluxrt {args.command}: error: {flag_names(args.command, str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # an output that cannot be written, a folder that cannot be read
         print(f"fluxrt {args.command}: error: {e}", file=sys.stderr)

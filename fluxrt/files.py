@@ -39,6 +39,23 @@ def read_json(path: Path, what: str, error: type[FluxRTError] = FluxRTError) -> 
     return data
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
+def separate_folders(source: Path, out: Path, source_what: str, out_flag: str, error: type) -> None:
+    """Refuse an output folder that is, contains or lies inside the source folder (writing there would change
+    the source, or make one folder two things)."""
+    a, b = Path(source).resolve(), Path(out).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise error(f"{out_flag} {out} is, contains or lies inside {source_what} {source}: name a folder of its own")
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path`` to write to; renamed over ``path`` when the block
@@ -48,6 +65,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it 0600: give it the mode any other new file gets
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

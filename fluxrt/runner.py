@@ -16,7 +16,16 @@ from typing import Mapping
 
 from fluxrt.components import ComponentSpec
 from fluxrt.dtypes import Array
-from fluxrt.errors import EngineError, InvalidInputError
+from fluxrt.errors import EngineError, FluxRTError, InvalidInputError
+
+
+def backend_error(runner: "Runner", doing: str, e: BaseException) -> EngineError:
+    """A backend library's own exception as an EngineError naming the stage, the backend and its message
+    (on one line: the libraries' messages run over several)."""
+    message = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, MemoryError):
+        message = f"out of memory ({message})"
+    return EngineError(f"{runner.name} ({runner.backend}): {doing} failed: {message}")
 
 
 class Runner(ABC):
@@ -39,7 +48,12 @@ class Runner(ABC):
     def activate(self) -> "Runner":
         with self._lock:
             if not self._active:
-                self._activate()
+                try:
+                    self._activate()
+                except FluxRTError:
+                    raise
+                except Exception as e:  # the backend library's own errors, out-of-memory included
+                    raise backend_error(self, "loading", e) from e
                 self._active = True
         return self
 
@@ -77,7 +91,12 @@ class Runner(ABC):
             raise EngineError(f"{self.name} ({self.backend}): runner used before activate()")
         self.check_feed(feed)
         start = time.perf_counter()
-        out = self._infer(feed)
+        try:
+            out = self._infer(feed)
+        except FluxRTError:
+            raise
+        except Exception as e:  # the backend library's own errors, out-of-memory included
+            raise backend_error(self, "running", e) from e
         self.last_inference_time = time.perf_counter() - start
         return out
 

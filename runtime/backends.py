@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 
 from fluxrt.artifacts import EngineFolder, ExportFolder, ModelFolder
 from fluxrt.components import STAGES
-from fluxrt.errors import InvalidInputError
+from fluxrt.errors import EngineError, InvalidInputError
 from fluxrt.runner import Runner
 from fluxrt.runtime.ort import MAX_CUDA_GRAPHS
 
@@ -42,6 +42,10 @@ def ort_runner(backend: str) -> Callable[[ExportFolder, str, BackendOptions], Ru
     def make(folder: ExportFolder, name: str, options: BackendOptions) -> Runner:
         from fluxrt.runtime.ort import OrtRunner
 
+        if backend == "ort-cpu" and folder.graph_precision(name) == "bf16":
+            raise EngineError(f"{name}: {folder.root} holds bf16 graphs, which ONNX Runtime cannot run on the CPU "
+                              f"(it has no bfloat16 kernels for Add and others there): run them with --backend "
+                              f"ort-cuda, build TensorRT engines from them, or export fp32 or fp16 for the CPU")
         custom_ops = None
         if folder.record(name).get("attention") == "ort-kernels":
             from fluxrt.runtime.ort_ops import library_path

@@ -36,8 +36,11 @@ def run_stage(runner: Runner, feed: Mapping[str, Array]) -> dict[str, Array]:
     out = runner.infer({k: to_device(runner, v) for k, v in feed.items()})
     for name, value in out.items():
         if str(value.dtype) != "int32" and not bool(array_module(value).isfinite(dtypes.to_float32(value)).all()):
+            hint = {"fp16": "at fp16 this usually means an overflow: try a bf16 or fp32 export",
+                    "bf16": "try an fp32 export"}.get(runner.precision, "the graph or its inputs are broken "
+                                                                         "(the weights, or an extreme input)")
             raise NumericError(f"stage {runner.name} ({runner.backend}, {runner.precision}) produced NaN or Inf in "
-                               f"{name!r}; at {runner.precision} this usually means an overflow: try bf16 or fp32")
+                               f"{name!r}; {hint}")
     return out
 
 

@@ -75,6 +75,12 @@ class GenerationParams:
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, (list, tuple)) else None
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidInputError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        for i, text in enumerate(prompts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate: not text the tokenizers can take
+                raise InvalidInputError(f"prompt {i} is not valid Unicode text: {text[e.start:e.end]!r} at character "
+                                        f"{e.start}") from None
         height = 1024 if height is None else height
         width = 1024 if width is None else width
         multiple = 2 * dims.vae_scale_factor

@@ -20,7 +20,7 @@ from fluxrt.components import STAGES, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 from fluxrt.dtypes import Array, array_module
 from fluxrt.errors import InvalidInputError
 from fluxrt.runner import Runner
-from fluxrt.runtime import loop, sampling
+from fluxrt.runtime import loop, memory, sampling
 from fluxrt.runtime.backends import BackendOptions, make_runners
 from fluxrt.runtime.ort import MAX_CUDA_GRAPHS
 from fluxrt.runtime.params import MAX_SEED, GenerationParams, GuidanceIgnoredWarning
@@ -109,7 +109,9 @@ class FluxPipeline:
 
     def generate(self, p: GenerationParams, latents: Array | None = None,
                  callback: Callable[[int, int], None] | None = None) -> Array:
-        """Images [B, 3, H, W] in [-1, 1] for ``p`` (with a seed, or explicit packed ``latents``)."""
+        """Images [B, 3, H, W] in [-1, 1] for ``p`` (with a seed, or explicit packed ``latents``); refused before
+        any stage runs when its memory estimate (``fluxrt.runtime.memory``) exceeds what is available."""
+        memory.check(self.folder, p, {name: r.device for name, r in self.runners.items()})
         pooled, text = self.encode_prompts(p.prompts, p.max_sequence_length)
         n = p.num_images_per_prompt
         xp = np if self.runners["transformer"].device == "cpu" else array_module(pooled)
@@ -130,10 +132,13 @@ class FluxPipeline:
                  callback: Callable[[int, int], None] | None = None) -> FluxPipelineOutput:
         if output_type not in ("pil", "np"):
             raise InvalidInputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        if callback is not None and not callable(callback):
+            raise InvalidInputError(f"callback must be a function of (step, steps) or None, got {callback!r}")
         p = self.params(prompt, height, width, num_inference_steps, guidance_scale, max_sequence_length,
                         num_images_per_prompt, seed)
-        if latents is not None:  # checked before any stage runs
+        if latents is not None:  # checked before any stage runs; the seed, if any, is not used
             latents = self.check_latents(latents, p)
+            p = replace(p, seed=None)
         elif p.seed is None:
             p = replace(p, seed=int(np.random.SeedSequence().entropy % MAX_SEED))
         images = self.generate(p, latents, callback)

@@ -94,7 +94,7 @@ def test_refusals(fp8_export, half_exports, fp32_exports, tmp_path, capsys):
             ([str(half_exports["fp16"]), "--out", str(half_exports["fp16"] / "sub")], "is, contains or lies inside"),
             ([str(half_exports["bf16"]), "--out", str(fp8_export)], "already holds another export"),
             ([str(half_exports["fp16"]), "--out", str(tmp_path / "b"), "--calibration-size", "70"],
-             "Fp8Settings.height must be a multiple of 16 pixels, got 70")):
+             "--calibration-size must be a multiple of 16 pixels, got 70")):
         capsys.readouterr()
         assert main(["quantize", *argv]) == 2
         err = capsys.readouterr().err

@@ -1,0 +1,289 @@
+"""Hard inputs, second round (issue 13): each test guards one class of failure -- backend errors wrapped with
+the stage and backend, memory refused up front, output folders apart from their sources, exports locked,
+outputs checked before the work, text that is not text, bf16 on the CPU -- on the tiny model, through the
+CLI (exit 2, one line, no traceback) and the API."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import stat
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fluxrt.artifacts import ExportFolder
+from fluxrt.cli import main
+from fluxrt.errors import EngineError, InvalidInputError
+from fluxrt.runtime import FluxPipeline, memory
+from fluxrt.runtime.ort import OrtRunner
+
+GEN = ["--height", "64", "--width", "64", "--steps", "1", "--max-sequence-length", "16"]
+
+
+def cli(argv) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in argv])
+    return code, err.getvalue()
+
+
+def one_line_error(code: int, stderr: str, *needles: str) -> None:
+    lines = [line for line in stderr.strip().splitlines() if "error:" in line or "Traceback" in line]
+    assert code == 2 and "Traceback" not in stderr and len(lines) == 1, stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_backend_failures_are_engine_errors_naming_stage_backend_and_message(fp32_exports):
+    """ONNX Runtime's own exception (text ids that do not match the text's length) becomes an EngineError."""
+    folder = ExportFolder.open(fp32_exports["dev"])
+    runner = OrtRunner(folder.spec("transformer"), "fp32", folder.verified_graph("transformer")).activate()
+    g = np.random.default_rng(0)
+    feed = dict(hidden_states=g.standard_normal((1, 16, 64)).astype(np.float32),
+                encoder_hidden_states=g.standard_normal((1, 8, 32)).astype(np.float32),
+                pooled_projections=g.standard_normal((1, 32)).astype(np.float32),
+                timestep=np.ones(1, np.float32), img_ids=np.zeros((16, 3), np.float32),
+                txt_ids=np.zeros((5, 3), np.float32), guidance=np.ones(1, np.float32))
+    with pytest.raises(EngineError, match=r"^transformer \(ort-cpu\): running failed: .*\S") as e:
+        runner.infer(feed)
+    assert "\n" not in str(e.value)
+
+
+def test_memory_estimate_refuses_before_any_stage(fp32_exports, tmp_path, monkeypatch):
+    """4096² on portable attention, or 10^12 images, is refused at once with the estimate and what is
+    available; the same call with room enough runs."""
+    base = ["generate", "--onnx", fp32_exports["dev"], "--prompt", "a fox", "--steps", "1"]
+    start = time.perf_counter()
+    code, err = cli(base + ["--height", "4096", "--width", "4096", "--out", tmp_path / "a.png"])
+    one_line_error(code, err, "need an estimated", "GiB of host memory for the transformer stage", "available",
+                   "--height/--width")
+    code, err = cli(base + ["--height", "64", "--width", "64", "--num-images", 10**12, "--out", tmp_path / "b.png"])
+    one_line_error(code, err, "1000000000000 image(s)", "need an estimated")
+    assert time.perf_counter() - start < 20 and not list(tmp_path.iterdir())
+    monkeypatch.setattr(memory, "host_available", lambda: 2**20)  # 1 MiB left
+    with pytest.raises(InvalidInputError, match=r"need an estimated 0\.\d GiB of host memory for the "
+                                                r"(transformer|vae_decoder) stage, and 0\.0 GiB is available"):
+        FluxPipeline.load(fp32_exports["dev"])("a fox", height=64, width=64, num_inference_steps=1)
+    est = memory.estimate(ExportFolder.open(fp32_exports["dev"]),
+                          FluxPipeline.load(fp32_exports["dev"]).params("a", height=1024, width=1024))
+    # portable attention at 1024²: 2 heads x (4096 + 512)² scores and softmax, float32
+    assert est["transformer"] >= 2 * 2 * 4608 ** 2 * 4
+
+
+def test_output_folder_inside_its_source_is_refused(tiny_checkpoints, fp32_exports, tmp_path):
+    ckpt = shutil.copytree(tiny_checkpoints["dev"], tmp_path / "ck")
+    before = sorted(p.name for p in ckpt.iterdir())
+    for out in (ckpt, ckpt / "onnx", tmp_path):
+        code, err = cli(["export", ckpt, "--out", out, "--components", "clip"])
+        one_line_error(code, err, f"--out {out} is, contains or lies inside the checkpoint folder")
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    export = shutil.copytree(fp32_exports["dev"], tmp_path / "onnx")
+    code, err = cli(["build", export, "--out", export / "engines", "--precision", "fp16"])
+    one_line_error(code, err, "lies inside the export folder")
+    assert not (export / "engines").exists()
+
+
+def test_concurrent_exports_into_one_folder_are_serialized(tiny_checkpoints, tmp_path):
+    """Two exports of different components into one folder: both land in the manifest."""
+    out = tmp_path / "onnx"
+    codes = []
+    threads = [threading.Thread(target=lambda c=c: codes.append(
+        main(["export", str(tiny_checkpoints["dev"]), "--out", str(out), "--components", c]))) for c in ("clip", "t5")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [0, 0]
+    assert {"clip", "t5"} <= set(ExportFolder.open(out).manifest["components"])
+
+
+def test_bf16_exports_on_the_cpu_are_refused_with_the_backends_that_run_them(half_exports):
+    with pytest.raises(EngineError, match=r"bf16 graphs, which ONNX Runtime cannot run on the CPU .* --backend "
+                                          r"ort-cuda, build TensorRT engines from them, or export fp32 or fp16"):
+        FluxPipeline.load(half_exports["bf16"])
+
+
+def test_outputs_are_checked_before_any_stage_and_leave_nothing_behind(fp32_exports, tmp_path):
+    base = ["generate", "--onnx", fp32_exports["dev"], "--prompt", "a fox", *GEN]
+    (tmp_path / "dir.png").mkdir()
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    for out, needle in ((tmp_path / "dir.png", "is a folder"), ("/proc/fluxrt/x.png", "cannot be written"),
+                        (blocked / "x.png", "cannot be written")):
+        start = time.perf_counter()
+        code, err = cli(base + ["--out", out])
+        one_line_error(code, err, needle)
+        assert time.perf_counter() - start < 10
+    code, err = cli(base + ["--out", tmp_path / "many" / "x.png", "--num-images", 3])
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["x-0.png", "x-1.png", "x-2.png"]
+    mode = stat.S_IMODE((tmp_path / "many" / "x-0.png").stat().st_mode)
+    assert mode == 0o666 & ~memory_umask()
+
+
+def memory_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_text_that_is_not_unicode_is_refused(fp32_exports, tmp_path):
+    code, err = cli(["generate", "--onnx", fp32_exports["dev"], "--prompt", "caf\udce9", *GEN,
+                     "--out", tmp_path / "x.png"])  # what Python makes of the byte 0xE9 in argv
+    one_line_error(code, err, "--prompt is not valid UTF-8 text: b'\\xe9' at character 3")
+    pipe = FluxPipeline.load(fp32_exports["dev"])
+    with pytest.raises(InvalidInputError, match=r"prompt 1 is not valid Unicode text: '\\ud800' at character 1"):
+        pipe(["fine", "a\ud800b"], height=64, width=64, num_inference_steps=1)
+
+
+def test_smaller_checks(fp32_exports, tmp_path):
+    pipe = FluxPipeline.load(fp32_exports["dev"])
+    with pytest.raises(InvalidInputError, match="callback must be a function of \\(step, steps\\) or None, got 5"):
+        pipe("a", height=64, width=64, num_inference_steps=1, callback=5)
+    latents = np.random.default_rng(0).standard_normal((1, 16, 64)).astype(np.float32)
+    out = pipe("a", height=64, width=64, num_inference_steps=1, latents=latents, seed=7, output_type="np")
+    assert out.settings["seed"] is None  # the latents were used, not the seed
+    code, err = cli(["generate", "--engines", fp32_exports["dev"], "--prompt", "a", "--out", tmp_path / "x.png"])
+    one_line_error(code, err, "is an export folder, not an engines folder: pass it with --onnx")
+    start = time.perf_counter()
+    code, err = cli(["tiny-model", tmp_path / "t", "--seed", 2**64])
+    one_line_error(code, err, "seed must be an integer in [0, 2**63 - 1]")
+    assert time.perf_counter() - start < 5 and not (tmp_path / "t").exists()
+    with contextlib.redirect_stdout(io.StringIO()) as help_text:
+        with pytest.raises(SystemExit) as e:
+            main(["bench-synthetic", "--help"])
+    assert e.value.code == 0 and "--reuse-exports" in help_text.getvalue()
+
+
+def test_numeric_errors_suggest_what_the_precision_allows():
+    from fluxrt.components import ModelDims, component_spec
+    from fluxrt.errors import NumericError
+    from fluxrt.runner import Runner
+    from fluxrt.runtime.loop import run_stage
+
+    class Inf(Runner):
+        backend = "test"
+
+        def _activate(self):
+            pass
+
+        def _infer(self, feed):
+            return {"latent": np.full((1, 4, 64), np.inf, np.float32)}
+
+    spec = component_spec("vae_decoder", ModelDims("dev"))
+    for precision, hint in (("fp16", "try a bf16 or fp32 export"), ("fp32", "the graph or its inputs are broken")):
+        runner = Inf(spec, precision).activate()
+        with pytest.raises(NumericError, match=hint):
+            run_stage(runner, {"latent": np.zeros((1, 16, 8, 8), np.float16 if precision == "fp16" else np.float32)})
+
+
+def test_files_are_written_with_the_usual_mode(tmp_path):
+    from fluxrt.files import atomic_write_json
+
+    atomic_write_json(tmp_path / "a.json", {"a": 1})
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~memory_umask()
+    assert Path(tmp_path / "a.json").read_text().strip().startswith("{")
+
+
+def write_safetensors_header(path: Path, header, payload: bytes = b"") -> None:
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + payload)
+
+
+def corrupt_int8(ck: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    f = ck / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(f))
+    key = next(k for k in state if k.endswith("weight") and state[k].ndim == 4)
+    state[key] = state[key].to(torch.int8)
+    save_file(state, str(f))
+
+
+def edit_config(sub: str, **changes):
+    def apply(ck: Path) -> None:
+        import json
+
+        path = ck / sub / "config.json"
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+    return apply
+
+
+def empty_folder(sub: str):
+    def apply(ck: Path) -> None:
+        shutil.rmtree(ck / sub)
+        (ck / sub).mkdir()
+    return apply
+
+
+CHECKPOINT_FAULTS = [
+    ("int8-weights", corrupt_int8, "is I8; fluxrt takes float weights (F32, F16, BF16, F64), not quantized"),
+    ("header-list", lambda ck: write_safetensors_header(ck / "vae" / "diffusion_pytorch_model.safetensors", [1, 2]),
+     "its header is a JSON list, expected an object of tensors"),
+    ("no-offsets", lambda ck: write_safetensors_header(ck / "vae" / "diffusion_pytorch_model.safetensors",
+                                                       {"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8),
+     "header entry 'w' is {'dtype': 'F32', 'shape': [2]}, expected dtype, shape and data_offsets"),
+    ("bad-span", lambda ck: write_safetensors_header(ck / "vae" / "diffusion_pytorch_model.safetensors",
+                                                     {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+                                                     b"\0" * 8),
+     "tensor 'w' spans 8 bytes, its F32 shape [3] needs 12"),
+    ("unknown-key", edit_config("transformer", foo_bar=1),
+     "['foo_bar'] is not a parameter of FluxTransformer2DModel"),
+    ("not-an-int", edit_config("transformer", num_layers="two"), "num_layers must be an integer, got 'two'"),
+    ("empty-tokenizer", empty_folder("tokenizer"), "clip tokenizer"),
+    ("foreign-tokenizer", edit_config("text_encoder_2", vocab_size=5000),
+     "t5 tokenizer"),
+]
+
+
+@pytest.mark.parametrize("fault, corrupt, message", CHECKPOINT_FAULTS, ids=[c[0] for c in CHECKPOINT_FAULTS])
+def test_checkpoint_weights_configs_and_tokenizers_are_checked_before_anything_is_written(
+        tiny_checkpoints, tmp_path, fault, corrupt, message):
+    ck = shutil.copytree(tiny_checkpoints["dev"], tmp_path / "ck")
+    corrupt(ck)
+    out = tmp_path / "onnx"
+    code, err = cli(["export", ck, "--out", out, "--components", "vae"])
+    one_line_error(code, err, message)
+    if fault == "empty-tokenizer":
+        assert "needs tokenizer.json or vocab.json + merges.txt; found []" in err
+    if fault == "foreign-tokenizer":
+        assert "has 1000 tokens, but its text encoder embeds 5000: not this model's tokenizer" in err
+    assert not out.exists()  # no side files, no lock, no folder
+
+
+def test_build_options_are_validated_before_anything_is_written(half_exports, tmp_path):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (fluxrt[trt-rtx]) is not installed")
+    base = ["build", half_exports["fp16"], "--library", "tensorrt-rtx"]
+    for i, (flags, needle) in enumerate((
+            (["--precision", "fp16", "--compute-capability", "SM999"], "--compute-capability: compute capability "
+                                                                        "'SM999' is not one of ["),
+            (["--precision", "fp16", "--text-length", "1,512,1000"], "text length 1000 exceeds the 512 T5 tokens"),
+            (["--precision", "fp8", "--calibration-prompts", "100"], "--calibration-prompts is 100, but the bundled "
+                                                                     "prompts hold only"))):
+        out = tmp_path / f"e{i}"
+        start = time.perf_counter()
+        code, err = cli(base + ["--out", out, *flags])
+        one_line_error(code, err, needle)
+        assert not out.exists() and time.perf_counter() - start < 30
+
+
+def test_messages_name_the_flags_of_the_command(fp32_exports, half_exports, tmp_path):
+    base = ["generate", "--onnx", fp32_exports["dev"], "--prompt", "a", "--out", tmp_path / "x.png"]
+    for flags, needle in ((["--steps", "0"], "--steps must be an integer in [1, 1000], got 0"),
+                          (["--height", "70"], "--height must be a positive multiple of 16 pixels, got 70"),
+                          (["--num-images", "0"], "--num-images must be a positive integer, got 0")):
+        code, err = cli(base + flags)
+        one_line_error(code, err, needle)
+    code, err = cli(["build", half_exports["fp16"], "--out", tmp_path / "e", "--precision", "fp16", "--batch", "2,1,1"])
+    one_line_error(code, err, "--batch")
+    assert "ShapeEnvelope" not in err
