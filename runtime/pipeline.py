@@ -18,13 +18,25 @@ from fluxrt import dtypes
 from fluxrt.artifacts import ModelFolder, check_envelope, open_folder
 from fluxrt.components import STAGES, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 from fluxrt.dtypes import Array, array_module
-from fluxrt.errors import InvalidInputError
+from fluxrt.errors import ExportError, InvalidInputError
 from fluxrt.runner import Runner
 from fluxrt.runtime import loop, memory, sampling
 from fluxrt.runtime.backends import BackendOptions, make_runners
 from fluxrt.runtime.ort import MAX_CUDA_GRAPHS
 from fluxrt.runtime.params import MAX_SEED, GenerationParams, GuidanceIgnoredWarning
 from fluxrt.runtime.tokenizer import PromptTokenizer
+
+
+def vae_number(config: dict, key: str, default: float, folder: ModelFolder, nonzero: bool = False) -> float:
+    """A VAE factor from the folder's vae/config.json: a finite number (absent: FLUX's value)."""
+    value = config.get(key, default)
+    if value is None and key == "shift_factor":
+        value = 0.0
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and np.isfinite(value)
+    if not ok or (nonzero and value == 0):
+        raise ExportError(f"{folder.root / 'vae' / 'config.json'}: {key} must be a finite{' non-zero' if nonzero else ''} "
+                          f"number, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -44,8 +56,8 @@ class FluxPipeline:
         self.variant = folder.variant
         self.scheduler_config = folder.scheduler_config()
         vae = folder.vae_config()
-        self.scaling_factor = float(vae.get("scaling_factor", VAE_SCALING_FACTOR))
-        self.shift_factor = float(vae.get("shift_factor", VAE_SHIFT_FACTOR) or 0.0)
+        self.scaling_factor = vae_number(vae, "scaling_factor", VAE_SCALING_FACTOR, folder, nonzero=True)
+        self.shift_factor = vae_number(vae, "shift_factor", VAE_SHIFT_FACTOR, folder)
         self.clip_tokenizer = PromptTokenizer.from_file(folder.tokenizer_path("clip"), "clip")
         self.t5_tokenizer = PromptTokenizer.from_file(folder.tokenizer_path("t5"), "t5")
         self.runners = {k: r.activate() for k, r in runners.items()}

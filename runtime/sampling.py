@@ -95,7 +95,16 @@ def get_sigmas(num_steps: int, image_seq_len: int, scheduler_config: dict) -> np
     check_scheduler_config(scheduler_config)
     # FluxPipeline's spacing in float64, which the scheduler rounds to float32 before shifting
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
-    sigmas = shifted(sigmas, int(image_seq_len), scheduler_config)
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            sigmas = shifted(sigmas, int(image_seq_len), scheduler_config)
+    except OverflowError:
+        sigmas = np.full(num_steps, np.nan, np.float32)
+    if not np.isfinite(sigmas).all():
+        raise InvalidInputError(
+            f"the scheduler's shift at {image_seq_len} image tokens (base_shift {scheduler_config.get('base_shift')}, "
+            f"max_shift {scheduler_config.get('max_shift')}, shift {scheduler_config.get('shift')}) gives a schedule "
+            f"that is not finite in float32: use a smaller image or a scheduler config with a smaller shift")
     if scheduler_config.get("shift_terminal"):
         if num_steps < 2:
             raise InvalidInputError(f"scheduler shift_terminal {scheduler_config['shift_terminal']!r} needs at least "

@@ -287,3 +287,26 @@ def test_messages_name_the_flags_of_the_command(fp32_exports, half_exports, tmp_
     code, err = cli(["build", half_exports["fp16"], "--out", tmp_path / "e", "--precision", "fp16", "--batch", "2,1,1"])
     one_line_error(code, err, "--batch")
     assert "ShapeEnvelope" not in err
+
+
+def test_side_configs_are_checked_when_read(fp32_exports, tmp_path):
+    """A VAE factor that is not a finite number, and a scheduler shift whose schedule is not finite, are refused
+    by name before any stage runs."""
+    import json
+
+    from fluxrt.errors import ExportError
+    from fluxrt.runtime import sampling
+
+    folder = shutil.copytree(fp32_exports["dev"], tmp_path / "onnx")
+    vae = folder / "vae" / "config.json"
+    original = json.loads(vae.read_text())
+    for value in (None, "abc", float("inf")):
+        vae.write_text(json.dumps(dict(original, scaling_factor=value)))
+        with pytest.raises(ExportError, match=r"vae/config.json: scaling_factor must be a finite non-zero number"):
+            FluxPipeline.load(folder)
+    config = dict(json.loads((fp32_exports["dev"] / "scheduler" / "scheduler_config.json").read_text()))
+    assert config.get("use_dynamic_shifting")
+    for changes, tokens in ((dict(max_shift=1000), 4096), ({}, 800 * 800)):  # 1024², and 12800² at FLUX's shift
+        with pytest.raises(InvalidInputError, match="gives a schedule that is not finite in float32"):
+            sampling.get_sigmas(4, tokens, dict(config, **changes))
+    assert np.isfinite(sampling.get_sigmas(4, 4096, config)).all()

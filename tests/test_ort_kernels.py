@@ -335,7 +335,31 @@ def test_headers_from_the_package_client_are_hash_checked(ops_library, monkeypat
     assert (ort_build.headers_cache() / "onnxruntime_c_api.h").read_bytes() == (real / "onnxruntime_c_api.h").read_bytes()
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def missing_cuda_toolchain() -> str | None:
+    """Why the CUDA kernels cannot be compiled here (no nvcc, or no cuBLASLt), or None."""
+    if shutil.which("nvcc") is None:
+        return "nvcc is not installed"
+    try:
+        ort_build.cublas_flags()
+    except EngineError as e:
+        return str(e)
+    return None
+
+
+def test_a_missing_cublas_is_named_with_where_it_was_looked_for(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(ort_build, "toolkit_includes", lambda: [tmp_path / "include"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(EngineError, match=r"cuBLASLt for the FP8 linears, and cublasLt.h is in neither the CUDA toolkit "
+                                          r"\(.*include\) nor an installed nvidia-cublas wheel: .*--cpu-only"):
+        ort_build.cublas_flags()
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cublasLt.h").write_text("")
+    assert ort_build.cublas_flags() == ["-lcublasLt"]
+
+
+@pytest.mark.skipif(missing_cuda_toolchain() is not None, reason=f"{missing_cuda_toolchain()}")
 def test_cuda_build_compiles_every_kernel(tmp_path):
     path = ort_build.build(tmp_path / "lib.so", cuda=True, archs=("90",))
     assert ort_ops.library_devices(path) == {"cpu", "cuda"}
