@@ -20,7 +20,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxrt.components import ComponentSpec, ModelDims, ShapeEnvelope, component_spec
+from fluxrt.components import COMPONENTS, ComponentSpec, ModelDims, ShapeEnvelope, component_spec
+from fluxrt.dtypes import PRECISION_DTYPE
 from fluxrt.errors import EngineError, ExportError, InvalidInputError
 from fluxrt.files import atomic_write_json, read_json, sha256_file
 
@@ -160,7 +161,46 @@ class ExportFolder(ModelFolder):
             dims = ModelDims.from_json(manifest["dims"])
         except (KeyError, TypeError, ValueError) as e:
             raise ExportError(f"{root / EXPORT_MANIFEST}: invalid 'dims': {e}") from None
-        return cls(Path(root), manifest, dims)
+        folder = cls(Path(root), manifest, dims)
+        folder.check_manifest()
+        return folder
+
+    def check_manifest(self) -> None:
+        """The manifest against its schema and the folder: precisions, one record per known graph, each naming a
+        file inside the folder and (for fluxrt's own exports) a complete fingerprint; the VAE scale the dims
+        give against the VAE config beside it."""
+        where = self.root / EXPORT_MANIFEST
+        m = self.manifest
+        if m.get("precision") not in MANIFEST_PRECISIONS:
+            raise ExportError(f"{where}: precision {m.get('precision')!r} is not one of {list(MANIFEST_PRECISIONS)}")
+        records = m.get("components")
+        if not isinstance(records, dict):
+            raise ExportError(f"{where}: 'components' must be an object of graph records, got {records!r}")
+        for name, record in records.items():
+            what = f"{where}: components.{name}"
+            if name not in COMPONENTS:
+                raise ExportError(f"{what}: not one of the graphs {list(COMPONENTS)}")
+            if not isinstance(record, dict):
+                raise ExportError(f"{what} must be an object, got {record!r}")
+            inside(self.root, record.get("file"), f"{what}.file")
+            if record.get("precision") not in PRECISION_DTYPE:
+                raise ExportError(f"{what}.precision {record.get('precision')!r} is not one of {list(PRECISION_DTYPE)}")
+            if self.foreign:
+                continue
+            fp = record.get("fingerprint")
+            files = fp.get("files") if isinstance(fp, dict) else None
+            if not isinstance(files, dict) or not files or not is_sha256(fp.get("sha256")) or \
+                    not all(is_sha256(v) for v in files.values()):
+                raise ExportError(f"{what}.fingerprint must hold 'files' {{name: sha256}} and 'sha256', got {fp!r}: "
+                                  f"export again")
+            for file in files:
+                inside(self.root, file, f"{what}.fingerprint.files")
+        vae = self.root / "vae" / "config.json"
+        if vae.is_file():
+            channels = read_json(vae, "VAE config", ExportError).get("block_out_channels")
+            if isinstance(channels, list) and channels and self.dims.vae_scale_factor != 2 ** (len(channels) - 1):
+                raise ExportError(f"{where}: dims.vae_scale_factor {self.dims.vae_scale_factor} disagrees with {vae} "
+                                  f"({len(channels)} VAE levels: {2 ** (len(channels) - 1)})")
 
     @property
     def precision(self) -> str:
@@ -205,6 +245,23 @@ class ExportFolder(ModelFolder):
 
 def write_export_manifest(root: Path, manifest: dict) -> None:
     atomic_write_json(Path(root) / EXPORT_MANIFEST, dict(manifest, format=EXPORT_FORMAT))
+
+
+MANIFEST_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+
+
+def is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def inside(root: Path, name, what: str) -> Path:
+    """``root / name`` for a relative ``name`` that stays inside ``root``; ExportError otherwise."""
+    if not isinstance(name, str) or not name:
+        raise ExportError(f"{what} must be a file name, got {name!r}")
+    path = (Path(root) / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(Path(root).resolve()):
+        raise ExportError(f"{what} {name!r} points outside the folder {root}")
+    return path
 
 
 # ---- engine folders -----------------------------------------------------------------------------

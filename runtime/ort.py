@@ -88,6 +88,26 @@ class OrtRunner(Runner):
         if got != self.spec.input_names or outs != self.spec.output_names:
             raise EngineError(f"{self.name}: {self.onnx_path} has inputs {got} and outputs {outs}, expected "
                               f"{self.spec.input_names} and {self.spec.output_names} (is it the {self.name} graph?)")
+        self.check_declared(self.session.get_inputs(), self.spec.inputs)
+        self.check_declared(self.session.get_outputs(), self.spec.outputs)
+
+    def check_declared(self, declared, specs) -> None:
+        """Each tensor's element type and fixed sizes as the graph declares them against the folder's description
+        of it (its precision and dims): an edited manifest is refused here, before anything runs."""
+        from fluxrt.dtypes import BY_ORT
+
+        for value, spec in zip(declared, specs):
+            want = spec.resolved_dtype(self.precision)
+            have = BY_ORT.get(value.type, value.type)
+            if have != want:
+                raise EngineError(f"{self.name}: {self.onnx_path} declares {spec.name!r} as {have}, but the folder "
+                                  f"says {want} ({self.precision} graph): the manifest does not describe this graph")
+            shape = list(value.shape or [])
+            fixed = [(i, d, s) for i, (d, s) in enumerate(zip(shape, spec.shape)) if isinstance(d, int)
+                     and isinstance(s, int) and d != s]
+            if len(shape) != len(spec.shape) or fixed:
+                raise EngineError(f"{self.name}: {self.onnx_path} declares {spec.name!r} with shape {shape}, but the "
+                                  f"folder's dims give {list(spec.shape)}: the manifest does not describe this graph")
 
     def _deactivate(self) -> None:
         self.session = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import stat
 import threading
@@ -310,3 +311,45 @@ def test_side_configs_are_checked_when_read(fp32_exports, tmp_path):
         with pytest.raises(InvalidInputError, match="gives a schedule that is not finite in float32"):
             sampling.get_sigmas(4, tokens, dict(config, **changes))
     assert np.isfinite(sampling.get_sigmas(4, 4096, config)).all()
+
+
+def edited_manifest(src: Path, tmp_path: Path, edit) -> Path:
+    import json
+
+    folder = shutil.copytree(src, tmp_path / "onnx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+MANIFEST_EDITS = [
+    ("vae-scale", lambda m: m["dims"].update(vae_scale_factor=4), "dims.vae_scale_factor 4 disagrees with"),
+    ("no-sha256", lambda m: m["components"]["clip"]["fingerprint"].pop("sha256"),
+     "components.clip.fingerprint must hold 'files' {name: sha256} and 'sha256'"),
+    ("outside", lambda m: m["components"]["clip"].update(file="../clip.onnx"),
+     "components.clip.file '../clip.onnx' points outside the folder"),
+    ("absolute", lambda m: m["components"]["t5"].update(file="/etc/passwd"),
+     "components.t5.file '/etc/passwd' points outside the folder"),
+    ("unknown-graph", lambda m: m["components"].update(unet=dict(m["components"]["clip"])),
+     "components.unet: not one of the graphs"),
+    ("precision", lambda m: m["components"]["transformer"].update(precision="fp16"),
+     "declares 'hidden_states' as float32, but the folder says float16 (fp16 graph)"),
+    ("dims", lambda m: m["dims"].update(clip_hidden_size=64, pooled_projection_dim=64),
+     r"declares 'text_embeddings' with shape \['B', 77, 32\], but the folder's dims give \['B', 77, 64\]"),
+]
+
+
+@pytest.mark.parametrize("edit, change, message", MANIFEST_EDITS, ids=[e[0] for e in MANIFEST_EDITS])
+def test_an_edited_manifest_is_refused_when_the_folder_is_opened(fp32_exports, tmp_path, edit, change, message):
+    """Checked against its schema and the folder when opened, and against the graphs' declared types and sizes
+    when they are loaded: before any stage runs."""
+    from fluxrt.errors import ExportError
+
+    folder = edited_manifest(fp32_exports["dev"], tmp_path, change)
+    pattern = message if edit == "dims" else re.escape(message)
+    with pytest.raises((ExportError, EngineError), match=pattern):
+        FluxPipeline.load(folder)
+    code, err = cli(["generate", "--onnx", folder, "--prompt", "a", *GEN, "--out", tmp_path / "x.png"])
+    one_line_error(code, err)
+    assert not (tmp_path / "x.png").exists()

@@ -198,9 +198,14 @@ def nan_graph(path: Path) -> Path:
 
     x = helper.make_tensor_value_info("latent", TensorProto.FLOAT, ["B", 16, "h", "w"])
     y = helper.make_tensor_value_info("images", TensorProto.FLOAT, None)
-    nodes = [helper.make_node("Sub", ["latent", "latent"], ["zero"]), helper.make_node("Div", ["zero", "zero"],
-                                                                                      ["images"])]
-    model = helper.make_model(helper.make_graph(nodes, "nan", [x], [y]), opset_imports=[helper.make_opsetid("", 20)])
+    consts = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("start", 0), ("end", 3), ("axis", 1))]
+    consts.append(helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 8, 8]))
+    nodes = [helper.make_node("Sub", ["latent", "latent"], ["zero"]),  # [B, 3, 8h, 8w] like the decoder's images
+             helper.make_node("Slice", ["zero", "start", "end", "axis"], ["rgb"]),
+             helper.make_node("Resize", ["rgb", "", "scales"], ["big"], mode="nearest"),
+             helper.make_node("Div", ["big", "big"], ["images"])]
+    model = helper.make_model(helper.make_graph(nodes, "nan", [x], [y], consts),
+                              opset_imports=[helper.make_opsetid("", 20)])
     model.ir_version = 10
     onnx.save(model, str(path))
     return path
