@@ -8,6 +8,7 @@ functions of ``loop.py``.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -43,6 +44,9 @@ def vae_number(config: dict, key: str, default: float, folder: ModelFolder, nonz
 class FluxPipelineOutput:
     images: Any  # list of PIL images, or float32 [B, H, W, 3] in [0, 1] for output_type="np"
     settings: dict = field(default_factory=dict)  # the call's GenerationParams, seed included
+    # wall seconds per stage: clip, t5 (tokenizing included), transformer (the whole denoising loop),
+    # vae_decoder; and total
+    timings: dict = field(default_factory=dict)
 
 
 class FluxPipeline:
@@ -106,11 +110,17 @@ class FluxPipeline:
         return latents
 
     # ---- stages --------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str], max_len: int) -> tuple[Array, Array]:
+    def encode_prompts(self, prompts: Sequence[str], max_len: int,
+                       timings: dict | None = None) -> tuple[Array, Array]:
+        timings = {} if timings is None else timings
+        start = time.perf_counter()
         clip_ids = self.clip_tokenizer.encode(list(prompts), self.dims.clip_max_length)  # [B, 77] int32
-        t5_ids = self.t5_tokenizer.encode(list(prompts), max_len)  # [B, S] int32
         pooled = loop.run_stage(self.runners["clip"], {"input_ids": clip_ids})["pooled_embeddings"]  # [B, 768]
+        timings["clip"] = time.perf_counter() - start
+        start = time.perf_counter()
+        t5_ids = self.t5_tokenizer.encode(list(prompts), max_len)  # [B, S] int32
         text = loop.run_stage(self.runners["t5"], {"input_ids": t5_ids})["text_embeddings"]  # [B, S, 4096]
+        timings["t5"] = time.perf_counter() - start
         return pooled, text
 
     def initial_latents(self, p: GenerationParams) -> np.ndarray:
@@ -120,11 +130,14 @@ class FluxPipeline:
         return sampling.pack_latents(noise)
 
     def generate(self, p: GenerationParams, latents: Array | None = None,
-                 callback: Callable[[int, int], None] | None = None) -> Array:
+                 callback: Callable[[int, int], None] | None = None, timings: dict | None = None) -> Array:
         """Images [B, 3, H, W] in [-1, 1] for ``p`` (with a seed, or explicit packed ``latents``); refused before
-        any stage runs when its memory estimate (``fluxrt.runtime.memory``) exceeds what is available."""
+        any stage runs when its memory estimate (``fluxrt.runtime.memory``) exceeds what is available.
+        ``timings``: filled with the wall seconds of each stage (see FluxPipelineOutput.timings)."""
         memory.check(self.folder, p, {name: r.device for name, r in self.runners.items()})
-        pooled, text = self.encode_prompts(p.prompts, p.max_sequence_length)
+        timings = {} if timings is None else timings
+        begin = time.perf_counter()
+        pooled, text = self.encode_prompts(p.prompts, p.max_sequence_length, timings)
         n = p.num_images_per_prompt
         xp = np if self.runners["transformer"].device == "cpu" else array_module(pooled)
         pooled, text = xp.repeat(pooled, n, axis=0), xp.repeat(text, n, axis=0)  # prompt-major, as diffusers
@@ -132,10 +145,16 @@ class FluxPipeline:
             latents = self.initial_latents(p)
         sigmas = sampling.get_sigmas(p.num_inference_steps, latents.shape[1], self.scheduler_config)  # [steps + 1]
         img_ids = sampling.image_ids(p.height, p.width, self.dims.vae_scale_factor)
+        start = time.perf_counter()
         latents = loop.denoise(self.runners["transformer"], latents, pooled, text, img_ids, sigmas,
                                p.guidance_scale, callback)
-        return loop.decode(self.runners["vae_decoder"], latents, p.height, p.width, self.dims.vae_scale_factor,
-                           self.scaling_factor, self.shift_factor)
+        timings["transformer"] = time.perf_counter() - start
+        start = time.perf_counter()
+        images = loop.decode(self.runners["vae_decoder"], latents, p.height, p.width, self.dims.vae_scale_factor,
+                             self.scaling_factor, self.shift_factor)
+        timings["vae_decoder"] = time.perf_counter() - start
+        timings["total"] = time.perf_counter() - begin
+        return images
 
     def __call__(self, prompt: str | Sequence[str] | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -153,8 +172,9 @@ class FluxPipeline:
             p = replace(p, seed=None)
         elif p.seed is None:
             p = replace(p, seed=int(np.random.SeedSequence().entropy % MAX_SEED))
-        images = self.generate(p, latents, callback)
-        return FluxPipelineOutput(images=self.postprocess(images, output_type), settings=p.to_json())
+        timings: dict[str, float] = {}
+        images = self.generate(p, latents, callback, timings)
+        return FluxPipelineOutput(images=self.postprocess(images, output_type), settings=p.to_json(), timings=timings)
 
     @staticmethod
     def postprocess(images: Array, output_type: str):

@@ -353,3 +353,11 @@ def test_an_edited_manifest_is_refused_when_the_folder_is_opened(fp32_exports, t
     code, err = cli(["generate", "--onnx", folder, "--prompt", "a", *GEN, "--out", tmp_path / "x.png"])
     one_line_error(code, err)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_outputs_carry_per_stage_timings(fp32_exports):
+    out = FluxPipeline.load(fp32_exports["dev"])("a fox", height=64, width=64, num_inference_steps=2, seed=1)
+    t = out.timings
+    assert set(t) == {"clip", "t5", "transformer", "vae_decoder", "total"}
+    assert all(v > 0 for v in t.values())
+    assert t["clip"] + t["t5"] + t["transformer"] + t["vae_decoder"] <= t["total"]
