@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from fluxrt.artifacts import EXPORT_MANIFEST_COPY
+from fluxrt.errors import InvalidInputError
 from fluxrt.files import atomic_path, atomic_write_json, atomic_write_text
 
 
@@ -195,9 +196,9 @@ class BenchSettings:
     def __post_init__(self) -> None:
         for name in ("height", "width", "steps", "text_length", "batch", "iters"):
             if getattr(self, name) < 1:
-                raise ValueError(f"bench {name} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"BenchSettings.{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
-            raise ValueError(f"bench warmup must be >= 0, got {self.warmup}")
+            raise ValueError(f"BenchSettings.warmup must be >= 0, got {self.warmup}")
 
 
 def log(msg: str) -> None:
@@ -283,10 +284,38 @@ def bench_one(config: BenchConfig, s: BenchSettings) -> tuple[dict, np.ndarray]:
     return result, images
 
 
+BENCH_BACKENDS = ("ort-cpu", "ort-cuda", CUDA_GRAPH_BACKEND, "trt", "torch")
+
+
+def check_configs(configs: list[BenchConfig], s: BenchSettings) -> None:
+    """Every configuration's folder opened (its manifest or engine index checked), its backend known and the
+    settings inside what it takes, before the first one is timed."""
+    from fluxrt.artifacts import check_envelope, open_folder
+    from fluxrt.runtime.params import GenerationParams
+
+    labels = [c.label for c in configs]
+    if not configs or len(set(labels)) != len(labels):
+        raise InvalidInputError(f"bench configurations need unique labels, got {labels}")
+    for config in configs:
+        if config.backend not in BENCH_BACKENDS:
+            raise InvalidInputError(f"bench configuration {config.label!r}: backend {config.backend!r} is not one of "
+                             f"{list(BENCH_BACKENDS)}")
+        folder = open_folder(config.path)
+        p = GenerationParams.resolve(folder.dims, [s.prompt] * s.batch, s.height, s.width, s.steps, None,
+                                     s.text_length, 1, s.seed)
+        if folder.kind == "engines":
+            check_envelope(folder.envelope, p.batch, p.height, p.width, p.max_sequence_length)
+
+
 def bench_pipelines(configs: list[BenchConfig], s: BenchSettings, out_dir: Path) -> dict:
+    """Time every configuration, then write ``out_dir``/bench.json, bench.md and bench.png (the folder is made
+    only then: a failed run leaves none)."""
     from dataclasses import asdict
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInputError(f"bench output {out_dir} is not a folder")
+    check_configs(configs, s)
     runs, images = [], {}
     for config in configs:
         result, imgs = bench_one(config, s)
@@ -298,6 +327,7 @@ def bench_pipelines(configs: list[BenchConfig], s: BenchSettings, out_dir: Path)
         r["quality"] = image_quality(images[r["label"]], images[reference["label"]])
     report = {"settings": asdict(s), "machine": machine_info(), "runs": runs,
               "flop_formula": transformer_flops.__doc__.strip()}
+    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "bench.json", report)
     write_markdown(report, out_dir / "bench.md")
     rows = [{"config": r["label"], "stage": k, "p50_ms": v["p50_ms"]} for r in runs for k, v in r["stages"].items()]

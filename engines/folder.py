@@ -43,14 +43,14 @@ class BuildSettings:
 
     def __post_init__(self) -> None:
         if self.precision not in ENGINE_PRECISIONS:
-            raise ValueError(f"engine precision {self.precision!r} is not one of {ENGINE_PRECISIONS}")
+            raise ValueError(f"BuildSettings.precision {self.precision!r} is not one of {ENGINE_PRECISIONS}")
         if not 0 <= self.optimization_level <= 5:
-            raise ValueError(f"optimization level {self.optimization_level} is not in 0..5")
+            raise ValueError(f"BuildSettings.optimization_level {self.optimization_level} is not in 0..5")
         if self.workspace_bytes is not None and self.workspace_bytes <= 0:
-            raise ValueError(f"workspace limit must be positive, got {self.workspace_bytes} bytes")
+            raise ValueError(f"BuildSettings.workspace_bytes must be positive, got {self.workspace_bytes} bytes")
         unknown = [c for c in self.components if c not in BUILDABLE]
         if unknown or not self.components:
-            raise ValueError(f"components {list(self.components)}: each must be one of {list(BUILDABLE)}")
+            raise ValueError(f"BuildSettings.components {list(self.components)}: each must be one of {list(BUILDABLE)}")
 
     def fp8_settings(self):
         if self.precision != "fp8":

@@ -33,8 +33,10 @@ pins onnx 1.21 and onnxruntime-gpu.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -353,9 +355,50 @@ def stage_source(source: Path, files: list[str], staging: Path) -> Path:
     return staging / source.name
 
 
+class DropRecords(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def quiet_modelopt():
+    """A good FP8 build prints fluxrt's progress only. ModelOpt logs an ERROR when NVML is absent although
+    it only uses the GPU count to tune ONNX Runtime's arena shrinkage (calibration runs where fluxrt said);
+    onnx-graphsurgeon warns that it has no numpy type for FLOAT8E4M3FN (it keeps the ONNX type, as wanted)
+    and that the ``colored`` module is missing. Errors of both still show."""
+    log = logging.getLogger("modelopt.onnx")
+    drop = DropRecords("Failed to get GPU count")
+    log.addFilter(drop)
+    try:
+        from onnx_graphsurgeon.logger import G_LOGGER
+    except ImportError:
+        G_LOGGER = None
+    severity = G_LOGGER.severity if G_LOGGER is not None else None
+    if G_LOGGER is not None:
+        G_LOGGER.severity = G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+        if G_LOGGER is not None:
+            G_LOGGER.severity = severity
+
+
 def run_modelopt(quantize, source: Path, out: Path, feeds, selected: dict[str, str], backend: str,
                  external: bool) -> None:
     eps = ["cuda:0", "cpu"] if backend == "ort-cuda" else ["cpu"]
+    with quiet_modelopt():
+        quantize_with_modelopt(quantize, source, out, feeds, selected, eps, external)
+
+
+def quantize_with_modelopt(quantize, source: Path, out: Path, feeds, selected: dict[str, str], eps: list[str],
+                           external: bool) -> None:
     quantize(
         str(source), quantize_mode="fp8", calibration_data_reader=calibration_reader(feeds),
         calibration_method="max",  # ModelOpt makes FP8 scales from INT8 ones, which is exact only for max

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -56,14 +57,14 @@ class ExportRequest:
     def __post_init__(self) -> None:
         if isinstance(self.external_data_bytes, bool) or not isinstance(self.external_data_bytes, int) \
                 or self.external_data_bytes < 0:
-            raise ValueError(f"external_data_bytes must be a non-negative integer, got {self.external_data_bytes!r}")
+            raise ValueError(f"ExportRequest.external_data_bytes must be a non-negative integer, got {self.external_data_bytes!r}")
         if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_MODES}")
+            raise ValueError(f"ExportRequest.attention {self.attention!r} is not one of {ATTENTION_MODES}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+            raise ValueError(f"ExportRequest.precision {self.precision!r} is not one of {PRECISIONS}")
         unknown = [c for c in self.components if c not in USER_COMPONENTS]
         if unknown or not self.components:
-            raise ValueError(f"components {list(self.components)}: each must be one of {list(USER_COMPONENTS)}")
+            raise ValueError(f"ExportRequest.components {list(self.components)}: each must be one of {list(USER_COMPONENTS)}")
 
     @property
     def graphs(self) -> list[str]:
@@ -188,8 +189,23 @@ def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, att
     return record
 
 
+RANGE_CONSTRAINTS = "pkg.torch.export.ExportedProgram.range_constraints"
+
+
+def reproducible(model) -> None:
+    """Make the exporter's graph metadata independent of the process: torch writes the symbolic shapes' range
+    constraints in set order, which changes with Python's hash seed, so the same checkpoint gave graphs that
+    differed byte-wise. The constraints are kept, sorted."""
+    meta = model.graph.metadata_props
+    text = meta.get(RANGE_CONSTRAINTS)
+    if text is not None:
+        entries = re.findall(r"[^{},]+?: VR\[[^\]]*\]", text)
+        meta[RANGE_CONSTRAINTS] = "{" + ", ".join(sorted(e.strip() for e in entries)) + "}"
+
+
 def write_program(program, path: Path, external: bool) -> None:
     """Save to a staging folder beside ``path``, then move the data file and finally the graph."""
+    reproducible(program.model)
     staging = path.parent / f".staging-{path.stem}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

@@ -15,6 +15,7 @@ import torch
 
 from fluxrt.components import VARIANTS
 from fluxrt.errors import CheckpointError
+from fluxrt.export.quiet import quiet_hf
 
 # FLUX.1's published scheduler configs
 SCHEDULER_CONFIGS = {
@@ -75,27 +76,28 @@ def build_pipeline(variant: str, seed: int, tokenizer_dir: Path):
 def write_tiny_checkpoint(out: str | Path, variant: str = "dev", seed: int = 0) -> Path:
     """Write the tiny checkpoint to ``out`` (which must not exist or be empty), atomically."""
     if variant not in VARIANTS:
-        raise CheckpointError(f"tiny-model variant {variant!r} is not one of {VARIANTS}")
+        raise CheckpointError(f"variant {variant!r} is not one of {VARIANTS}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise CheckpointError(f"tiny-model seed must be an integer in [0, 2**63 - 1] (torch's generator), got {seed!r}")
+        raise CheckpointError(f"seed must be an integer in [0, 2**63 - 1] (torch's generator), got {seed!r}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"tiny-model output {out} already exists and is not an empty folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        pipe = build_pipeline(variant, seed, staging / "_tokenizers")
-        pipe.save_pretrained(staging / "model", safe_serialization=True)
-        # save_pretrained rewrites tokenizers as tokenizer.json; put back the files real FLUX folders carry
-        for sub, trained in (("tokenizer", "clip"), ("tokenizer_2", "t5")):
-            shutil.rmtree(staging / "model" / sub)
-            shutil.move(staging / "_tokenizers" / trained, staging / "model" / sub)
-        # shard the transformer too, so the index path is the one the tiny model exercises
-        shutil.rmtree(staging / "model" / "transformer")
-        pipe.transformer.save_pretrained(staging / "model" / "transformer", max_shard_size="200KB")
-        if out.exists():
-            out.rmdir()
-        (staging / "model").rename(out)
+        with quiet_hf():
+            pipe = build_pipeline(variant, seed, staging / "_tokenizers")
+            pipe.save_pretrained(staging / "model", safe_serialization=True)
+            # save_pretrained rewrites tokenizers as tokenizer.json; put back the files real FLUX folders carry
+            for sub, trained in (("tokenizer", "clip"), ("tokenizer_2", "t5")):
+                shutil.rmtree(staging / "model" / sub)
+                shutil.move(staging / "_tokenizers" / trained, staging / "model" / sub)
+            # shard the transformer too, so the index path is the one the tiny model exercises
+            shutil.rmtree(staging / "model" / "transformer")
+            pipe.transformer.save_pretrained(staging / "model" / "transformer", max_shard_size="200KB")
+            if out.exists():
+                out.rmdir()
+            (staging / "model").rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from fluxrt.components import ATTENTION_MODES, VARIANT_DEFAULTS
@@ -156,10 +157,11 @@ def add_calibration_flags(p: argparse.ArgumentParser, when: str) -> None:
                    help=f"{when}calibrate on the stated recipe: 64 bundled prompts, the variant's steps and text "
                         f"length, 1024 px (default: 8 prompts, 4 steps, 512 px, 128 tokens: minutes on the tiny "
                         f"model on a CPU)")
-    p.add_argument("--calibration-prompts", type=int, help=f"{when}bundled prompts to calibrate on")
-    p.add_argument("--calibration-steps", type=int, help=f"{when}sampling steps per prompt")
-    p.add_argument("--calibration-size", type=int, help=f"{when}image side in pixels")
-    p.add_argument("--calibration-text-length", type=int, help=f"{when}T5 tokens")
+    p.add_argument("--calibration-prompts", type=int, help=f"{when}bundled prompts to calibrate on, "
+                                                           f"1..{bundled_prompt_count()}")
+    p.add_argument("--calibration-steps", type=int, help=f"{when}sampling steps per prompt, >= 1")
+    p.add_argument("--calibration-size", type=int, help=f"{when}image side in pixels, a positive multiple of 16")
+    p.add_argument("--calibration-text-length", type=int, help=f"{when}T5 tokens, 1..512 dev, 1..256 schnell")
     p.add_argument("--calibration-backend", choices=("ort-cpu", "ort-cuda"), help=f"{when}the runtime backend "
                                                                                    f"that samples (default ort-cpu)")
 
@@ -207,16 +209,26 @@ def cmd_build(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from fluxrt.bench.pipelines import BenchConfig, BenchSettings, bench_pipelines
 
+    from fluxrt.bench.pipelines import BENCH_BACKENDS
+
     configs = []
     for item in args.run:
         label, sep, rest = item.partition("=")
         path, _, backend = rest.rpartition(":")
-        if not sep or not path or not backend:
-            raise UsageError(f"--run must be LABEL=FOLDER:BACKEND (e.g. fp16=out/onnx16:ort-cuda), got {item!r}")
+        if not sep or not label or not path or not backend:
+            raise UsageError(f"--run must be LABEL=FOLDER:BACKEND (e.g. fp16=out/onnx-fp16:ort-cuda), got {item!r}")
+        if backend not in BENCH_BACKENDS:
+            raise UsageError(f"--run {item!r}: backend {backend!r} is not one of {list(BENCH_BACKENDS)}")
+        if not Path(path).is_dir():
+            raise UsageError(f"--run {item!r}: {path} is not a folder (an export or engine folder)")
         # "ort-cuda+graph": ort-cuda with the transformer replayed from a CUDA graph
         configs.append(BenchConfig(label, Path(path), backend))
     if len({c.label for c in configs}) != len(configs):
         raise UsageError(f"--run labels must be unique, got {[c.label for c in configs]}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is not a folder; name a folder for bench.json, bench.md and bench.png")
+    check_writable([args.out / "bench.json"])
+    check_text("--prompt", args.prompt)
     try:
         settings = BenchSettings(prompt=args.prompt, height=args.height, width=args.width, steps=args.steps,
                                  text_length=args.text_length, batch=args.batch, seed=args.seed,
@@ -297,6 +309,20 @@ class UsageError(FluxRTError):
     """A command-line argument is invalid."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (a missing flag, a value of the wrong type) as one line, like fluxrt's, with
+    where the flags and their ranges are described instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def bundled_prompt_count() -> int:
+    from fluxrt.engines.fp8 import bundled_prompts
+
+    return len(bundled_prompts())
+
+
 CALIBRATION_FLAGS = {"Fp8Settings.num_prompts": "--calibration-prompts",
                      "Fp8Settings.num_inference_steps": "--calibration-steps",
                      "Fp8Settings.height": "--calibration-size", "Fp8Settings.width": "--calibration-size",
@@ -304,13 +330,21 @@ CALIBRATION_FLAGS = {"Fp8Settings.num_prompts": "--calibration-prompts",
                      "Fp8Settings.backend": "--calibration-backend"}
 # the API's names (keywords, settings fields) in messages, as each command's flags
 FLAGS = {
+    "tiny-model": {"seed": "--seed", "variant": "--variant"},
+    "export": {"ExportRequest.components": "--components", "ExportRequest.precision": "--precision",
+               "ExportRequest.attention": "--attention"},
     "generate": {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_images_per_prompt": "--num-images",
                  "max_sequence_length": "--max-sequence-length", "height": "--height", "width": "--width",
                  "seed": "--seed"},
     "build": {"ShapeEnvelope.batch": "--batch", "ShapeEnvelope.text_length": "--text-length",
-              "ShapeEnvelope.image_side": "--image-side", **CALIBRATION_FLAGS},
+              "ShapeEnvelope.image_side": "--image-side", "BuildSettings.precision": "--precision",
+              "BuildSettings.optimization_level": "--optimization-level", "BuildSettings.components": "--components",
+              "BuildSettings.workspace_bytes": "--workspace-gib", **CALIBRATION_FLAGS},
     "quantize": CALIBRATION_FLAGS,
-    "bench": {"BenchSettings.steps": "--steps", "BenchSettings.text_length": "--text-length"},
+    "bench": {**{f"BenchSettings.{name}": f"--{name.replace('_', '-')}" for name in
+                 ("height", "width", "steps", "text_length", "batch", "seed", "warmup", "iters", "prompt")},
+              "num_inference_steps": "--steps", "max_sequence_length": "--text-length", "height": "--height",
+              "width": "--width", "seed": "--seed"},
 }
 
 
@@ -324,21 +358,25 @@ def flag_names(command: str, message: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fluxrt", description="Deploy FLUX.1 checkpoints: export, build, generate.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = OneLineParser(prog="fluxrt", description="Deploy FLUX.1 checkpoints: export, build, generate.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     t = sub.add_parser("tiny-model", help="write the built-in tiny checkpoint (diffusers layout)")
-    t.add_argument("dir", type=Path)
-    t.add_argument("--variant", choices=("dev", "schnell"), default="dev")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("dir", type=Path, help="folder to write; must not exist or be empty")
+    t.add_argument("--variant", choices=("dev", "schnell"), default="dev", help="dev (guidance input) or schnell "
+                                                                              "(default dev)")
+    t.add_argument("--seed", type=int, default=0, help="weights' random seed, 0..2**63-1 (default 0)")
     t.set_defaults(func=cmd_tiny_model)
 
     e = sub.add_parser("export", help="export a checkpoint's networks to ONNX")
     e.add_argument("checkpoint", type=Path, help="diffusers-layout FLUX.1 folder")
     e.add_argument("--out", type=Path, required=True, help="export folder to write")
-    e.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    e.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="graph precision (default fp32); the VAE stays fp32 in fp16 and bf16 exports; bf16 runs on "
+                        "ort-cuda, trt and torch, not ort-cpu")
     e.add_argument("--components", default="clip,t5,transformer,vae",
-                   help="comma-separated subset of clip,t5,transformer,vae (default: all)")
+                   help="comma-separated subset of clip,t5,transformer,vae (default: all; vae writes "
+                        "vae_decoder.onnx and vae_encoder.onnx)")
     e.add_argument("--attention", choices=ATTENTION_MODES, default="portable",
                    help="portable: standard ONNX ops (TensorRT fuses them); ort: the transformer's attention, "
                         "RMS norms, rotary embedding and adaptive LayerNorm as ONNX Runtime's fused kernels "
@@ -368,17 +406,22 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", choices=("fp16", "bf16", "fp8"), required=True,
                    help="fp16/bf16 need an export of that precision; fp8 takes an FP8 export (fluxrt quantize) "
                         "or calibrates the transformer from an fp16 or bf16 export first")
-    b.add_argument("--batch", default="1,1,4", help="MIN,OPT,MAX batch (default 1,1,4)")
-    b.add_argument("--text-length", help="MIN,OPT,MAX T5 tokens (default 1,512,512 dev; 1,256,256 schnell)")
+    b.add_argument("--batch", default="1,1,4", help="MIN,OPT,MAX images per call, 1 <= MIN <= OPT <= MAX "
+                                                    "(default 1,1,4); one number fixes it")
+    b.add_argument("--text-length", help="MIN,OPT,MAX T5 tokens, 1 <= MIN <= OPT <= MAX <= 512 (dev) or 256 "
+                                         "(schnell) (default 1,512,512 dev; 1,256,256 schnell)")
     b.add_argument("--image-side", default="512,1024,1536", help="MIN,OPT,MAX image side in pixels, multiples "
-                                                                 "of 16 (default 512,1024,1536)")
-    b.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
-    b.add_argument("--workspace-gib", type=float, help="workspace memory limit in GiB (default: TensorRT's)")
+                                                                 "of 16, MIN <= OPT <= MAX (default 512,1024,1536)")
+    b.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimization level 0..5 "
+                                                                     "(default 3)")
+    b.add_argument("--workspace-gib", type=float, help="workspace memory limit in GiB, > 0 (default: TensorRT's)")
     b.add_argument("--timing-cache", type=Path, help="timing cache file to read and update (TensorRT only)")
-    b.add_argument("--compute-capability", help="TensorRT-RTX targets, e.g. SM89,SM120 (default: the library's)")
+    b.add_argument("--compute-capability", help="TensorRT-RTX targets, comma-separated from the library's list "
+                                                "(1.7: SM75, SM80, SM86, SM89, SM120; default: the library's)")
     b.add_argument("--library", choices=("tensorrt", "tensorrt-rtx"), help="default: tensorrt if installed, "
                                                                            "else tensorrt-rtx")
-    b.add_argument("--components", help="comma-separated subset of clip,t5,transformer,vae_decoder,vae_encoder")
+    b.add_argument("--components", help="comma-separated subset of clip,t5,transformer,vae_decoder,vae_encoder "
+                                        "(default: every graph the export has)")
     add_calibration_flags(b, "fp8 from an fp16/bf16 export: ")
     b.set_defaults(func=cmd_build)
 
@@ -395,15 +438,16 @@ def parser() -> argparse.ArgumentParser:
                    help="one configuration; repeat to compare (backends: ort-cpu, ort-cuda, ort-cuda+graph "
                         "[the transformer replayed from a CUDA graph], trt, torch)")
     m.add_argument("--out", type=Path, required=True, help="folder for bench.json, bench.md, bench.png")
-    m.add_argument("--prompt", default="a lighthouse on a cliff at dawn, oil painting")
-    m.add_argument("--height", type=int, default=1024)
-    m.add_argument("--width", type=int, default=1024)
-    m.add_argument("--steps", type=int, default=4)
-    m.add_argument("--text-length", type=int, default=512)
-    m.add_argument("--batch", type=int, default=1)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--warmup", type=int, default=2)
-    m.add_argument("--iters", type=int, default=10)
+    m.add_argument("--prompt", default="a lighthouse on a cliff at dawn, oil painting", help="UTF-8 text")
+    m.add_argument("--height", type=int, default=1024, help="pixels, a positive multiple of 16 (default 1024)")
+    m.add_argument("--width", type=int, default=1024, help="pixels, a positive multiple of 16 (default 1024)")
+    m.add_argument("--steps", type=int, default=4, help="sampling steps per iteration, 1..1000 (default 4)")
+    m.add_argument("--text-length", type=int, default=512, help="T5 tokens, 1..512 dev, 1..256 schnell "
+                                                                "(default 512)")
+    m.add_argument("--batch", type=int, default=1, help="images per call, >= 1 (default 1)")
+    m.add_argument("--seed", type=int, default=0, help="0..2**64-1 (default 0)")
+    m.add_argument("--warmup", type=int, default=2, help="untimed iterations first, >= 0 (default 2)")
+    m.add_argument("--iters", type=int, default=10, help="timed iterations, >= 1 (default 10)")
     m.set_defaults(func=cmd_bench)
 
     y = sub.add_parser("bench-synthetic", help="full-size FLUX.1-dev latency with random weights on a GPU "
@@ -416,15 +460,21 @@ def parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--onnx", type=Path, help="export folder written by fluxrt export")
     src.add_argument("--engines", type=Path, help="engine folder written by fluxrt build")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="UTF-8 text; CLIP reads its first 77 tokens, T5 "
+                                                   "--max-sequence-length")
     g.add_argument("--out", type=Path, required=True, help="PNG to write (NAME-i.png for several images)")
-    g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--width", type=int, default=1024)
-    g.add_argument("--steps", type=int, help="default: 28 (dev), 4 (schnell)")
-    g.add_argument("--guidance", type=float, help="default: 3.5 (dev); schnell takes none")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-sequence-length", type=int, help="T5 tokens; default 512 (dev), 256 (schnell)")
-    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--height", type=int, default=1024, help="pixels, a positive multiple of 16 (with --engines: "
+                                                            "inside the plans' image sides) (default 1024)")
+    g.add_argument("--width", type=int, default=1024, help="pixels, a positive multiple of 16 (with --engines: "
+                                                           "inside the plans' image sides) (default 1024)")
+    g.add_argument("--steps", type=int, help="sampling steps, 1..1000 (default: 28 dev, 4 schnell)")
+    g.add_argument("--guidance", type=float, help="guidance scale, a finite number of magnitude < 3.4e38 "
+                                                  "(default: 3.5 dev; schnell takes none)")
+    g.add_argument("--seed", type=int, default=0, help="0..2**64-1 (default 0)")
+    g.add_argument("--max-sequence-length", type=int, help="T5 tokens, 1..512 dev, 1..256 schnell (default: "
+                                                           "the maximum)")
+    g.add_argument("--num-images", type=int, default=1, help="images of the prompt, >= 1, as memory allows "
+                                                             "(default 1)")
     g.add_argument("--backend", choices=BACKEND_CHOICES,
                    help="default: trt for --engines, ort-cpu for --onnx")
     g.add_argument("--cuda-graph", action="store_true",
@@ -433,13 +483,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line_warning(command: str):
+    """Warnings (fluxrt's own and its libraries') as one line each, without Python's source line."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"fluxrt {command}: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench-synthetic"]:  # its own parser takes every flag, --help included
         argv = ["bench-synthetic", "--", *argv[1:]]
     args = parser().parse_args(argv)
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning(args.command)
+            args.func(args)
     except FluxRTError as e:
         print(f"fluxrt {args.command}: error: {flag_names(args.command, str(e))}", file=sys.stderr)
         return 2

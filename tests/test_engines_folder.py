@@ -121,7 +121,7 @@ def test_precision_must_match_the_export(fp32_exports, tmp_path):
     with pytest.raises(EngineError, match=r"FP8 engines are built from an FP8 export \(fluxrt quantize\) or an fp16 "
                                           r"or bf16 one"):
         build_folder(fp32_exports["dev"], tmp_path / "e", settings("fp8"), trt_module=trt, progress=False)
-    with pytest.raises(ValueError, match="engine precision 'int8' is not one of"):
+    with pytest.raises(ValueError, match="BuildSettings.precision 'int8' is not one of"):
         settings("int8")
 
 
