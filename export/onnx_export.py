@@ -203,10 +203,20 @@ def reproducible(model) -> None:
         meta[RANGE_CONSTRAINTS] = "{" + ", ".join(sorted(e.strip() for e in entries)) + "}"
 
 
+STAGING_PREFIX = ".staging-"
+
+
+def remove_stale_staging(out_dir: Path) -> None:
+    """Staging folders of exports that were killed: with the folder's export lock held, no other export is
+    writing one, so every staging folder there is a dead one's."""
+    for stale in out_dir.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def write_program(program, path: Path, external: bool) -> None:
     """Save to a staging folder beside ``path``, then move the data file and finally the graph."""
     reproducible(program.model)
-    staging = path.parent / f".staging-{path.stem}-{os.getpid()}"
+    staging = path.parent / f"{STAGING_PREFIX}{path.stem}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
@@ -308,6 +318,7 @@ def export_locked(ckpt: Checkpoint, out_dir: Path, request: ExportRequest) -> di
             f"(fingerprint {manifest['source']['fingerprint'][:12]}); asked for {request.precision} from "
             f"{ckpt.root} ({fingerprint[:12]}): use another folder"
         )
+    remove_stale_staging(out_dir)
     copy_side_files(ckpt, out_dir)
     records = dict(manifest.get("components", {}))
     for name in request.graphs:

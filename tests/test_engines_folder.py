@@ -125,7 +125,7 @@ def test_precision_must_match_the_export(fp32_exports, tmp_path):
         settings("int8")
 
 
-def test_fp8_folder_from_fp16_export(half_exports, tmp_path):
+def test_fp8_folder_from_fp16_export_trusts_its_fp8_graph_only_while_its_own_fingerprint_matches(half_exports, tmp_path):
     """fp8: the transformer is calibrated from the export folder alone, its Q/DQ graph kept beside
     the plan, the other components built from the export; a second build reuses both."""
     pytest.importorskip("modelopt", reason="nvidia-modelopt (fluxrt[fp8]) is not installed")

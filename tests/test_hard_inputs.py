@@ -383,3 +383,52 @@ def test_exports_are_reproducible_whatever_the_hash_seed(tiny_checkpoints, fp32_
         reference = (fp32_exports["dev"] / name).read_bytes()
         for seed in runs:
             assert (tmp_path / seed / name).read_bytes() == reference, (name, seed)
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tiny_checkpoints, tmp_path):
+    """Item 15: an export killed while saving leaves its staging folder (named after its process); the next
+    export into the folder, holding the folder's lock, removes it."""
+    out = tmp_path / "onnx"
+    stale = out / ".staging-transformer-4194301"
+    stale.mkdir(parents=True)
+    (stale / "transformer.onnx").write_bytes(b"half a graph")
+    code, stderr = cli(["export", tiny_checkpoints["dev"], "--out", out, "--components", "clip"])
+    assert code == 0, stderr
+    assert not stale.exists() and ExportFolder.open(out).record("clip")
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".export.lock"]
+
+
+def fluxrt_process(*argv) -> tuple[int, str, str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import sys; from fluxrt.cli import main; sys.exit(main(sys.argv[1:]))",
+                           *[str(a) for a in argv]], capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def foreign_lines(stderr: str) -> list[str]:
+    """Lines that are not fluxrt's own progress, warnings or errors (progress redraws with carriage returns)."""
+    lines = [part for line in stderr.splitlines() for part in line.split("\r") if part.strip()]
+    return [line for line in lines if not line.startswith(("[fluxrt ", "fluxrt "))]
+
+
+def test_successful_runs_print_only_fluxrt_progress_and_one_line_warnings(half_exports, fp32_exports, tmp_path):
+    """Newcomer: a good run prints fluxrt's progress and nothing alarming -- no transformers notices or shard
+    progress bars (tiny-model), no ModelOpt NVML ERROR or onnx-graphsurgeon notes (an FP8 build), and a
+    warning (an over-long prompt) as one line without Python's source line."""
+    code, out, err = fluxrt_process("tiny-model", tmp_path / "tiny", "--variant", "schnell")
+    assert code == 0 and "wrote tiny FLUX.1-schnell" in out and not foreign_lines(err), err
+    code, out, err = fluxrt_process(
+        "build", half_exports["fp16"], "--out", tmp_path / "eng", "--precision", "fp8", "--components", "transformer",
+        "--calibration-prompts", "1", "--calibration-steps", "1", "--calibration-size", "32",
+        "--calibration-text-length", "16", "--library", "tensorrt-rtx")
+    assert code == 0 and (tmp_path / "eng" / "transformer.plan").is_file(), err
+    assert "[fluxrt fp8] transformer: sampling 1 prompts" in err and not foreign_lines(err), foreign_lines(err)
+    code, out, err = fluxrt_process("generate", "--onnx", fp32_exports["dev"], "--prompt", "word " * 100,
+                                    "--out", tmp_path / "a.png", *GEN)
+    assert code == 0 and not foreign_lines(err), err
+    warning = [line for line in err.splitlines() if "warning:" in line]
+    assert [w[:48] for w in warning] == ["fluxrt generate: warning: clip prompt 0 has 202 ",
+                                         "fluxrt generate: warning: t5 prompt 0 has 201 to"], err
+    assert "pipeline.py" not in err and "warnings.warn" not in err
