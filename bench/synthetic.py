@@ -33,10 +33,12 @@ import numpy as np
 import torch
 
 from fluxrt.bench import pipelines as bench
-from fluxrt.components import VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR, ModelDims, component_precision, component_spec
+from fluxrt.components import (ATTENTION_MODES, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR, ModelDims, component_precision,
+                               component_spec)
+from fluxrt.errors import InvalidInputError
 from fluxrt.export import graphs
 from fluxrt.export.memory import PeakMemory
-from fluxrt.export.onnx_export import dynamic_shapes, example_inputs, opset_for, write_program
+from fluxrt.export.onnx_export import dynamic_shapes, example_inputs, opset_for, quiet_exporter, write_program
 from fluxrt.export.ort_fusions import fuse_graph
 from fluxrt.export.weights import TORCH_DTYPES
 from fluxrt.files import atomic_write_json
@@ -244,6 +246,7 @@ def export_onnx(component: str, module: torch.nn.Module, precision: str, path: P
     device = next(module.parameters()).device
     # tracing takes the exporter's own example sizes (no axis of size 1, no two axes equal)
     args = tuple(x.to(device) for x in example_inputs(spec, DIMS, precision))
+    quiet_exporter()
     with PeakMemory() as mem, torch.no_grad():
         start = time.perf_counter()
         program = torch.onnx.export(
@@ -259,8 +262,10 @@ def export_onnx(component: str, module: torch.nn.Module, precision: str, path: P
             "weights_gib": sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30}
 
 
-def ort_optimize(path: Path, component: str) -> tuple[Path, dict]:
-    """onnxruntime.transformers' fusions for this architecture (LayerNorm, Gelu, ...), on the graph file."""
+def ort_optimize(path: Path, component: str, device: str = "cuda") -> tuple[Path, dict]:
+    """onnxruntime.transformers' fusions for this architecture (LayerNorm, Gelu, ...), on the graph file (for
+    the CPU as its CPU kernels allow)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     model_type = {"transformer": "mmdit", "t5": "t5", "clip": "clip", "vae": "vae"}[component]
@@ -269,8 +274,11 @@ def ort_optimize(path: Path, component: str) -> tuple[Path, dict]:
                      "t5": (CONFIG["t5"]["num_heads"], CONFIG["t5"]["d_model"]),
                      "clip": (CONFIG["clip"]["num_attention_heads"], CONFIG["clip"]["hidden_size"]),
                      "vae": (1, CONFIG["vae"]["block_out_channels"][-1])}[component]
+    if device != "cuda" and component == "vae":
+        return path, {"optimizer": "not run on the CPU: its VAE fusions (NhwcConv, GroupNorm) are CUDA-only ops"}
+    options = FusionOptions(model_type)
     opt = optimize_model(str(path), model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=0,
-                         use_gpu=True)
+                         use_gpu=device == "cuda", optimization_options=options)
     out = path.with_name(path.stem + ".opt.onnx")
     opt.save_model_to_file(str(out), use_external_data_format=True)
     return out, {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
@@ -421,12 +429,12 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
             free_memory(device)
         elif optimize:
             try:
-                opt_path, fused = ort_optimize(path, component)
+                opt_path, fused = ort_optimize(path, component, device)
             except Exception as e:  # the optimizer is best effort: measure the plain graph and say why
                 fused = {"optimizer_error": str(e)[:300]}
         choices = {"both": (True, False), "auto": (True, False), "on": (True,), "off": (False,)}[cuda_graph]
         for disabled in ort_variants:
-            backend = ort_label(disabled, attention if component == "transformer" else "ort")
+            backend = ort_label(disabled, attention if component == "transformer" else "ort", device)
             for use_graph in choices if device == "cuda" else (False,):
                 try:
                     stats = time_ort(component, opt_path, graph_precision, feed, shape, warmup, iters, use_graph,
@@ -452,10 +460,10 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
         free_memory(device)
 
 
-def ort_label(disabled: tuple[str, ...], attention: str = "ort") -> str:
+def ort_label(disabled: tuple[str, ...], attention: str = "ort", device: str = "cuda") -> str:
     """"ort-cuda" for the runtime's own session settings and the fused graph, "ort-cuda+kernels"
     for the graph with fluxrt's kernels, then "/..." for session settings that differ."""
-    base = "ort-cuda+kernels" if attention == "ort-kernels" else "ort-cuda"
+    base = ("ort-cuda" if device == "cuda" else "ort-cpu") + ("+kernels" if attention == "ort-kernels" else "")
     if tuple(disabled) == ORT_CUDA_DISABLED_OPTIMIZERS:
         return base
     return base + "/" + (f"no-{'+'.join(disabled)}" if disabled else "all-optimizers")
@@ -491,33 +499,79 @@ def run(out: Path, plan: list[tuple[str, tuple | None]], shape: Shape, precision
     return results.data
 
 
+PLAN_COMPONENTS = {"transformer": 2, "t5": 1, "clip": 0, "vae": 0}  # how many layer counts each takes
+SYNTHETIC_PRECISIONS = ("fp16", "bf16", "fp32", "fp8")
+SYNTHETIC_MODES = ("eager", "compile", "ort")
+
+
 def parse_plan(text: str) -> list[tuple[str, tuple | None]]:
     """``"transformer:1+2,transformer:2+4,t5:2,t5:4,clip,vae"``."""
     plan = []
     for item in text.split(","):
         name, _, layers = item.partition(":")
-        plan.append((name, tuple(int(x) for x in layers.split("+")) if layers else None))
+        if name not in PLAN_COMPONENTS:
+            raise InvalidInputError(f"--plan item {item!r}: component {name!r} is not one of {list(PLAN_COMPONENTS)}")
+        try:
+            counts = tuple(int(x) for x in layers.split("+")) if layers else None
+        except ValueError:
+            counts = ()
+        if counts is not None and (len(counts) != PLAN_COMPONENTS[name] or min(counts) < 1):
+            raise InvalidInputError(f"--plan item {item!r}: {name} takes "
+                                    f"{['no layer count', 'one layer count, t5:LAYERS', 'DOUBLE+SINGLE block counts'][PLAN_COMPONENTS[name]]}"
+                                    f" of positive integers")
+        if name == "transformer" and counts is None:
+            raise InvalidInputError(f"--plan item {item!r}: transformer takes DOUBLE+SINGLE block counts "
+                                    f"(19+38 is the whole FLUX.1-dev)")
+        plan.append((name, counts))
     return plan
+
+
+def check_args(a) -> None:
+    """Every flag checked before anything is exported or timed."""
+    for flag, given, allowed in (("--precisions", a.precisions, SYNTHETIC_PRECISIONS),
+                                 ("--modes", a.modes, SYNTHETIC_MODES), ("--attention", a.attention, ATTENTION_MODES)):
+        items = [x for x in given.split(",")]
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise InvalidInputError(f"{flag} {given!r}: each must be one of {list(allowed)}")
+    for flag, value, low in (("--height", a.height, 16), ("--width", a.width, 16), ("--batch", a.batch, 1),
+                             ("--text", a.text, 1), ("--warmup", a.warmup, 0), ("--iters", a.iters, 1),
+                             ("--profile", a.profile, 0)):
+        if value < low:
+            raise InvalidInputError(f"{flag} must be at least {low}, got {value}")
+    for flag, value in (("--height", a.height), ("--width", a.width)):
+        if value % 16:
+            raise InvalidInputError(f"{flag} must be a multiple of 16 pixels, got {value}")
+    if a.text > 512:
+        raise InvalidInputError(f"--text must be at most 512 T5 tokens, got {a.text}")
+    if a.reuse_exports and a.export_only:
+        raise InvalidInputError("--reuse-exports times an earlier export and --export-only only exports: pass one")
+    if a.out.exists() and not a.out.is_dir():
+        raise InvalidInputError(f"--out {a.out} is not a folder")
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(prog="fluxrt bench-synthetic")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--plan", default="transformer:1+2,transformer:2+4")
+    p.add_argument("--out", type=Path, required=True, help="folder for results.json and results.md")
+    p.add_argument("--plan", default="transformer:1+2,transformer:2+4",
+                   help="comma-separated COMPONENT[:DOUBLE+SINGLE] items: clip, t5[:LAYERS], transformer:D+S (blocks; "
+                        "19+38 is the whole FLUX.1-dev), vae (default transformer:1+2,transformer:2+4)")
     p.add_argument("--precisions", default="fp16,bf16",
-                   help="comma-separated; fp8: the ort-kernels transformer on fluxrt's FP8 ops, over its bf16 export")
-    p.add_argument("--modes", default="eager,compile,ort")
+                   help="comma-separated from fp16, bf16, fp32, fp8 (default fp16,bf16); fp8: the ort-kernels "
+                        "transformer on fluxrt's FP8 ops, over its bf16 export")
+    p.add_argument("--modes", default="eager,compile,ort", help="comma-separated from eager, compile, ort "
+                                                               "(default all three)")
     p.add_argument("--attention", default="ort",
                    help="transformer graphs to time, comma-separated: portable, ort, ort-kernels (needs the "
                         "library of `fluxrt ort-ops build`)")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--text", type=int, default=512)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--height", type=int, default=1024, help="pixels, a positive multiple of 16 (default 1024)")
+    p.add_argument("--width", type=int, default=1024, help="pixels, a positive multiple of 16 (default 1024)")
+    p.add_argument("--text", type=int, default=512, help="T5 tokens, 1..512 (default 512)")
+    p.add_argument("--batch", type=int, default=1, help="images per call, >= 1 (default 1)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first, >= 0 (default 3)")
+    p.add_argument("--iters", type=int, default=20, help="timed calls, >= 1 (default 20)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--model", default="flux-dev", choices=("flux-dev", "tiny"))
     p.add_argument("--cuda-graph", default="auto", choices=("auto", "both", "on", "off"),
@@ -536,8 +590,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--export-only", action="store_true",
                    help="export the ONNX Runtime graphs (and their export.json) without timing them")
     a = p.parse_args(argv)
+    check_args(a)
+    plan = parse_plan(a.plan)
     use_model(a.model)
-    run(a.out, parse_plan(a.plan), Shape(a.batch, a.height, a.width, a.text), a.precisions.split(","),
+    run(a.out, plan, Shape(a.batch, a.height, a.width, a.text), a.precisions.split(","),
         a.modes.split(","), a.warmup, a.iters, tuple(a.attention.split(",")), a.device, a.cuda_graph, a.optimize, a.profile,
         tuple(tuple(n for n in v.split(",") if n) for v in a.ort_variants.split(";")), a.reuse_exports, a.export_only)
 

@@ -498,3 +498,42 @@ def test_bench(fp32_exports, tmp_path_factory, corruption, runs, draw, out_place
     assert (out / "bench.md").stat().st_size > 0 and (out / "bench.png").stat().st_size > 0
     for r in report["runs"]:
         assert np.isfinite(r["stages"]["generation"]["p50_ms"])
+
+
+# ---------------------------------------------------------------- bench-synthetic
+
+
+@settings(PROPERTY, max_examples=10)
+@example(draw={"--plan": (True, "transformer:1+1"), "--precisions": (True, "fp32"), "--modes": (True, "ort"),
+               "--height": (True, "32"), "--width": (True, "32"), "--text": (True, "8"), "--iters": (True, "1")})
+@given(draw=st.fixed_dictionaries({
+    "--plan": option(["transformer:1+1", "vae"], ["transformer", "unet:1", "t5:x", "transformer:1+0", "clip:2"]),
+    "--precisions": option(["fp32"], ["fp64", "fp32,int4"]),
+    "--modes": option(["ort"], ["jit", "ort,"]),
+    "--height": option(["32"], ["30", "0"]),
+    "--width": option(["32"], ["-16", "x"]),
+    "--text": option(["8"], ["0", "600"]),
+    "--iters": option(["1"], ["0"]),
+}))
+def test_bench_synthetic(tmp_path_factory, monkeypatch, draw):
+    """The synthetic benchmark on the tiny architecture on the CPU (its GPU runs are the H200's); the graphs
+    are exported once for all draws (--reuse-exports)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    monkeypatch.setenv("FLUXRT_BENCH_WORK", str(tmp_path_factory.getbasetemp() / "synthetic-work"))
+    out = root / "report"
+    argv = ["bench-synthetic", "--out", out, "--model", "tiny", "--device", "cpu", "--warmup", "0",
+            "--attention", "portable", "--reuse-exports", *flags(draw)]
+    try:
+        code, stderr = run(argv)
+    finally:
+        from fluxrt.bench import synthetic
+
+        synthetic.use_model("flux-dev")
+    bad = {f: f for f, (ok, _) in draw.items() if not ok}
+    check_outcome(code, stderr, bad, "bench-synthetic")
+    if bad:
+        assert not out.exists()
+        return
+    data = json.loads((out / "results.json").read_text())
+    rows = [r for r in data["measurements"] if "p50_ms" in r]
+    assert rows and all(np.isfinite(r["p50_ms"]) for r in rows), data["measurements"]
