@@ -371,27 +371,44 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
                                      joint_dim=t["joint_attention_dim"], pooled_dim=t["pooled_projection_dim"])
              if component == "transformer" else None)
     common = dict(component=component, layers=list(layers) if layers else None, shape=vars(shape), flops=flops)
-    for mode in ("eager", "compile"):
+    torch_out = {}  # mode -> first output, for torchao's FP8 against eager bf16 on the same input
+    for mode in TORCH_MODES:
         if mode not in modes:
             continue
+        if mode == TORCHAO_MODE and component != "transformer":
+            results.add(**common, backend=f"torch-{mode}", precision="fp8",
+                        error="torchao FP8 is timed for the transformer only")
+            continue
         module = build(component, torch.bfloat16, device, layers)
+        try:
+            extra = torchao_fp8(module) if mode == TORCHAO_MODE else {}
+        except Exception as e:  # keep timing the other modes; the reason is in the results
+            results.add(**common, backend=f"torch-{mode}", precision="fp8", error=str(e)[:500])
+            del module
+            free_memory(device)
+            continue
         fn = graph_module(component, module, rewrite="none")  # diffusers' modules as users run them
-        if mode == "compile":
+        if mode != "eager":
             fn = torch.compile(fn)
         feed = inputs(component, shape, torch.bfloat16, device)
         args = [feed[n] for n in component_spec("vae_decoder" if component == "vae" else component, DIMS).input_names]
         with torch.inference_mode():
             start = time.perf_counter()
-            fn(*args)
+            out = fn(*args)
             sync(device)()
             first = time.perf_counter() - start
+            torch_out[mode] = (out[0] if isinstance(out, (tuple, list)) else out).float()
             stats = time_torch(lambda: fn(*args), warmup, iters, device)
             if profile_iters and device == "cuda":
                 stats["kernels"] = kernel_profile(lambda: fn(*args), profile_iters, device)
-        results.add(**common, backend=f"torch-{mode}", precision="bf16", first_call_s=first, **stats,
+        if mode == TORCHAO_MODE and "eager" in torch_out:
+            a, b = torch_out[mode], torch_out["eager"]
+            extra["vs_bf16_rel_rms"] = float(((a - b).pow(2).mean() / b.pow(2).mean()).sqrt())
+        results.add(**common, backend=f"torch-{mode}", precision="fp8" if mode == TORCHAO_MODE else "bf16",
+                    first_call_s=first, **stats, **extra,
                     tflops=flops / stats["p50_ms"] * 1e-9 if flops else None,
                     gpu_peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
-        del module, fn
+        del module, fn, out
         free_memory(device)
     if "ort" not in modes:
         return
@@ -460,6 +477,20 @@ def bench_component(component: str, layers, shape: Shape, precisions: list[str],
         free_memory(device)
 
 
+def torchao_fp8(module: torch.nn.Module) -> dict:
+    """``module``'s linears on torchao's FP8 (E4M3 activations quantized per row at run time, weights per row):
+    what users pick for FLUX in FP8 with torch.compile."""
+    try:
+        import torchao
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError as e:
+        raise InvalidInputError(f"--modes {TORCHAO_MODE} needs torchao, which could not be imported ({e})") from None
+    count = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
+    quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    return {"torchao": torchao.__version__, "torchao_config": "Float8DynamicActivationFloat8WeightConfig(PerRow)",
+            "linears": count}
+
+
 def ort_label(disabled: tuple[str, ...], attention: str = "ort", device: str = "cuda") -> str:
     """"ort-cuda" for the runtime's own session settings and the fused graph, "ort-cuda+kernels"
     for the graph with fluxrt's kernels, then "/..." for session settings that differ."""
@@ -501,7 +532,9 @@ def run(out: Path, plan: list[tuple[str, tuple | None]], shape: Shape, precision
 
 PLAN_COMPONENTS = {"transformer": 2, "t5": 1, "clip": 0, "vae": 0}  # how many layer counts each takes
 SYNTHETIC_PRECISIONS = ("fp16", "bf16", "fp32", "fp8")
-SYNTHETIC_MODES = ("eager", "compile", "ort")
+TORCHAO_MODE = "torchao-fp8"  # torchao float8 dynamic activations, row-wise weights, then torch.compile
+TORCH_MODES = ("eager", "compile", TORCHAO_MODE)
+SYNTHETIC_MODES = (*TORCH_MODES, "ort")
 
 
 def parse_plan(text: str) -> list[tuple[str, tuple | None]]:
@@ -544,6 +577,9 @@ def check_args(a) -> None:
             raise InvalidInputError(f"{flag} must be a multiple of 16 pixels, got {value}")
     if a.text > 512:
         raise InvalidInputError(f"--text must be at most 512 T5 tokens, got {a.text}")
+    if TORCHAO_MODE in a.modes.split(",") and a.device != "cuda":
+        raise InvalidInputError(f"--modes {TORCHAO_MODE} runs on --device cuda (torchao's FP8 matrix products need "
+                                f"an Ada or Hopper GPU), got --device {a.device}")
     if a.reuse_exports and a.export_only:
         raise InvalidInputError("--reuse-exports times an earlier export and --export-only only exports: pass one")
     if a.out.exists() and not a.out.is_dir():
@@ -561,8 +597,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precisions", default="fp16,bf16",
                    help="comma-separated from fp16, bf16, fp32, fp8 (default fp16,bf16); fp8: the ort-kernels "
                         "transformer on fluxrt's FP8 ops, over its bf16 export")
-    p.add_argument("--modes", default="eager,compile,ort", help="comma-separated from eager, compile, ort "
-                                                               "(default all three)")
+    p.add_argument("--modes", default="eager,compile,ort",
+                   help="comma-separated from eager, compile (torch, bf16), torchao-fp8 (torchao's float8 dynamic "
+                        "activations with row-wise weights, then torch.compile; CUDA only), ort (default "
+                        "eager,compile,ort)")
     p.add_argument("--attention", default="ort",
                    help="transformer graphs to time, comma-separated: portable, ort, ort-kernels (needs the "
                         "library of `fluxrt ort-ops build`)")
