@@ -136,13 +136,9 @@ def check_settings(export: ExportFolder, settings: BuildSettings, trt: ModuleTyp
                 raise EngineError(f"--compute-capability: {e}") from None
     fp8 = settings.fp8_settings()
     if fp8 is not None and not (export.precision == "fp8"):
-        from fluxrt.engines.fp8 import pick_prompts
+        from fluxrt.engines.fp8 import check_calibration
 
-        try:
-            pick_prompts(None, fp8.num_prompts)
-            fp8.resolve(export.variant)
-        except ValueError as e:
-            raise EngineError(str(e)) from None
+        check_calibration(fp8, export)
 
 
 def check_export(export: ExportFolder, settings: BuildSettings) -> None:

@@ -163,6 +163,20 @@ def bundled_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
+def check_calibration(settings: Fp8Settings, export: ExportFolder) -> None:
+    """What ``export`` allows of the calibration ``settings`` (bundled prompts), refused before anything is
+    written: as many prompts as are bundled, guidance only for dev, a text length the model takes."""
+    try:
+        pick_prompts(None, settings.num_prompts)
+        resolved = settings.resolve(export.variant)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+    top = export.dims.t5_max_length
+    if resolved["max_sequence_length"] > top:
+        raise EngineError(f"Fp8Settings.max_sequence_length {resolved['max_sequence_length']} exceeds the {top} T5 "
+                          f"tokens the model takes")
+
+
 def pick_prompts(prompts: Sequence[str] | None, count: int) -> list[str]:
     source = "the bundled prompts" if prompts is None else "the given prompts"
     pool = bundled_prompts() if prompts is None else list(prompts)
@@ -625,7 +639,14 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
     if not kernels:
         modelopt_version, quantize = import_modelopt()
         library = dict(name="nvidia-modelopt", version=modelopt_version)
-    source_model = onnx.load(str(source), load_external_data=False)
+    try:
+        source_model = onnx.load(str(source), load_external_data=False)
+    except Exception as e:  # a damaged file: its fingerprint says how, else the parser's message
+        try:
+            folder.verified_graph(component)
+        except ExportError as mismatch:
+            raise EngineError(f"FP8 calibration of {component}: {mismatch}") from None
+        raise EngineError(f"{what}: not a readable ONNX graph ({type(e).__name__}: {e})") from None
     linears = find_linears(source_model, what)
     selected, excluded = select_linears(linears, component, what)
 

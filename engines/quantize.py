@@ -68,7 +68,7 @@ def copy_verified(source: ExportFolder, name: str, out_dir: Path) -> dict:
 def quantize_export(export_dir: str | Path, out_dir: str | Path, settings) -> dict:
     """Write the FP8 export folder of ``export_dir`` to ``out_dir`` (see the module doc); return its manifest.
     ``settings``: a ``fluxrt.engines.fp8.Fp8Settings``."""
-    from fluxrt.engines.fp8 import calibrate_fp8, reusable_calibration
+    from fluxrt.engines.fp8 import check_calibration
 
     source = ExportFolder.open(export_dir)
     out_dir = Path(out_dir)
@@ -77,7 +77,20 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, settings) -> di
     if missing:
         raise EngineError(f"export folder {source.root} has no {missing} graphs; calibration runs the whole "
                           f"pipeline (export them with fluxrt export --components ...)")
+    check_calibration(settings, source)  # before anything is written
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return write_fp8_export(source, out_dir, settings)
+    except BaseException:
+        if created:  # nothing of it to keep: a folder this call made and did not finish
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def write_fp8_export(source: ExportFolder, out_dir: Path, settings) -> dict:
+    from fluxrt.engines.fp8 import calibrate_fp8, reusable_calibration
+
     (out_dir / EXPORT_MANIFEST).unlink(missing_ok=True)  # written again last: a folder without it is unfinished
     remove_leftovers(out_dir, *(f".{sub}.tmp-*" for sub in SIDE_FILES))  # a killed earlier run's copies
     for sub in SIDE_FILES:

@@ -56,6 +56,15 @@ def flags(draw: dict) -> list[str]:
     return argv
 
 
+def faults(drawn: dict, corruption: str | None = None, needle: str | None = None) -> dict[str, str]:
+    """What a draw made invalid -> the text its error must contain: each invalid flag names itself; a
+    corruption its file or key (``needle``; None where the command does not read what was corrupted)."""
+    bad = {flag: flag for flag, (ok, _) in drawn.items() if not ok}
+    if needle:
+        bad[corruption] = needle
+    return bad
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """Every file under ``root`` (hidden ones included) and its SHA-256; folders as entries of their own."""
     if not root.exists():
@@ -276,11 +285,7 @@ def test_export(tiny_checkpoints, tmp_path_factory, corruption, precision, compo
     source_before, out_before = tree_digest(ck), tree_digest(out)
     options = {"--precision": precision, "--components": components, "--attention": attention}
     code, stderr = run(["export", ck, "--out", out, *flags(options)])
-    bad = {f: f for f, (ok, _) in options.items() if not ok}
-    if not out_place[0]:
-        bad["--out"] = "--out"
-    if needle:
-        bad[corruption] = needle
+    bad = faults(dict(options, **{"--out": out_place}), corruption, needle)
     check_outcome(code, stderr, bad, "export")
     assert tree_digest(ck) == source_before, "export changed its source"
     assert not leftovers(root), leftovers(root)
@@ -327,11 +332,7 @@ def test_build(half_exports, tmp_path_factory, corruption, draw, out_place):
     out = {"fresh": root / "engines", "the source": src, "inside the source": src / "engines"}[out_place[1]]
     source_before = tree_digest(src)
     code, stderr = run(["build", src, "--out", out, "--library", "tensorrt-rtx", *flags(draw)])
-    bad = {f: f for f, (ok, _) in draw.items() if not ok}
-    if not out_place[0]:
-        bad["--out"] = "--out"
-    if needle and corruption not in BUILD_IGNORES:
-        bad[corruption] = needle
+    bad = faults(dict(draw, **{"--out": out_place}), corruption, None if corruption in BUILD_IGNORES else needle)
     check_outcome(code, stderr, bad, "build")
     assert tree_digest(src) == source_before, "build changed its source"
     assert not leftovers(root), leftovers(root)
@@ -370,11 +371,7 @@ def test_quantize(half_exports, tmp_path_factory, corruption, draw, out_place):
     out = {"fresh": root / "fp8", "the source": src, "inside the source": src / "fp8"}[out_place[1]]
     source_before = tree_digest(src)
     code, stderr = run(["quantize", src, "--out", out, *flags(draw)])
-    bad = {f: f for f, (ok, _) in draw.items() if not ok}
-    if not out_place[0]:
-        bad["--out"] = "--out"
-    if needle:
-        bad[corruption] = needle
+    bad = faults(dict(draw, **{"--out": out_place}), corruption, needle)
     check_outcome(code, stderr, bad, "quantize")
     assert tree_digest(src) == source_before, "quantize changed its source"
     assert not leftovers(root), leftovers(root)
@@ -423,13 +420,7 @@ def test_generate(fp32_exports, tmp_path_factory, corruption, draw, out_place, s
         out = work / "file" / "img.png"
     before = tree_digest(work)
     code, stderr = run(["generate", source[1], src, "--prompt", "a red fox", "--out", out, *flags(draw)])
-    bad = {f: f for f, (ok, _) in draw.items() if not ok}
-    if not out_place[0]:
-        bad["--out"] = "--out"
-    if not source[0]:
-        bad["--engines"] = "--engines"
-    if needle:
-        bad[corruption] = needle
+    bad = faults(dict(draw, **{"--out": out_place, "--engines": source}), corruption, needle)
     check_outcome(code, stderr, bad, "generate")
     assert not leftovers(root), leftovers(root)
     if bad:
@@ -481,13 +472,7 @@ def test_bench(fp32_exports, tmp_path_factory, corruption, runs, draw, out_place
     for spec in runs[1]:
         argv += ["--run", spec.format(src=src, root=root)]
     code, stderr = run(argv)
-    bad = {f: f for f, (ok, _) in draw.items() if not ok}
-    if not runs[0]:
-        bad["--run"] = "--run"
-    if not out_place[0]:
-        bad["--out"] = "--out"
-    if needle:
-        bad[corruption] = needle
+    bad = faults(dict(draw, **{"--run": runs, "--out": out_place}), corruption, needle)
     check_outcome(code, stderr, bad, "bench")
     assert not leftovers(root), leftovers(root)
     if bad:
@@ -529,7 +514,7 @@ def test_bench_synthetic(tmp_path_factory, monkeypatch, draw):
         from fluxrt.bench import synthetic
 
         synthetic.use_model("flux-dev")
-    bad = {f: f for f, (ok, _) in draw.items() if not ok}
+    bad = faults(draw)
     check_outcome(code, stderr, bad, "bench-synthetic")
     if bad:
         assert not out.exists()
