@@ -50,10 +50,12 @@ UMASK = _umask()
 
 def separate_folders(source: Path, out: Path, source_what: str, out_flag: str, error: type) -> None:
     """Refuse an output folder that is, contains or lies inside the source folder (writing there would change
-    the source, or make one folder two things)."""
+    the source, or make one folder two things), and one that is a file."""
     a, b = Path(source).resolve(), Path(out).resolve()
     if a == b or a in b.parents or b in a.parents:
         raise error(f"{out_flag} {out} is, contains or lies inside {source_what} {source}: name a folder of its own")
+    if b.exists() and not b.is_dir():
+        raise error(f"{out_flag} {out} is a file, not a folder: name a folder (new or one this command wrote)")
 
 
 @contextmanager
