@@ -157,8 +157,8 @@ def add_calibration_flags(p: argparse.ArgumentParser, when: str) -> None:
                    help=f"{when}calibrate on the stated recipe: 64 bundled prompts, the variant's steps and text "
                         f"length, 1024 px (default: 8 prompts, 4 steps, 512 px, 128 tokens: minutes on the tiny "
                         f"model on a CPU)")
-    p.add_argument("--calibration-prompts", type=int, help=f"{when}bundled prompts to calibrate on, "
-                                                           f"1..{bundled_prompt_count()}")
+    p.add_argument("--calibration-prompts", type=int, help=f"{when}bundled prompts to calibrate on, from 1 to "
+                                                           f"the 72 of engines/calibration_prompts.txt")
     p.add_argument("--calibration-steps", type=int, help=f"{when}sampling steps per prompt, >= 1")
     p.add_argument("--calibration-size", type=int, help=f"{when}image side in pixels, a positive multiple of 16")
     p.add_argument("--calibration-text-length", type=int, help=f"{when}T5 tokens, 1..512 dev, 1..256 schnell")
@@ -316,11 +316,6 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-
-def bundled_prompt_count() -> int:
-    from fluxrt.engines.fp8 import bundled_prompts
-
-    return len(bundled_prompts())
 
 
 CALIBRATION_FLAGS = {"Fp8Settings.num_prompts": "--calibration-prompts",

@@ -432,3 +432,14 @@ def test_successful_runs_print_only_fluxrt_progress_and_one_line_warnings(half_e
     assert [w[:48] for w in warning] == ["fluxrt generate: warning: clip prompt 0 has 202 ",
                                          "fluxrt generate: warning: t5 prompt 0 has 201 to"], err
     assert "pipeline.py" not in err and "warnings.warn" not in err
+
+
+def test_calibration_prompts_help_states_the_bundled_count():
+    """--help gives --calibration-prompts' range without importing the engines at start-up: the number it
+    states is the bundled file's."""
+    from fluxrt.cli import parser
+    from fluxrt.engines.fp8 import bundled_prompts
+
+    helps = [a.help for a in parser()._subparsers._group_actions[0].choices["quantize"]._actions
+             if "--calibration-prompts" in a.option_strings]
+    assert helps and f"the {len(bundled_prompts())} of engines/calibration_prompts.txt" in helps[0]
