@@ -427,7 +427,6 @@ def quantize_kernels(source: Path, feeds, selected: dict[str, str], backend: str
     """An ort-kernels graph on fluxrt's FP8 ops (fp8_ort): calibrated by running it, with the op library,
     on ``feeds``; returns (model, module paths quantized, module paths left out)."""
     import onnx
-    from onnx.external_data_helper import load_external_data_for_model
 
     from fluxrt.engines import fp8_ort
 
@@ -435,9 +434,10 @@ def quantize_kernels(source: Path, feeds, selected: dict[str, str], backend: str
     linears = fp8_ort.kernel_linears(model, selected, what)
     tensors = list(dict.fromkeys(lin.input for lin in linears))
     amax = fp8_ort.activation_amax(model, tensors, feeds, backend, source.parent)
-    load_external_data_for_model(model, str(source.parent))
-    scales = fp8_ort.Scales(amax, fp8_ort.weight_amax(model, linears))
-    fp8_ort.fp8_graph(model, linears, scales)
+    # the weights are read in place from the source's data file (memory-mapped, on every core); the
+    # initializers the rewrite keeps stay external until write_graph copies their bytes
+    scales = fp8_ort.Scales(amax, fp8_ort.weight_amax(model, linears, source.parent))
+    fp8_ort.fp8_graph(model, linears, scales, source.parent)
     return model, sorted(lin.path for lin in linears), []
 
 
@@ -558,23 +558,88 @@ def check_same_io(source, model, what: str) -> None:
                           f"{io(source)}")
 
 
+def tensor_bytes(tensor) -> int:
+    """Bytes of an initializer's data, wherever it is stored."""
+    from onnx import TensorProto
+
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return int({e.key: e.value for e in tensor.external_data}.get("length", 0))
+    return tensor.ByteSize()
+
+
 def initializer_bytes(model) -> int:
-    return sum(t.ByteSize() for t in model.graph.initializer)
+    return sum(tensor_bytes(t) for t in model.graph.initializer)
 
 
-def write_graph(model, out_onnx: Path, staging: Path) -> str | None:
-    """Save into ``staging`` under the final names, then move the data file and last the graph;
-    return the data file's name, if any."""
+EXTERNAL_THRESHOLD = 1024  # initializers of fewer bytes stay inside the graph file
+ALIGN_THRESHOLD, ALIGNMENT = 2**20, 2**16  # tensors of 1 MiB or more start on 64 KiB boundaries (mappable), as onnx's
+COPY_CHUNK = 64 * 2**20
+
+
+def save_with_external_data(model, path: Path, data_name: str, source_folder: Path | None) -> None:
+    """``model`` to ``path`` with every initializer of ``EXTERNAL_THRESHOLD`` bytes or more in ``data_name`` beside it:
+    in-memory ones written from their bytes, external ones (still in a source graph's data file under
+    ``source_folder``) copied from there range by range, without loading the source whole."""
     import onnx
+    from onnx import TensorProto
 
-    external = initializer_bytes(model) > EXTERNAL_DATA_BYTES
+    def external(tensor, offset: int, length: int) -> None:
+        del tensor.external_data[:]
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = TensorProto.EXTERNAL
+
+    sources: dict[str, object] = {}
+    with open(path.parent / data_name, "wb") as out:
+        try:
+            for t in model.graph.initializer:
+                if tensor_bytes(t) >= ALIGN_THRESHOLD and out.tell() % ALIGNMENT:
+                    out.write(b"\0" * (ALIGNMENT - out.tell() % ALIGNMENT))
+                offset = out.tell()
+                if t.data_location == TensorProto.EXTERNAL:
+                    info = {e.key: e.value for e in t.external_data}
+                    if source_folder is None:
+                        raise EngineError(f"initializer {t.name!r} is stored in {info.get('location')!r} and no "
+                                          f"source folder was given to copy it from")
+                    where = str(Path(source_folder) / info["location"])
+                    src = sources.get(where) or sources.setdefault(where, open(where, "rb"))
+                    src.seek(int(info.get("offset", 0)))
+                    left = int(info["length"])
+                    while left:
+                        chunk = src.read(min(left, COPY_CHUNK))
+                        if not chunk:
+                            raise EngineError(f"initializer {t.name!r}: {where} ends before its {info['length']} bytes")
+                        out.write(chunk)
+                        left -= len(chunk)
+                    external(t, offset, int(info["length"]))
+                elif t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_THRESHOLD:
+                    out.write(t.raw_data)
+                    external(t, offset, len(t.raw_data))
+                    t.ClearField("raw_data")
+        finally:
+            for f in sources.values():
+                f.close()
+    onnx.save_model(model, str(path))
+
+
+def write_graph(model, out_onnx: Path, staging: Path, source_folder: Path | None = None) -> str | None:
+    """Save into ``staging`` under the final names, then move the data file and last the graph;
+    return the data file's name, if any. Initializers still stored externally are copied from
+    their data files under ``source_folder``."""
+    import onnx
+    from onnx import TensorProto
+
+    external = initializer_bytes(model) > EXTERNAL_DATA_BYTES or any(
+        t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
     data_name = f"{out_onnx.name}.data" if external else None
     final = staging / "final"
     final.mkdir()
-    onnx.save_model(model, str(final / out_onnx.name), save_as_external_data=external,
-                    all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-    if data_name:
+    if external:
+        save_with_external_data(model, final / out_onnx.name, data_name, source_folder)
         os.replace(final / data_name, out_onnx.parent / data_name)
+    else:
+        onnx.save_model(model, str(final / out_onnx.name))
     os.replace(final / out_onnx.name, out_onnx)
     return data_name
 
@@ -680,7 +745,7 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
         check_same_io(source_model, model, what)
         for node in model.graph.node:  # every linear, quantized or not, by its module path
             node.name = linears.get(node.name, node.name)
-        data_file = write_graph(model, out_onnx, staging)
+        data_file = write_graph(model, out_onnx, staging, source.parent if kernels else None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     quantized_at = time.perf_counter()

@@ -26,10 +26,13 @@ block linears on FP8 tensor cores (cuBLASLt) and, on the CPU, on the reference k
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,15 +80,71 @@ def e4m3(values: np.ndarray) -> np.ndarray:
     return np.clip(values.astype(np.float32), -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
 
 
-def to_float32(tensor) -> np.ndarray:
-    """An initializer's values as float32 (bfloat16 read from its raw bits)."""
+def mapped_file(path: str) -> np.ndarray:
+    """A whole external-data file as read-only bytes, memory-mapped (the page cache holds what was read); one
+    map per file version (a file replaced under the same name is mapped anew)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise EngineError(f"external data file {path}: {e.strerror}") from None
+    return _mapped(path, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=8)
+def _mapped(path: str, inode: int, mtime_ns: int, size: int) -> np.ndarray:
+    return np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+
+
+STORED_DTYPES = {1: np.float32, 10: np.float16, 16: np.uint16}  # TensorProto FLOAT, FLOAT16, BFLOAT16 (its bits)
+
+
+def stored_values(tensor, folder: str | Path | None = None) -> np.ndarray:
+    """An initializer's elements as stored (bfloat16 as uint16 bits), read in place: from ``raw_data``, or from its
+    external data file under ``folder`` through a memory map (nothing of the file is copied until used)."""
     from onnx import TensorProto, numpy_helper
 
+    dims = tuple(tensor.dims)
+    if tensor.data_location == TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in tensor.external_data}
+        if folder is None:
+            raise EngineError(f"initializer {tensor.name!r} is stored in {info.get('location')!r}, but no folder was "
+                              f"given to read it from")
+        dtype = STORED_DTYPES.get(tensor.data_type)
+        if dtype is None:
+            raise EngineError(f"initializer {tensor.name!r}: element type {tensor.data_type} is not a float type the "
+                              f"FP8 rewrite reads")
+        path = Path(folder) / info["location"]
+        offset = int(info.get("offset", 0))
+        count = int(np.prod(dims, dtype=np.int64))
+        data = mapped_file(str(path))
+        end = offset + count * np.dtype(dtype).itemsize
+        if end > data.size:
+            raise EngineError(f"initializer {tensor.name!r}: {path} holds {data.size} bytes, the tensor ends at {end}")
+        return data[offset:end].view(dtype).reshape(dims)
     if tensor.data_type == TensorProto.BFLOAT16:
         bits = np.frombuffer(tensor.raw_data, dtype=np.uint16) if tensor.raw_data else \
             np.asarray(tensor.int32_data, dtype=np.uint16)
-        return (bits.astype(np.uint32) << 16).view(np.float32).reshape(tuple(tensor.dims))
-    return numpy_helper.to_array(tensor).astype(np.float32)
+        return bits.reshape(dims)
+    return numpy_helper.to_array(tensor)
+
+
+def to_float32(tensor, folder: str | Path | None = None) -> np.ndarray:
+    """An initializer's values as float32 (bfloat16 read from its raw bits; external data from ``folder``)."""
+    from onnx import TensorProto
+
+    values = stored_values(tensor, folder)
+    if tensor.data_type == TensorProto.BFLOAT16:
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32)
+
+
+def parallel_map(fn: Callable, items: Sequence, threads: int | None = None) -> list:
+    """``[fn(x) for x in items]`` on a thread pool: NumPy's casts, clips and reductions release the GIL."""
+    threads = threads or min(16, os.cpu_count() or 1)
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))
 
 
 def from_float32(values: np.ndarray, name: str, data_type: int):
@@ -121,9 +180,11 @@ class Scales:
     weights: dict[str, np.ndarray]  # module path -> [N]
 
 
-def weight_amax(model, linears: Sequence[Linear]) -> dict[str, np.ndarray]:
+def weight_amax(model, linears: Sequence[Linear], folder: str | Path | None = None) -> dict[str, np.ndarray]:
+    """Per linear, ``max |W|`` per output feature (W [K, N]); external weights are read from ``folder``."""
     inits = {t.name: t for t in model.graph.initializer}
-    return {lin.path: np.abs(to_float32(inits[lin.weight])).max(axis=0) for lin in linears}  # W [K, N]
+    amax = parallel_map(lambda lin: np.abs(to_float32(inits[lin.weight], folder)).max(axis=0), linears)
+    return {lin.path: a for lin, a in zip(linears, amax)}
 
 
 # ---------------------------------------------------------------- calibration
@@ -220,8 +281,9 @@ def insert_before_first_user(nodes: list, new: list, tensor: str) -> None:
     nodes[at:at] = new
 
 
-def fp8_graph(model, linears: Sequence[Linear], scales: Scales):
-    """Rewrite ``model`` in place onto fluxrt's FP8 ops (see the module doc); return it."""
+def fp8_graph(model, linears: Sequence[Linear], scales: Scales, folder: str | Path | None = None):
+    """Rewrite ``model`` in place onto fluxrt's FP8 ops (see the module doc); return it.  Weights stored as
+    external data are read from ``folder``; the initializers the rewrite keeps stay where they are stored."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -229,20 +291,25 @@ def fp8_graph(model, linears: Sequence[Linear], scales: Scales):
     index = GraphIndex(graph, nodes)
     dtype = graph_dtype(index, linears)
     by_node = {lin.node: lin for lin in linears}
+    by_name = {n.name: n for n in nodes}
     new_inits = []
+
+    def quantize_weight(lin: Linear) -> tuple[np.ndarray, np.ndarray]:
+        w_scale = scale_of(scales.weights[lin.path])
+        return e4m3(to_float32(index.inits[lin.weight], folder).T / w_scale[:, None]), w_scale  # [N, K]
+
+    weights = parallel_map(quantize_weight, linears)  # the one pass over the weights, on every core
 
     # the linears first: they take their biases from the ops that consume their products
     quantized = {t: f"{t}.fp8" for t in dict.fromkeys(lin.input for lin in linears)}
-    for lin in linears:
-        node = next(n for n in nodes if n.name == lin.node)
-        w = to_float32(index.inits[lin.weight])  # [K, N]
-        w_scale = scale_of(scales.weights[lin.path])
-        new_inits += [fp8_tensor(e4m3(w.T / w_scale[:, None]), f"{lin.path}.weight_fp8"),
+    for lin, (w8, w_scale) in zip(linears, weights):
+        node = by_name[lin.node]
+        new_inits += [fp8_tensor(w8, f"{lin.path}.weight_fp8"),
                       numpy_helper.from_array(w_scale, f"{lin.path}.weight_scale")]
         bias = take_bias(index, node.output[0])
         if bias is None:
             bias = f"{lin.path}.zero_bias"
-            new_inits.append(from_float32(np.zeros(w.shape[1], np.float32), bias, dtype))
+            new_inits.append(from_float32(np.zeros(w8.shape[0], np.float32), bias, dtype))
         fp8 = helper.make_node("Fp8Linear", [quantized[lin.input], f"{lin.input}.fp8_scale", f"{lin.path}.weight_fp8",
                                              f"{lin.path}.weight_scale", bias], list(node.output), name=node.name,
                                domain=ORT_OPS_DOMAIN)

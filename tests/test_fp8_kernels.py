@@ -227,6 +227,63 @@ def test_fp8_graph_agrees_with_the_qdq_graph_of_the_same_calibration(kernels_gra
     assert 1e-4 < rel(a, base) < 0.05 and 1e-4 < rel(b, base) < 0.05
 
 
+def test_rewrite_reads_external_weights_in_place_and_copies_the_rest(kernels_graph, ops_library, tmp_path):
+    """A source whose weights live in a data file (as every full-size export's do): the rewrite reads them through
+    a memory map on a thread pool, and write_graph copies the initializers it kept range by range. The graph it
+    writes has, tensor for tensor, the bytes of the rewrite of the same graph held in memory, large tensors on
+    64 KiB boundaries, and ONNX Runtime gives the same output."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    model, linears, scales, feed = kernels_graph
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save_model(copy.deepcopy(model), str(src / "transformer.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="transformer.onnx.data", size_threshold=0)
+    lazy = onnx.load(str(src / "transformer.onnx"), load_external_data=False)
+    assert all(t.data_location == TensorProto.EXTERNAL for t in lazy.graph.initializer)
+    in_place = fp8_ort.Scales(scales.activations, fp8_ort.weight_amax(lazy, linears, src))
+    for path, amax in scales.weights.items():
+        np.testing.assert_array_equal(in_place.weights[path], amax)
+    ours = fp8_ort.fp8_graph(lazy, linears, in_place, src)
+    kept = sum(t.data_location == TensorProto.EXTERNAL for t in ours.graph.initializer)
+    assert kept > 0  # norms, embedders, modulation: still in the source's file until written
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "staging").mkdir()
+    data = fp8.write_graph(ours, out / "transformer.onnx", tmp_path / "staging", src)
+    assert data == "transformer.onnx.data" and sorted(p.name for p in out.iterdir()) == [
+        "transformer.onnx", "transformer.onnx.data"]
+
+    written = onnx.load(str(out / "transformer.onnx"), load_external_data=False)
+    for t in written.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL and int(ExternalDataInfo(t).length) >= 2**20:
+            assert int(ExternalDataInfo(t).offset) % 2**16 == 0
+    written = onnx.load(str(out / "transformer.onnx"))
+    want = fp8_ort.fp8_graph(copy.deepcopy(model), linears, scales)
+    got = {t.name: (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes()) for t in written.graph.initializer}
+    assert got == {t.name: (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes())
+                   for t in want.graph.initializer}
+    np.testing.assert_array_equal(session(written, ops_library).run(None, feed)[0],
+                                  session(want, ops_library).run(None, feed)[0])
+
+
+def test_external_weights_must_be_readable(kernels_graph, tmp_path):
+    """A data file shorter than a tensor, or a lazy graph without its folder, is an EngineError naming the tensor."""
+    from fluxrt.errors import EngineError
+
+    model, linears, scales, _ = kernels_graph
+    onnx.save_model(copy.deepcopy(model), str(tmp_path / "t.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="t.onnx.data", size_threshold=0)
+    lazy = onnx.load(str(tmp_path / "t.onnx"), load_external_data=False)
+    weight = next(t for t in lazy.graph.initializer if t.name == linears[0].weight)
+    with pytest.raises(EngineError, match=f"initializer '{weight.name}' is stored in 't.onnx.data', but no folder"):
+        fp8_ort.to_float32(weight)
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "t.onnx.data").write_bytes(b"\0" * 8)
+    with pytest.raises(EngineError, match=f"initializer '{weight.name}': .*holds 8 bytes, the tensor ends at"):
+        fp8_ort.to_float32(weight, tmp_path / "short")
+
+
 # ---- fluxrt quantize of an ort-kernels export -------------------------------------------------------------
 
 CALL = dict(prompt="a lighthouse on a cliff", height=64, width=64, num_inference_steps=3, max_sequence_length=16,
