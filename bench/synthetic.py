@@ -296,8 +296,9 @@ def host_feed(component: str, feed: dict, precision: str) -> dict[str, np.ndarra
 def fp8_for_timing(source: Path, feed: dict[str, np.ndarray], out: Path, device: str) -> dict:
     """``source`` (an ort-kernels transformer) on fluxrt's FP8 ops, calibrated on the one bench input: latency
     does not depend on the scale values, so one sample is enough to time it (and too few for quality)."""
+    import shutil
+
     import onnx
-    from onnx.external_data_helper import load_external_data_for_model
 
     from fluxrt.engines import fp8, fp8_ort
 
@@ -309,11 +310,16 @@ def fp8_for_timing(source: Path, feed: dict[str, np.ndarray], out: Path, device:
         amax = fp8_ort.activation_amax(model, list(dict.fromkeys(lin.input for lin in linears)), [feed],
                                        "ort-cuda" if device == "cuda" else "ort-cpu", source.parent)
         calibrated = time.perf_counter()
-        load_external_data_for_model(model, str(source.parent))
-        fp8_ort.fp8_graph(model, linears, fp8_ort.Scales(amax, fp8_ort.weight_amax(model, linears)))
+        scales = fp8_ort.Scales(amax, fp8_ort.weight_amax(model, linears, source.parent))
+        fp8_ort.fp8_graph(model, linears, scales, source.parent)
         out.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=out.name + ".data", size_threshold=1024)
+        staging = out.parent / f".staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            fp8.write_graph(model, out, staging, source.parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         del model
     return {"quantize_seconds": time.perf_counter() - start, "calibrate_seconds": calibrated - start,
             "quantize_peak_rss_gib": mem.peak_bytes / 2**30, "fp8_linears": len(linears), "calibration_samples": 1}

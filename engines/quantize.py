@@ -5,7 +5,7 @@
     FP8_DIR/transformer.onnx       the FP8 graph (+ .data), from ``fp8.calibrate_fp8``: Q/DQ pairs (ModelOpt), or
                                    for an ``--attention ort-kernels`` export fluxrt's FP8 ops (``fp8_ort``)
     FP8_DIR/transformer.json       its calibration record: every setting, library versions, both fingerprints
-    FP8_DIR/clip.onnx ...          copies of the source's other graphs; tokenizer/ tokenizer_2/ scheduler/ vae/
+    FP8_DIR/clip.onnx ...          the source's other graphs (hard links where possible, else copies); tokenizer/ tokenizer_2/ scheduler/ vae/
 
 It is an export folder like any other (``fluxrt.artifacts``): the runtime runs it with ONNX Runtime
 (``fluxrt generate --onnx FP8_DIR``), and ``fluxrt build FP8_DIR --precision fp8`` builds TensorRT plans
@@ -15,6 +15,7 @@ the same source and settings keeps the calibrated graph.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -52,16 +53,31 @@ def check_folders(source: ExportFolder, out_dir: Path) -> None:
                               f"{(manifest.get('source') or {}).get('path')}); use another folder")
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` made a hard link to ``src`` where the file system allows (no second copy of a T5 of 9 GB; every
+    writer of fluxrt replaces files by renaming, so a later export into the source leaves the link's data as
+    it was), else a copy; either appears under its name only when complete."""
+    staged = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(src, staged)
+    except OSError:  # another file system, or links not supported: copy
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+        return
+    os.replace(staged, dst)
+
+
 def copy_verified(source: ExportFolder, name: str, out_dir: Path) -> dict:
-    """Every file of graph ``name`` copied into ``out_dir`` (unless already there, byte for byte); its record."""
+    """Every file of graph ``name`` linked or copied into ``out_dir`` (unless already there, byte for byte); its
+    record."""
     source.verified_graph(name)
     record = source.record(name)
     for file, digest in record["fingerprint"]["files"].items():
         target = out_dir / file
         if target.is_file() and sha256_file(target) == digest:
             continue
-        with atomic_path(target) as tmp:
-            shutil.copyfile(source.root / file, tmp)
+        link_or_copy(source.root / file, target)
     return record
 
 

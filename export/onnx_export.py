@@ -163,9 +163,10 @@ def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, att
         log(f"{name}: {nbytes / 2**20:.1f} MiB of weights loaded in {time.perf_counter() - t0:.1f}s; tracing")
         t1 = time.perf_counter()
         quiet_exporter()
+        device = next(module.parameters()).device  # a checkpoint may hand its modules over on a GPU
         with torch.no_grad():
             program = torch.onnx.export(
-                module, example_inputs(spec, dims, graph_precision), dynamo=True, opset_version=opset_for(graph_precision),
+                module, tuple(x.to(device) for x in example_inputs(spec, dims, graph_precision)), dynamo=True, opset_version=opset_for(graph_precision),
                 input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_shapes=dynamic_shapes(spec, dims), verbose=False,
                 custom_translation_table=graphs.translation_table(attention) if name == "transformer" else None,

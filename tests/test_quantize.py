@@ -39,8 +39,10 @@ def test_folder_is_a_complete_fp8_export(fp8_export, half_exports):
     assert sorted(folder.manifest["components"]) == sorted(source.manifest["components"])
     for name in folder.manifest["components"]:
         folder.verified_graph(name)
-        if name != "transformer":  # the other graphs are the source's, byte for byte
+        if name != "transformer":  # the other graphs are the source's, byte for byte: hard links on one disk
             assert folder.record(name)["fingerprint"] == source.record(name)["fingerprint"]
+            for file in folder.record(name)["fingerprint"]["files"]:
+                assert (fp8_export / file).stat().st_ino == (half_exports["fp16"] / file).stat().st_ino
     for sub in ("tokenizer/tokenizer.json", "tokenizer_2/tokenizer.json", "scheduler/scheduler_config.json",
                 "vae/config.json"):
         assert (fp8_export / sub).read_bytes() == (half_exports["fp16"] / sub).read_bytes()
@@ -120,3 +122,23 @@ def test_engines_build_from_the_fp8_export_without_calibrating(fp8_export, tmp_p
     assert folder.verify_plan("transformer", library_info(trt), None) == out / "transformer.plan"
     with pytest.raises(EngineError, match="is an FP8 export .*: build it with --precision fp8"):
         build_folder(fp8_export, out, BuildSettings(precision="fp16", envelope=envelope), trt_module=trt)
+
+
+def test_graphs_are_copied_where_hard_links_fail(tmp_path, monkeypatch):
+    """On a file system without hard links (or across two), the other graphs are copied, and only complete files
+    appear under their names."""
+    import os
+
+    from fluxrt.engines.quantize import link_or_copy
+
+    src = tmp_path / "t5.onnx"
+    src.write_bytes(b"graph" * 1000)
+
+    def refuse(a, b):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", refuse)
+    link_or_copy(src, tmp_path / "copy.onnx")
+    assert (tmp_path / "copy.onnx").read_bytes() == src.read_bytes()
+    assert (tmp_path / "copy.onnx").stat().st_ino != src.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.onnx", "t5.onnx"]
