@@ -82,13 +82,53 @@ def transformer_flops(batch: int, image_tokens: int, text_tokens: int, num_doubl
     return float(batch * (num_double * double + num_single * single + embed + vec + final))
 
 
+def gaussian_blur(x: np.ndarray, sigma: float = 1.5, truncate: float = 3.5) -> np.ndarray:
+    """``x`` [H, W] filtered by a normalised Gaussian over both axes, borders mirrored (d c b a | a b c d)."""
+    radius = int(truncate * sigma + 0.5)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius, radius)
+        padded = np.pad(x, pad, mode="symmetric")
+        n = x.shape[axis]
+        x = sum(w * np.take(padded, np.arange(i, i + n), axis=axis) for i, w in enumerate(taps))
+    return x
+
+
+def ssim(images, reference, data_range: float = 1.0, sigma: float = 1.5) -> float:
+    """Mean structural similarity (Wang, Bovik, Sheikh and Simoncelli 2004) of images [..., H, W, C] in
+    [0, ``data_range``]: Gaussian window (sigma 1.5, 11 taps), K1 = 0.01, K2 = 0.03, each channel of each image,
+    the map's borders (half a window) left out, averaged; scikit-image's ``structural_similarity`` with
+    ``gaussian_weights=True, use_sample_covariance=False``."""
+    a, b = np.asarray(images, np.float64), np.asarray(reference, np.float64)
+    if a.shape != b.shape or a.ndim < 3:
+        raise ValueError(f"ssim needs two image arrays [..., H, W, C] of one shape, got {a.shape} and {b.shape}")
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    crop = int(3.5 * sigma + 0.5)
+    scores = []
+    for x, y in zip(a.reshape(-1, *a.shape[-3:]), b.reshape(-1, *b.shape[-3:])):
+        for c in range(x.shape[-1]):
+            u, v = x[..., c], y[..., c]
+            mu, mv = gaussian_blur(u, sigma), gaussian_blur(v, sigma)
+            vu = gaussian_blur(u * u, sigma) - mu * mu
+            vv = gaussian_blur(v * v, sigma) - mv * mv
+            cov = gaussian_blur(u * v, sigma) - mu * mv
+            s = ((2 * mu * mv + c1) * (2 * cov + c2)) / ((mu * mu + mv * mv + c1) * (vu + vv + c2))
+            scores.append(s[crop:-crop, crop:-crop].mean())
+    return float(np.mean(scores))
+
+
 def image_quality(images, reference) -> dict:
-    """Max/mean absolute difference (images in [0, 1]) and PSNR in dB against ``reference``."""
+    """Max/mean absolute difference (images [..., H, W, C] in [0, 1]), PSNR in dB and SSIM against ``reference``."""
     a, b = np.asarray(images, np.float64), np.asarray(reference, np.float64)
     diff = np.abs(a - b)
     mse = float((diff ** 2).mean())
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
-            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))}
+    out = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+           "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))}
+    if a.ndim >= 3 and min(a.shape[-3:-1]) > 2 * int(3.5 * 1.5 + 0.5):
+        out["ssim"] = ssim(a, b)
+    return out
 
 
 def machine_info() -> dict:

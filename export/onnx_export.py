@@ -229,10 +229,14 @@ def contiguous_initializers(model) -> int:
         raw = getattr(tensor, "raw", None)
         if not isinstance(raw, np.ndarray) or raw.flags.c_contiguous:
             continue
-        value.const_value = ir.LazyTensor(
-            lambda raw=raw, dtype=tensor.dtype: ir.Tensor(np.ascontiguousarray(raw), dtype=dtype),
-            dtype=tensor.dtype, shape=tensor.shape, name=tensor.name, doc_string=tensor.doc_string,
-            metadata_props=dict(tensor.metadata_props))
+        if hasattr(ir, "LazyTensor"):
+            value.const_value = ir.LazyTensor(
+                lambda raw=raw, dtype=tensor.dtype: ir.Tensor(np.ascontiguousarray(raw), dtype=dtype),
+                dtype=tensor.dtype, shape=tensor.shape, name=tensor.name, doc_string=tensor.doc_string,
+                metadata_props=dict(tensor.metadata_props))
+        else:  # onnx-ir before LazyTensor: the copy now (memory for it, but still the fast write)
+            value.const_value = ir.Tensor(np.ascontiguousarray(raw), dtype=tensor.dtype, name=tensor.name,
+                                          doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props))
         count += 1
     return count
 

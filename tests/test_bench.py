@@ -32,6 +32,40 @@ def test_summary_and_quality():
     assert bench.image_quality(a, a)["psnr_db"] == float("inf")
 
 
+@pytest.mark.parametrize("case", ["noise", "blur", "shift", "contrast", "batch"])
+def test_ssim_equals_scikit_image(case):
+    """SSIM as scikit-image computes it (Gaussian window, sigma 1.5, population covariances, per channel), on
+    natural-ish images and the distortions FP8 and fp16 cause (noise, smoothing, an offset, a contrast change)."""
+    metrics = pytest.importorskip("skimage.metrics")
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:48, 0:40] / 40.0
+    ref = np.stack([np.sin(6 * x + 2 * y) * 0.4 + 0.5, x * y, np.cos(9 * y) * 0.3 + 0.5], axis=-1)
+    ref = np.clip(ref + rng.normal(0, 0.03, ref.shape), 0, 1)
+    other = {"noise": lambda r: np.clip(r + rng.normal(0, 0.05, r.shape), 0, 1),
+             "blur": lambda r: (r + np.roll(r, 1, 0) + np.roll(r, 1, 1)) / 3,
+             "shift": lambda r: np.clip(r + 0.1, 0, 1), "contrast": lambda r: 0.5 + 0.7 * (r - 0.5),
+             "batch": lambda r: np.clip(r + rng.normal(0, 0.02, r.shape), 0, 1)}[case](ref)
+    if case == "batch":  # [B, H, W, C]: the mean over images of each image's SSIM
+        a, b = np.stack([other, ref]), np.stack([ref, ref])
+        want = np.mean([metrics.structural_similarity(u, v, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                                      use_sample_covariance=False, data_range=1.0)
+                        for u, v in zip(a, b)])
+    else:
+        a, b = other, ref
+        want = metrics.structural_similarity(a, b, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                             use_sample_covariance=False, data_range=1.0)
+    got = bench.ssim(a, b)
+    assert got == pytest.approx(want, abs=1e-9)
+    assert 0 < got < 1 and bench.ssim(ref, ref) == pytest.approx(1.0)
+    assert bench.image_quality(a, b)["ssim"] == pytest.approx(want, abs=1e-9)
+
+
+def test_ssim_refuses_mismatched_images():
+    with pytest.raises(ValueError, match=r"ssim needs two image arrays \[..., H, W, C\] of one shape, got \(4, 4, 3\) "
+                                         r"and \(4, 5, 3\)"):
+        bench.ssim(np.zeros((4, 4, 3)), np.zeros((4, 5, 3)))
+
+
 def test_time_call_excludes_warmup_and_syncs():
     calls, syncs = [], []
     samples = bench.time_call(lambda: calls.append(1), warmup=3, iters=5, sync=lambda: syncs.append(1))
