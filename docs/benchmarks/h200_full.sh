@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole FLUX.1-dev end to end on one GPU machine (bench/full.py), as one background job that outlives the
+# machine's 10-minute command limit: started with `setsid`, its log polled by later commands.
+#   bash docs/benchmarks/h200_full.sh setup            # wheels (onnxruntime-gpu from /tmp/carry, .gpu/wheels), op library
+#   bash docs/benchmarks/h200_full.sh start ROOT OUT   # prepare, export bf16, quantize fp8, run: in the background
+#   bash docs/benchmarks/h200_full.sh poll ROOT OUT    # the log's tail; copies OUT's files to $OUT when done
+set -uo pipefail
+repo="$(cd "$(dirname "$0")/../.." && pwd)"
+pkg=/tmp/pkg
+export PYTHONPATH=$pkg:/tmp/site PYTHONUNBUFFERED=1 FLUXRT_ORT_OPS=/tmp/ops/libfluxrt_ort_ops.so
+case "$1" in
+  setup)
+    set -e
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      /tmp/carry/*.whl "$repo"/.gpu/wheels/*.whl
+    rm -rf $pkg && mkdir -p $pkg && cp -r "$repo/fluxrt" $pkg/fluxrt
+    for stage in export engines runtime bench; do ln -s "$repo/$stage" $pkg/fluxrt/$stage; done
+    cd /tmp && python3 -m fluxrt.cli ort-ops build --out /tmp/ops/libfluxrt_ort_ops.so --cuda-archs 90 \
+      --ort-include "$repo/.gpu/ort-include"
+    python3 -c "import torch, onnxruntime as o, diffusers, torchao; print(torch.__version__, o.__version__, o.get_available_providers(), diffusers.__version__, torchao.__version__)"
+    df -h /tmp; free -g ;;
+  start)
+    root=$2; out=$3
+    cd /tmp
+    setsid nohup bash -c "
+      set -e
+      date; python3 -m fluxrt.bench.full prepare $root
+      python3 -m fluxrt.bench.full export $root --precision bf16 --device cuda
+      date; python3 -m fluxrt.cli quantize $root/onnx-bf16 --out $root/onnx-fp8 --calibration-prompts 1 \
+        --calibration-steps 1 --calibration-size 1024 --calibration-text-length 512 --calibration-backend ort-cuda
+      date; df -h /tmp
+      python3 -m fluxrt.bench.full run $root --out $out --precisions bf16,fp8 --torch eager,compile,torchao-fp8 --device cuda
+      date; echo FULL-DONE" > $root.log 2>&1 < /dev/null &
+    echo started ;;
+  poll)
+    root=$2; out=$3
+    tail -c 6000 $root.log; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+    mkdir -p "$OUT/full"; cp $root.log "$OUT/full/run.log"; cp $out/* "$OUT/full/" 2>/dev/null; true ;;
+esac
