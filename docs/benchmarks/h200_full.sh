@@ -29,7 +29,7 @@ case "$1" in
       date; python3 -m fluxrt.cli quantize $root/onnx-bf16 --out $root/onnx-fp8 --calibration-prompts 1 \
         --calibration-steps 1 --calibration-size 1024 --calibration-text-length 512 --calibration-backend ort-cuda
       date; df -h /tmp
-      python3 -m fluxrt.bench.full run $root --out $out --precisions bf16,fp8 --torch eager,compile,torchao-fp8 --device cuda
+      python3 -m fluxrt.bench.full run $root --out $out --precisions bf16,fp8 --torch ${TORCH_MODES:-eager,compile,torchao-fp8} --device cuda --iters 5 --generation-iters 2
       date; echo FULL-DONE" > $root.log 2>&1 < /dev/null &
     echo started ;;
   poll)
