@@ -29,7 +29,7 @@ def bench_root(tmp_path_factory, ops_library):
         full.prepare(root, "tiny")
         full.export(root, "fp32", device="cpu")
         assert main(["quantize", str(root / "onnx-fp32"), "--out", str(root / "onnx-fp8"), "--calibration-prompts",
-                     "1", "--calibration-steps", "2", "--calibration-size", "64",
+                     "1", "--calibration-steps", "1", "--calibration-size", "64",
                      "--calibration-text-length", "16"]) == 0
         data = full.run(root, root / "out", ["fp32", "fp8"], ["eager"], SETTINGS, device="cpu")
         yield root, data

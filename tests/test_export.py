@@ -265,9 +265,8 @@ def test_strided_initializers_are_written_contiguously_with_the_same_bytes(tiny_
                                      output_names=spec.output_names, dynamic_shapes=dynamic_shapes(spec, ckpt.dims()),
                                      custom_translation_table=graphs.translation_table("ort-kernels"))
 
-    plain = program()
-    plain.save(str(tmp_path / "plain.onnx"), external_data=True)
     ours = program()
+    ours.save(str(tmp_path / "plain.onnx"), external_data=True)  # the exporter's own save, before any wrapping
     strided = sum(not v.const_value.raw.flags.c_contiguous for v in ours.model.graph.initializers.values()
                   if isinstance(getattr(v.const_value, "raw", None), np.ndarray))
     assert strided >= 2 * 6 + 2 * 2  # at least every double block's and single block's projections
