@@ -296,7 +296,7 @@ def glue_per_step(stats: dict, steps: int) -> float | None:
 
 
 def run_fluxrt(label: str, folder: Path, s: RunSettings, device: str, ref: Reference | None,
-               results: Results) -> Reference:
+               results: Results) -> tuple[Reference, np.ndarray]:
     from fluxrt.runtime import loop, sampling
     from fluxrt.runtime.pipeline import FluxPipeline
 
