@@ -28,7 +28,11 @@ the final images of each configuration's own whole run: max/mean absolute differ
 ``OUT/results.json`` gets each row as soon as it is measured (a run stopped by its time limit keeps what it
 measured): ``component`` (clip, t5, transformer, vae_decoder, generation), ``backend``, ``precision``,
 ``layers`` (double and single blocks, for the transformer and the generation), ``p50_ms``, ``p90_ms``,
-``p99_ms``, ``gpu``. ``report`` writes ``results.md`` and ``stages.png`` from it (``run`` does at the end).
+``p99_ms``, ``gpu``. Host time: ``glue_ms_per_step`` is the generation's time outside the four stages' own
+p50s, per step (one-off work such as tokenizing and the image's copy to the host included, and the stages'
+run-to-run spread with it); for fluxrt, ``loop_host_ms_per_step`` is measured directly: the sampling loop's
+wall time less the transformer runner's calls, per step, and ``loop_host_fraction`` that over the step.
+``report`` writes ``results.md`` and ``stages.png`` from it (``run`` does at the end).
 """
 
 from __future__ import annotations
@@ -295,6 +299,19 @@ def glue_per_step(stats: dict, steps: int) -> float | None:
     return (stats["generation"]["p50_ms"] - inside) / steps
 
 
+def loop_host_ms(transformer, latents, pooled, text, img_ids, sigmas, guidance) -> float:
+    """The sampling loop's own host time per step: the wall time of ``loop.denoise`` over every step of
+    ``sigmas`` less the transformer runner's calls (each returns when its GPU work is done), in ms."""
+    from fluxrt.runtime import loop
+
+    calls = []
+    start = time.perf_counter()
+    loop.denoise(transformer, latents, pooled, text, img_ids, sigmas, guidance,
+                 callback=lambda i, n: calls.append(transformer.last_inference_time))
+    bench.device_sync()
+    return (time.perf_counter() - start - sum(calls)) / (len(sigmas) - 1) * 1e3
+
+
 def run_fluxrt(label: str, folder: Path, s: RunSettings, device: str, ref: Reference | None,
                results: Results) -> tuple[Reference, np.ndarray]:
     from fluxrt.runtime import loop, sampling
@@ -342,6 +359,9 @@ def run_fluxrt(label: str, folder: Path, s: RunSettings, device: str, ref: Refer
         stats["generation"] = bench.summarize(bench.time_call(generate, warmup=s.generation_warmup,
                                                               iters=s.generation_iters))
         images = outputs[-1]
+        log(f"{label}: the loop's host time ({s.steps} steps)")
+        host_ms = float(np.median([loop_host_ms(r["transformer"], on_device, pooled, text, img_ids, sigmas,
+                                                p.guidance_scale) for _ in range(max(s.generation_iters, 1))]))
         quality: dict = {}
         if ref is None:  # the reference: its own trajectory, one step at a time (the loop's own arithmetic)
             xs, vs, x = [latents], [], on_device
@@ -367,7 +387,9 @@ def run_fluxrt(label: str, folder: Path, s: RunSettings, device: str, ref: Refer
                       cuda_graph=device == "cuda", gpu_used_gib=(bench.gpu_memory_used_bytes() or 0) / 2**30 or None)
         stage_rows(results, common, {k: v for k, v in stats.items() if k != "generation"}, layers)
         results.add(component="generation", layers=layers, **common, **stats["generation"], load_s=load_s,
-                    steps=s.steps, image_std=float(np.std(images)), glue_ms_per_step=glue_per_step(stats, s.steps), **quality)
+                    steps=s.steps, image_std=float(np.std(images)), glue_ms_per_step=glue_per_step(stats, s.steps),
+                    loop_host_ms_per_step=host_ms, loop_host_fraction=host_ms / stats["transformer"]["p50_ms"],
+                    **quality)
         return ref, images
     finally:
         for runner in pipe.runners.values():
@@ -432,8 +454,10 @@ def run_torch(modes: list[str], root: Path, s: RunSettings, device: str, latents
         pooled = pipe.text_encoder(clip_ids, output_hidden_states=False).pooler_output
         text = pipe.text_encoder_2(t5_ids, output_hidden_states=False)[0]
         x0 = torch.from_numpy(latents).to(device)
-        img_ids = torch.from_numpy(sampling.image_ids(s.height, s.width, vae_scale)).to(device)
-        txt_ids = torch.zeros(s.text_length, 3, device=device)
+        # the ids in the embeddings' dtype, as FluxPipeline passes them: a compiled transformer called with
+        # other dtypes than the pipeline's would be compiled again (and time a second graph)
+        img_ids = torch.from_numpy(sampling.image_ids(s.height, s.width, vae_scale)).to(device, text.dtype)
+        txt_ids = torch.zeros(s.text_length, 3, device=device, dtype=text.dtype)
         guidance = torch.full([1], s.guidance, device=device, dtype=torch.float32)
         sigmas = ref.sigmas if ref is not None else None
         z = torch.from_numpy(sampling.decode_latents_scale(
@@ -441,8 +465,10 @@ def run_torch(modes: list[str], root: Path, s: RunSettings, device: str, latents
             pipe.vae.config.shift_factor)).to(device, dtype)
 
     def velocity(x, sigma, pooled=pooled, text=text):
-        return pipe.transformer(hidden_states=x.to(dtype), timestep=torch.full([1], float(sigma), device=device,
-                                                                                 dtype=dtype),
+        # the timestep as FluxPipeline makes it: the scheduler's t = 1000 sigma (float32) in the latents' dtype,
+        # over 1000
+        t = torch.full([1], float(np.float32(sigma) * np.float32(1000)), device=device, dtype=torch.float32)
+        return pipe.transformer(hidden_states=x.to(dtype), timestep=t.to(dtype) / 1000,
                                 guidance=guidance, pooled_projections=pooled.to(dtype),
                                 encoder_hidden_states=text.to(dtype), txt_ids=txt_ids, img_ids=img_ids,
                                 return_dict=False)[0]
@@ -598,6 +624,8 @@ def report(results_file: Path, out: Path, images: dict | None = None) -> None:
             row["gen_vs_compile"] = f"{gen['p50_ms'] / compile_gen:.3f}x"
         if gen.get("glue_ms_per_step") is not None:
             row["glue"] = f"{gen['glue_ms_per_step']:.2f}"
+        if gen.get("loop_host_ms_per_step") is not None:
+            row["loop_host"] = f"{gen['loop_host_ms_per_step']:.3f} ({100 * gen['loop_host_fraction']:.2f}%)"
         table.append(row)
     quality = []
     for r in rows:
@@ -626,7 +654,8 @@ def report(results_file: Path, out: Path, images: dict | None = None) -> None:
                                          ("transformer", "transformer step"), ("vae_decoder", "VAE decode"),
                                          ("generation", "generation"), ("step_vs_compile", "step vs torch.compile"),
                                          ("gen_vs_compile", "generation vs torch.compile"),
-                                         ("glue", "glue ms/step")]),
+                                         ("glue", "glue ms/step"),
+                                         ("loop_host", "loop host ms/step (of the step)")]),
             "\n## Quality against the reference (random weights)\n",
             bench.markdown_table(quality, [("config", "configuration"), ("vs", "against"),
                                            ("step_rms_first", "velocity rel. RMS, step 1"),

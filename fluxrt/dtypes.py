@@ -75,6 +75,23 @@ def is_bf16_bits(x: Array) -> bool:
     return array_module(x) is not np and str(x.dtype) == "uint16"
 
 
+def as_bits(x: Array) -> Array:
+    """``x`` in the form a device array holds it: bfloat16 (ml_dtypes on the host, or a cupy build with
+    ml_dtypes' bfloat16) as a uint16 view of the same bits; any other array unchanged."""
+    if str(x.dtype) == "bfloat16":
+        return x.view(array_module(x).uint16)
+    return x
+
+
+def to_cupy(x: Array) -> Array:
+    """``x`` as a cupy array, bfloat16 as its uint16 bits: what every CUDA runner binds. A host bfloat16 array
+    copied as it is would become either a cupy bfloat16 array or a value cast into a uint16 buffer, and
+    the graph would read other numbers than the ones given."""
+    import cupy
+
+    return cupy.asarray(as_bits(x))
+
+
 def to_float32(x: Array) -> Array:
     """float32 view of any floating array, bf16 bit patterns included."""
     if is_bf16_bits(x):

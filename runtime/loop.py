@@ -18,12 +18,10 @@ from fluxrt.runtime import sampling
 
 def to_device(runner: Runner, x: Array) -> Array:
     """``x`` where ``runner`` wants its inputs (host numpy or device cupy)."""
-    if runner.device == "cuda" and array_module(x) is np:
-        import cupy
-
-        return cupy.asarray(x)
+    if runner.device == "cuda":
+        return dtypes.to_cupy(x)  # bfloat16 as its bits, from the host or a device bfloat16 array
     if runner.device == "cpu" and array_module(x) is not np:
-        return x.get()
+        return x.get().view(dtypes.numpy_dtype("bfloat16")) if dtypes.is_bf16_bits(x) else x.get()
     return x
 
 

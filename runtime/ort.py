@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fluxrt.components import ComponentSpec
+from fluxrt import dtypes
 from fluxrt.dtypes import BY_ORT, DTYPES, Array
 from fluxrt.errors import EngineError, InvalidInputError
 from fluxrt.runner import Runner
@@ -132,7 +133,7 @@ class OrtRunner(Runner):
         binding = self.session.io_binding()
         keep = []
         for name, x in feed.items():
-            x = cupy.ascontiguousarray(x)
+            x = cupy.ascontiguousarray(dtypes.to_cupy(x))
             keep.append(x)
             binding.bind_input(name, "cuda", x.device.id, self.element_type(name, x), list(x.shape), x.data.ptr)
         for name in self.spec.output_names:
@@ -162,6 +163,10 @@ class OrtRunner(Runner):
                 graphs[shapes] = (*self._capture(feed), run_options)
             inputs, outputs, binding, run_options = graphs[shapes]
             for name, x in feed.items():
+                x = dtypes.to_cupy(x)
+                if x.dtype != inputs[name].dtype:  # a value cast into the captured buffer would be silent
+                    raise InvalidInputError(f"{self.name}: input {name!r} has dtype {x.dtype}; the CUDA graph "
+                                            f"captured for this shape binds {inputs[name].dtype}")
                 inputs[name][...] = x
             cupy.cuda.get_current_stream().synchronize()
             self.session.run_with_iobinding(binding, run_options)
@@ -171,7 +176,7 @@ class OrtRunner(Runner):
         import cupy
 
         binding = self.session.io_binding()
-        inputs = {k: cupy.array(v) for k, v in feed.items()}
+        inputs = {k: cupy.array(dtypes.to_cupy(v)) for k, v in feed.items()}
         for name, x in inputs.items():
             binding.bind_input(name, "cuda", x.device.id, self.element_type(name, x), list(x.shape), x.data.ptr)
         outputs = {}

@@ -12,6 +12,7 @@ from typing import Mapping
 
 from fluxrt.artifacts import EngineFolder, current_gpu
 from fluxrt.components import ComponentSpec
+from fluxrt import dtypes
 from fluxrt.dtypes import DTYPES, Array, from_trt
 from fluxrt.errors import EngineError, InvalidInputError
 from fluxrt.runner import Runner
@@ -72,9 +73,7 @@ class TrtRunner(Runner):
         keep = []
         with self._lock:  # one execution context: calls on it are serialized
             for name in self.spec.input_names:
-                x = cupy.ascontiguousarray(cupy.asarray(feed[name]))
-                if str(x.dtype) == "bfloat16":
-                    raise InvalidInputError(f"{self.name}: pass bfloat16 input {name!r} as uint16 bit patterns")
+                x = cupy.ascontiguousarray(dtypes.to_cupy(feed[name]))  # bfloat16 as its bits
                 keep.append(x)
                 self.context.set_input_shape(name, tuple(x.shape))
                 self.context.set_tensor_address(name, x.data.ptr)

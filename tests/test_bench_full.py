@@ -52,6 +52,12 @@ def test_every_stage_of_every_configuration_is_a_row(bench_root):
             assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
             assert r["layers"] == ([2, 2] if component in ("transformer", "generation") else None)
         assert rows["generation"]["steps"] == 3 and rows["generation"]["image_std"] > 0.05  # not a flat image
+        gen = rows["generation"]
+        if label.startswith("fluxrt"):  # the loop's own host time: positive, a small part of a step
+            assert 0 < gen["loop_host_ms_per_step"] < 0.5 * rows["transformer"]["p50_ms"]
+            assert gen["loop_host_fraction"] == pytest.approx(gen["loop_host_ms_per_step"] / rows["transformer"]["p50_ms"])
+        else:
+            assert "loop_host_ms_per_step" not in gen
     saved = json.loads((root / "out" / "results.json").read_text())
     assert saved["rows"] == data["rows"] and saved["settings"]["steps"] == 3
     assert sorted(saved["exports"]) == ["fp32", "fp8"]
@@ -60,6 +66,7 @@ def test_every_stage_of_every_configuration_is_a_row(bench_root):
     for name in ("results.md", "stages.png", "images.png"):
         assert (root / "out" / name).stat().st_size > 0
     text = (root / "out" / "results.md").read_text()
+    assert "loop host ms/step" in text
     assert "| fluxrt fp8 | fluxrt fp32 |" in text and "| onnx-fp8 | transformer | fp32 |" in text
 
 
