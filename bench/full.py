@@ -12,7 +12,7 @@ FluxPipeline (eager, torch.compile, torchao FP8 + torch.compile), on one GPU, in
         fluxrt's own exporter (``export_checkpoint``) on that checkpoint, into ROOT/onnx-PRECISION; the
         transformer with ``--attention ort-kernels`` (fluxrt's kernels). Then, as users do:
         ``fluxrt quantize ROOT/onnx-bf16 --out ROOT/onnx-fp8 ...``.
-    python -m fluxrt.bench.full run ROOT --out OUT [--precisions fp16,bf16,fp8] [--torch eager,compile,torchao-fp8]
+    python -m fluxrt.bench.full run ROOT --out OUT [--precisions fp16,bf16,fp8] [--torch eager,compile,compile-emulate,torchao-fp8]
         One process, one configuration after another, the same prompt and the same packed initial latents:
         per stage (CLIP, T5, one transformer step, VAE decode) p50/p90/p99, and the whole generation. fluxrt's
         configurations are the folders' pipelines on ONNX Runtime CUDA with the transformer replayed from a
@@ -57,7 +57,9 @@ from fluxrt.files import atomic_write_json, atomic_write_text
 CHECKPOINT = "checkpoint"
 COMPONENT_SUBFOLDERS = {"transformer": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
 SEED_OFFSETS = {"transformer": 0, "t5": 1, "clip": 2, "vae": 3}  # each module its own stream of the seed
-TORCH_MODES = ("eager", "compile", "torchao-fp8")
+# compile-emulate: torch.compile with inductor's emulate_precision_casts (rounds where eager rounds), to tell
+# compile's own numerics from a difference of the model
+TORCH_MODES = ("eager", "compile", "compile-emulate", "torchao-fp8")
 FLUXRT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 STAGES = ("clip", "t5", "transformer", "vae_decoder")
 
@@ -485,6 +487,8 @@ def run_torch(modes: list[str], root: Path, s: RunSettings, device: str, latents
             pipe.transformer = base
         elif mode == "compile":
             pipe.transformer = torch.compile(base)
+        elif mode == "compile-emulate":
+            pipe.transformer = torch.compile(base, options={"emulate_precision_casts": True})
         else:
             extra = torchao_fp8(base)  # in place: the last mode
             pipe.transformer = torch.compile(base)

@@ -114,7 +114,7 @@ def test_random_checkpoint_is_seeded_and_fingerprinted(bench_root):
     (dict(precisions=["fp4"]), r"--precisions fp4: each once, from \['fp32', 'fp16', 'bf16', 'fp8'\]"),
     (dict(precisions=["fp32", "fp32"]), r"--precisions fp32,fp32: each once"),
     (dict(precisions=["bf16"]), r"--precisions bf16: .*onnx-bf16 holds no export \(run `export .* --precision bf16`"),
-    (dict(torch_modes=["jit"]), r"--torch jit: each must be one of \['eager', 'compile', 'torchao-fp8'\]"),
+    (dict(torch_modes=["jit"]), r"--torch jit: each must be one of \['eager', 'compile', 'compile-emulate', 'torchao-fp8'\]"),
     (dict(torch_modes=["torchao-fp8"]), r"--torch torchao-fp8 runs on --device cuda and last"),
     (dict(precisions=[], torch_modes=[]), r"nothing to run: give --precisions and/or --torch"),
 ])
