@@ -72,13 +72,15 @@ def test_time_call_excludes_warmup_and_syncs():
     assert len(calls) == 8 and len(samples) == 5 and len(syncs) == 6
 
 
-def test_bench_cli_writes_json_markdown_and_chart(fp32_exports, tmp_path):
+def test_bench_cli_writes_json_markdown_and_chart(fp32_exports, tmp_path, capsys):
+    """fluxrt bench's entry point, called here (its process-level errors: test_bench_cli_errors)."""
+    from fluxrt.cli import main
+
     out = tmp_path / "bench"
-    r = subprocess.run([sys.executable, "-m", "fluxrt.cli", "bench", "--run", f"ort={fp32_exports['dev']}:ort-cpu",
-                        "--run", f"torch={fp32_exports['dev']}:torch", "--out", str(out), "--height", "32",
-                        "--width", "48", "--steps", "2", "--text-length", "16", "--iters", "3", "--warmup", "1"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    code = main(["bench", "--run", f"ort={fp32_exports['dev']}:ort-cpu", "--run", f"torch={fp32_exports['dev']}:torch",
+                 "--out", str(out), "--height", "32", "--width", "48", "--steps", "2", "--text-length", "16",
+                 "--iters", "3", "--warmup", "1"])
+    assert code == 0, capsys.readouterr().err
     report = json.loads((out / "bench.json").read_text())
     assert [run["label"] for run in report["runs"]] == ["ort", "torch"]
     for run in report["runs"]:

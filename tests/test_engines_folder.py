@@ -28,13 +28,41 @@ def settings(precision: str, **kw) -> BuildSettings:
     return BuildSettings(precision=precision, envelope=ENVELOPE, compute_capabilities=TARGETS, **kw)
 
 
+# build_folder(EXPORT, OUT, settings(PRECISION)) in a process of its own; prints its actions as JSON
+BUILD_IN_CHILD = """import json, sys
+import tensorrt_rtx_bindings as trt
+from fluxrt.components import ShapeEnvelope
+from fluxrt.engines.folder import BuildSettings, build_folder
+export, out, precision, envelope, targets = sys.argv[1:6]
+envelope = ShapeEnvelope(**{k: tuple(v) for k, v in json.loads(envelope).items()})
+settings = BuildSettings(precision=precision, envelope=envelope, compute_capabilities=tuple(json.loads(targets)))
+print(json.dumps(build_folder(export, out, settings, trt_module=trt, progress=False)))
+"""
+
+
 @pytest.fixture(scope="session")
 def engine_dirs(half_exports, tmp_path_factory) -> dict[str, object]:
+    """Both folders at once: bf16 in a child process (a build uses one core)."""
+    import dataclasses
+    import subprocess
+    import sys
+
     root = tmp_path_factory.mktemp("engines")
+    child = subprocess.Popen([sys.executable, "-c", BUILD_IN_CHILD, str(half_exports["bf16"]), str(root / "bf16"), "bf16",
+                              json.dumps(dataclasses.asdict(ENVELOPE)), json.dumps(TARGETS)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        actions = {"fp16": build_folder(half_exports["fp16"], root / "fp16", settings("fp16"), trt_module=trt,
+                                        progress=False)}
+        out, err = child.communicate(timeout=600)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == 0, err
+    actions["bf16"] = json.loads(out.strip().splitlines()[-1])
     for precision in ("fp16", "bf16"):
-        actions = build_folder(half_exports[precision], root / precision, settings(precision), trt_module=trt,
-                               progress=False)
-        assert set(actions.values()) == {"built"}
+        assert set(actions[precision].values()) == {"built"}, (precision, actions)
     return {p: root / p for p in ("fp16", "bf16")}
 
 
@@ -63,10 +91,11 @@ def test_plans_have_spec_io_and_profiles(precision, engine_dirs):
     assert transformer["hidden_states"]["profile"][2][:2] == [4, (128 // 16) ** 2]
 
 
-def test_second_build_is_a_noop_and_changes_rebuild_only_what_changed(half_exports, tmp_path):
-    out = tmp_path / "eng"
-    build_folder(half_exports["fp16"], out, settings("fp16"), trt_module=trt, progress=False)
+def test_second_build_is_a_noop_and_changes_rebuild_only_what_changed(half_exports, engine_dirs, tmp_path):
+    # the first build: the session's fp16 folder (every plan built, test_plans_have_spec_io_and_profiles), copied
+    out = shutil.copytree(engine_dirs["fp16"], tmp_path / "eng")
     plans = {p.name: p.stat().st_mtime_ns for p in out.glob("*.plan")}
+    assert sorted(plans) == ["clip.plan", "t5.plan", "transformer.plan", "vae_decoder.plan"]
     start = time.perf_counter()
     actions = build_folder(half_exports["fp16"], out, settings("fp16"), trt_module=trt, progress=False)
     assert set(actions.values()) == {"kept"} and time.perf_counter() - start < 5
