@@ -163,24 +163,21 @@ def save(path, state, metadata=None):
     return path
 
 
-def pair(out, inp, r=2):
-    return torch.randn(r, inp), torch.randn(out, r)
+def peft_pair(module: str, down: tuple, up: tuple, prefix: str = "transformer.") -> dict:
+    """A diffusers/peft file's two matrices for ``module``, random, of the shapes given."""
+    return {f"{prefix}{module}.lora_A.weight": torch.randn(*down), f"{prefix}{module}.lora_B.weight": torch.randn(*up)}
 
 
 @pytest.mark.parametrize("state,message", [
-    ({"transformer.transformer_blocks.7.attn.to_q.lora_A.weight": torch.randn(2, 64),
-      "transformer.transformer_blocks.7.attn.to_q.lora_B.weight": torch.randn(64, 2)},
+    (peft_pair("transformer_blocks.7.attn.to_q", (2, 64), (64, 2)),
      r"it targets 'transformer_blocks.7.attn.to_q', which this transformer does not have"),
-    ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, 32),
-      "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(64, 2)},
+    (peft_pair("transformer_blocks.0.attn.to_q", (2, 32), (64, 2)),
      r"update of 'transformer_blocks.0.attn.to_q' is \[out, in\] = \[64, 32\]; this transformer's linear is \[64, 64\]"),
     ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, 64)},
      r"module 'transformer_blocks.0.attn.to_q' has no lora_B.weight"),
-    ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, 64),
-      "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(64, 3)},
+    (peft_pair("transformer_blocks.0.attn.to_q", (2, 64), (64, 3)),
      r"down \[2, 64\] and up \[64, 3\] are not \[rank, in\] and \[out, rank\] matrices of one rank"),
-    ({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 32),
-      "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(32, 2)},
+    (peft_pair("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", (2, 32), (32, 2), prefix=""),
      r"2 tensors target a text encoder .*fluxrt applies LoRA to the transformer only"),
     ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(2, 32)},
      r"target a text encoder \(first: 'lora_te1_text_model"),
@@ -190,8 +187,7 @@ def pair(out, inp, r=2):
     ({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 64),
       "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(190, 2)},
      r"has 190 rows, not three equal parts of q, k and v"),
-    ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, 64),
-      "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(64, 2),
+    ({**peft_pair("transformer_blocks.0.attn.to_q", (2, 64), (64, 2)),
       "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.randn(64)},
      r"is a DoRA or LoRA-bias term"),
     ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.randn(192, 64)},
@@ -206,9 +202,7 @@ def test_bad_loras_are_refused_naming_the_key(config, tmp_path, state, message):
 
 
 def test_metadata_that_disagrees_with_the_file_is_refused(config, tmp_path):
-    a, b = pair(64, 64, r=2)
-    state = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": a,
-             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": b}
+    state = peft_pair("transformer_blocks.0.attn.to_q", (2, 64), (64, 2))
     meta = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 4})}
     with pytest.raises(InvalidInputError, match=r"to_q.lora_A.weight has rank 2, its metadata says r = 4"):
         lora.read_lora(save(tmp_path / "m.safetensors", state, meta), config)
@@ -218,8 +212,7 @@ def test_metadata_that_disagrees_with_the_file_is_refused(config, tmp_path):
 
 
 def test_files_that_are_not_safetensors_are_refused(config, tmp_path):
-    good = save(tmp_path / "good.safetensors", {"transformer.proj_out.lora_A.weight": torch.randn(2, 64),
-                                                 "transformer.proj_out.lora_B.weight": torch.randn(64, 2)})
+    good = save(tmp_path / "good.safetensors", peft_pair("proj_out", (2, 64), (64, 2)))
     raw = good.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(raw[:-10])
     with pytest.raises(InvalidInputError, match=r"does not hold F32 \[64, 2\].*truncated"):
