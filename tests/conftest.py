@@ -8,18 +8,15 @@ whatever the hash seed, tests/test_hard_inputs.py)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from child_process import Child
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# the hash seed of the process that writes the session's fp32 export of the dev checkpoint; the
-# reproducibility test exports again under another one and compares the bytes
-FP32_DEV_HASH_SEED = "0"
 EVERY_COMPONENT = "clip,t5,transformer,vae"
 WRITE_TINY = ("import sys; from fluxrt.export.tiny import write_tiny_checkpoint; "
               "write_tiny_checkpoint(sys.argv[1], variant=sys.argv[2], seed=int(sys.argv[3]))")
@@ -27,29 +24,6 @@ EXPORT = ("import sys; from fluxrt.export.checkpoint import Checkpoint; "
           "from fluxrt.export.onnx_export import ExportRequest, export_checkpoint; "
           "export_checkpoint(Checkpoint.open(sys.argv[1]), sys.argv[2], "
           "ExportRequest(tuple(sys.argv[4].split(',')), sys.argv[3]))")
-
-
-class Child:
-    """``python -c CODE ARGS...`` started now; ``wait()`` raises with its stderr if it failed."""
-
-    def __init__(self, code: str, *args, hash_seed: str | None = None):
-        env = dict(os.environ) if hash_seed is None else dict(os.environ, PYTHONHASHSEED=hash_seed)
-        self.what = " ".join(map(str, args))
-        self.proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def __enter__(self) -> Child:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:  # the work done here failed: do not leave the child running
-            self.proc.kill()
-            self.proc.communicate()
-
-    def wait(self) -> None:
-        _, stderr = self.proc.communicate(timeout=900)
-        if self.proc.returncode != 0:
-            raise RuntimeError(f"child process ({self.what}) exited {self.proc.returncode}:\n{stderr}")
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +43,7 @@ def fp32_exports(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
     from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
 
     root = tmp_path_factory.mktemp("onnx")
-    with Child(EXPORT, tiny_checkpoints["dev"], root / "dev", "fp32", EVERY_COMPONENT,
-               hash_seed=FP32_DEV_HASH_SEED) as dev:
+    with Child(EXPORT, tiny_checkpoints["dev"], root / "dev", "fp32", EVERY_COMPONENT) as dev:
         export_checkpoint(Checkpoint.open(tiny_checkpoints["schnell"]), root / "schnell",
                           ExportRequest(tuple(EVERY_COMPONENT.split(",")), "fp32"))
         dev.wait()

@@ -85,21 +85,13 @@ EXPORT_IN_CHILD = ("import sys; sys.path.insert(0, sys.argv[1]); import test_att
 
 @pytest.fixture(scope="module")
 def graphs(reference, tmp_path_factory) -> dict[str, str]:
-    import subprocess
-    import sys
+    from child_process import Child
 
     root = tmp_path_factory.mktemp("attention")
     in_child = ["fused", "fused_fp16"]
-    child = subprocess.Popen([sys.executable, "-c", EXPORT_IN_CHILD, str(Path(__file__).parent), str(root), *in_child],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+    with Child(EXPORT_IN_CHILD, Path(__file__).parent, root, *in_child) as child:
         out = {name: export_graph(reference, name, root) for name in ("sdpa", "portable")}
-        _, err = child.communicate(timeout=600)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
-    assert child.returncode == 0, err
+        child.wait()
     return dict(out, **{name: str(root / f"{name}.onnx") for name in in_child})
 
 

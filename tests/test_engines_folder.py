@@ -42,25 +42,17 @@ print(json.dumps(build_folder(export, out, settings, trt_module=trt, progress=Fa
 
 @pytest.fixture(scope="session")
 def engine_dirs(half_exports, tmp_path_factory) -> dict[str, object]:
-    """Both folders at once: bf16 in a child process (a build uses one core)."""
+    """Both folders at once, bf16 in a child process (a build uses one core)."""
     import dataclasses
-    import subprocess
-    import sys
+
+    from child_process import Child
 
     root = tmp_path_factory.mktemp("engines")
-    child = subprocess.Popen([sys.executable, "-c", BUILD_IN_CHILD, str(half_exports["bf16"]), str(root / "bf16"), "bf16",
-                              json.dumps(dataclasses.asdict(ENVELOPE)), json.dumps(TARGETS)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with Child(BUILD_IN_CHILD, half_exports["bf16"], root / "bf16", "bf16", json.dumps(dataclasses.asdict(ENVELOPE)),
+               json.dumps(TARGETS)) as bf16:
         actions = {"fp16": build_folder(half_exports["fp16"], root / "fp16", settings("fp16"), trt_module=trt,
                                         progress=False)}
-        out, err = child.communicate(timeout=600)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
-    assert child.returncode == 0, err
-    actions["bf16"] = json.loads(out.strip().splitlines()[-1])
+        actions["bf16"] = json.loads(bf16.wait().strip().splitlines()[-1])
     for precision in ("fp16", "bf16"):
         assert set(actions[precision].values()) == {"built"}, (precision, actions)
     return {p: root / p for p in ("fp16", "bf16")}

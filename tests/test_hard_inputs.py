@@ -25,6 +25,7 @@ from fluxrt.runtime import FluxPipeline, memory
 from fluxrt.runtime.ort import OrtRunner
 
 GEN = ["--height", "64", "--width", "64", "--steps", "1", "--max-sequence-length", "16"]
+FLUXRT = "import sys; from fluxrt.cli import main; sys.exit(main(sys.argv[1:]))"  # python -c FLUXRT ARGV...
 
 
 def cli(argv) -> tuple[int, str]:
@@ -365,24 +366,24 @@ def test_outputs_carry_per_stage_timings(fp32_exports):
 
 def test_exports_are_reproducible_whatever_the_hash_seed(tiny_checkpoints, fp32_exports, tmp_path):
     """Item 16: two exports of one checkpoint give the same bytes. torch writes the graphs' symbolic range
-    constraints in set order, which follows Python's hash seed; seeds 0 and 1 gave two vae_encoder.onnx.
-    The session's fp32 export of the dev checkpoint is written under seed 0 (tests/conftest.py); this one
-    under seed 1."""
+    constraints in set order, which follows Python's hash seed; seeds 0 and 1 gave two vae_encoder.onnx."""
     import subprocess
     import sys
 
-    from conftest import FP32_DEV_HASH_SEED
-
-    seed = "1"
-    assert seed != FP32_DEV_HASH_SEED
-    proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from fluxrt.cli import main; sys.exit(main(sys.argv[1:]))",
-         "export", str(tiny_checkpoints["dev"]), "--out", str(tmp_path / seed), "--precision", "fp32",
-         "--components", "vae"], env=dict(os.environ, PYTHONHASHSEED=seed), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    runs = {}
+    for seed in ("0", "1"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        runs[seed] = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from fluxrt.cli import main; sys.exit(main(sys.argv[1:]))",
+             "export", str(tiny_checkpoints["dev"]), "--out", str(tmp_path / seed), "--precision", "fp32",
+             "--components", "vae"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for seed, proc in runs.items():
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
     for name in ("vae_encoder.onnx", "vae_decoder.onnx"):
-        assert (tmp_path / seed / name).read_bytes() == (fp32_exports["dev"] / name).read_bytes(), name
+        reference = (fp32_exports["dev"] / name).read_bytes()
+        for seed in runs:
+            assert (tmp_path / seed / name).read_bytes() == reference, (name, seed)
 
 
 def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tiny_checkpoints, tmp_path):
@@ -398,20 +399,6 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tiny_chec
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".export.lock"]
 
 
-def fluxrt_process(*argv):
-    """``fluxrt ARGV`` started in a process of its own; ``finished`` waits for it."""
-    import subprocess
-    import sys
-
-    return subprocess.Popen([sys.executable, "-c", "import sys; from fluxrt.cli import main; sys.exit(main(sys.argv[1:]))",
-                             *[str(a) for a in argv]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finished(proc) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=600)
-    return proc.returncode, out, err
-
-
 def foreign_lines(stderr: str) -> list[str]:
     """Lines that are not fluxrt's own progress, warnings or errors (progress redraws with carriage returns)."""
     lines = [part for line in stderr.splitlines() for part in line.split("\r") if part.strip()]
@@ -423,19 +410,15 @@ def test_successful_runs_print_only_fluxrt_progress_and_one_line_warnings(half_e
     progress bars (tiny-model), no ModelOpt NVML ERROR or onnx-graphsurgeon notes (an FP8 build), and a
     warning (an over-long prompt) as one line without Python's source line. (The three runs are independent
     and run at once, each in its own process.)"""
-    procs = [fluxrt_process("tiny-model", tmp_path / "tiny", "--variant", "schnell"),
-             fluxrt_process("build", half_exports["fp16"], "--out", tmp_path / "eng", "--precision", "fp8",
-                            "--components", "transformer", "--calibration-prompts", "1", "--calibration-steps", "1",
-                            "--calibration-size", "32", "--calibration-text-length", "16", "--library", "tensorrt-rtx"),
-             fluxrt_process("generate", "--onnx", fp32_exports["dev"], "--prompt", "word " * 100,
-                            "--out", tmp_path / "a.png", *GEN)]
-    try:
-        (tiny, build, generate) = [finished(p) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+    from child_process import Child
+
+    with Child(FLUXRT, "tiny-model", tmp_path / "tiny", "--variant", "schnell") as tiny_model, \
+            Child(FLUXRT, "build", half_exports["fp16"], "--out", tmp_path / "eng", "--precision", "fp8",
+                  "--components", "transformer", "--calibration-prompts", "1", "--calibration-steps", "1",
+                  "--calibration-size", "32", "--calibration-text-length", "16", "--library", "tensorrt-rtx") as fp8, \
+            Child(FLUXRT, "generate", "--onnx", fp32_exports["dev"], "--prompt", "word " * 100,
+                  "--out", tmp_path / "a.png", *GEN) as generation:
+        tiny, build, generate = [p.finish(timeout=600) for p in (tiny_model, fp8, generation)]
     code, out, err = tiny
     assert code == 0 and "wrote tiny FLUX.1-schnell" in out and not foreign_lines(err), err
     code, out, err = build

@@ -528,7 +528,6 @@ def test_bench(fp32_exports, tmp_path_factory, corruption, runs, draw, out_place
     "--text": option(["8"], ["0", "600"]),
     "--iters": option(["1"], ["0"]),
 }))
-@once_per_draw("tmp_path_factory", "monkeypatch")
 def test_bench_synthetic(tmp_path_factory, monkeypatch, draw):
     """The synthetic benchmark on the tiny architecture on the CPU (its GPU runs are the H200's); the graphs
     are exported once for all draws (--reuse-exports)."""
