@@ -109,8 +109,8 @@ def transformer_linears(config: Mapping) -> dict[str, tuple[int, int]]:
 
 # ---------------------------------------------------------------------------------------------- the file itself
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors as float32 arrays, the header's ``__metadata__``) of a safetensors file."""
+def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+    """(tensors as float32 arrays, the header's ``__metadata__``, the file's sha256) of a safetensors file."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -146,7 +146,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
         else:
             values = np.frombuffer(data[start:end], dtype=np.dtype(dtype).newbyteorder("<")).astype(np.float32)
         tensors[key] = values.reshape(shape)
-    return tensors, metadata
+    return tensors, metadata, hashlib.sha256(raw).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------- layouts
@@ -176,10 +176,9 @@ def pattern_value(patterns: Mapping[str, object], module: str, default):
 def read_lora(path: str | Path, config: Mapping) -> LoraFile:
     """The LoRA file at ``path`` for the transformer of ``config`` (diffusers' transformer config)."""
     path = Path(path)
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata, sha = read_safetensors(path)
     if not tensors:
         raise InvalidInputError(f"LoRA file {path}: holds no tensors")
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
     keys = sorted(tensors)
     text = [k for k in keys if k.split(".")[0].split("_")[0] in ("text", "t5", "clip") or k.startswith("lora_te")]
     if text:
