@@ -118,6 +118,7 @@ class Fp8Settings:
     guidance_scale: float | None = None  # dev only; None: 3.5
     seed: int = 0  # prompt i starts from the noise of seed + i
     backend: str = "ort-cpu"  # the runtime backend that runs the sampling loop: ort-cpu or ort-cuda
+    fp8_attention: bool = False  # attention in FP8 too (fp8_ort: cuDNN's FP8 attention); ort-kernels exports only
 
     def __post_init__(self) -> None:
         check_positive_int("num_prompts", self.num_prompts)
@@ -136,6 +137,8 @@ class Fp8Settings:
             raise ValueError(f"Fp8Settings.guidance_scale must be a finite number or None, got {self.guidance_scale!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"Fp8Settings.backend {self.backend!r} is not one of {list(BACKENDS)}")
+        if not isinstance(self.fp8_attention, bool):
+            raise ValueError(f"Fp8Settings.fp8_attention must be True or False, got {self.fp8_attention!r}")
 
     def resolve(self, variant: str) -> dict:
         """These settings with the variant's defaults filled in."""
@@ -171,6 +174,11 @@ def check_calibration(settings: Fp8Settings, export: ExportFolder) -> None:
         resolved = settings.resolve(export.variant)
     except ValueError as e:
         raise EngineError(str(e)) from None
+    attention = export.manifest.get("components", {}).get("transformer", {}).get("attention")
+    if settings.fp8_attention and attention != "ort-kernels":
+        raise EngineError(f"Fp8Settings.fp8_attention: FP8 attention is fluxrt's own op (Fp8Attention), for a "
+                          f"transformer exported with --attention ort-kernels; {export.root} has attention "
+                          f"{attention or 'portable'}")
     top = export.dims.t5_max_length
     if resolved["max_sequence_length"] > top:
         raise EngineError(f"Fp8Settings.max_sequence_length {resolved['max_sequence_length']} exceeds the {top} T5 "
@@ -423,9 +431,10 @@ def quantize_with_modelopt(quantize, source: Path, out: Path, feeds, selected: d
     )
 
 
-def quantize_kernels(source: Path, feeds, selected: dict[str, str], backend: str, what: str):
+def quantize_kernels(source: Path, feeds, selected: dict[str, str], backend: str, what: str, attention: bool = False):
     """An ort-kernels graph on fluxrt's FP8 ops (fp8_ort): calibrated by running it, with the op library,
-    on ``feeds``; returns (model, module paths quantized, module paths left out)."""
+    on ``feeds``; returns (model, module paths quantized, module paths left out). ``attention``: FP8 attention
+    too."""
     import onnx
 
     from fluxrt.engines import fp8_ort
@@ -433,11 +442,13 @@ def quantize_kernels(source: Path, feeds, selected: dict[str, str], backend: str
     model = onnx.load(str(source), load_external_data=False)
     linears = fp8_ort.kernel_linears(model, selected, what)
     tensors = list(dict.fromkeys(lin.input for lin in linears))
+    if attention:
+        tensors += [t for t in fp8_ort.attention_inputs(model) if t not in tensors]
     amax = fp8_ort.activation_amax(model, tensors, feeds, backend, source.parent)
     # the weights are read in place from the source's data file (memory-mapped, on every core); the
     # initializers the rewrite keeps stay external until write_graph copies their bytes
     scales = fp8_ort.Scales(amax, fp8_ort.weight_amax(model, linears, source.parent))
-    fp8_ort.fp8_graph(model, linears, scales, source.parent)
+    fp8_ort.fp8_graph(model, linears, scales, source.parent, attention=attention)
     return model, sorted(lin.path for lin in linears), []
 
 
@@ -730,7 +741,8 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
     staging.mkdir()
     try:
         if kernels:
-            model, done, missed = quantize_kernels(source, feeds, selected, settings.backend, what)
+            model, done, missed = quantize_kernels(source, feeds, selected, settings.backend, what,
+                                                   settings.fp8_attention)
             factor, stored = 1.0, len(done)
         else:
             staged = stage_source(source, source_files, staging)
@@ -761,6 +773,8 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
                           activations="per tensor, scale = max |x| over all samples / 448",
                           weights="per output channel, scale = max |w| / 448",
                           graph="fluxrt FP8 ops (Fp8Linear on cuBLASLt)" if kernels else "QuantizeLinear/DequantizeLinear",
+                          attention=("FP8 (Fp8Attention: cuDNN's FP8 attention; q, k, v, output per tensor, "
+                                     "probabilities as p * 448)") if settings.fp8_attention else "source precision",
                           modelopt_scale_factor=factor,  # applied to ModelOpt's scales; see rescale_to_fp8_range
                           stored_fp8_weights=stored),
         calibration=asdict(settings), settings=resolved, prompts=chosen,

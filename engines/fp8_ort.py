@@ -18,7 +18,12 @@ block linears on FP8 tensor cores (cuBLASLt) and, on the CPU, on the reference k
    attention output) gets a ``QuantizeFp8``.  GELU stays in BiasGeluFp8 rather than cuBLASLt's
    epilogue: cuBLASLt writes no FP8 output with per-channel scales, and BiasGeluFp8 writes the MLP's
    FP8 input in the one pass over memory that a separate quantizer would take anyway.
-4. The same calibration as Q/DQ (:func:`qdq_graph`): QuantizeLinear/DequantizeLinear pairs on the
+4. FP8 attention (``attention=True``, ``fluxrt quantize --fp8-attention``): every
+   ``MultiHeadAttention`` becomes ``Fp8Attention`` (cuDNN's FP8 attention on CUDA): q, k and v quantized by
+   the ``NormRope`` that makes them (``NormRopeFp8``) or a ``QuantizeFp8``, each with its calibrated scale;
+   the output written in E4M3 straight into the FP8 linears that read it (the double blocks' ``Split`` into
+   text and image rows done by the op), at one scale: the largest amax of those linears' inputs.
+5. The same calibration as Q/DQ (:func:`qdq_graph`): QuantizeLinear/DequantizeLinear pairs on the
    activations and DequantizeLinear on the stored E4M3 weights (per output channel), the graph
    TensorRT's FP8 recipe builds and ONNX Runtime evaluates with its own operators: the reference
    the rewritten graph is tested against.
@@ -36,7 +41,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from fluxrt.components import ORT_OPS_DOMAIN
+from fluxrt.components import MSFT_DOMAIN, ORT_OPS_DOMAIN
 from fluxrt.errors import EngineError
 
 E4M3_MAX = 448.0
@@ -281,9 +286,20 @@ def insert_before_first_user(nodes: list, new: list, tensor: str) -> None:
     nodes[at:at] = new
 
 
-def fp8_graph(model, linears: Sequence[Linear], scales: Scales, folder: str | Path | None = None):
+def attention_nodes(model) -> list:
+    return [n for n in model.graph.node if n.op_type == "MultiHeadAttention" and n.domain == MSFT_DOMAIN]
+
+
+def attention_inputs(model) -> list[str]:
+    """q, k and v of every attention node: the tensors FP8 attention calibrates besides the linears' inputs."""
+    return list(dict.fromkeys(t for n in attention_nodes(model) for t in n.input[:3]))
+
+
+def fp8_graph(model, linears: Sequence[Linear], scales: Scales, folder: str | Path | None = None,
+              attention: bool = False):
     """Rewrite ``model`` in place onto fluxrt's FP8 ops (see the module doc); return it.  Weights stored as
-    external data are read from ``folder``; the initializers the rewrite keeps stay where they are stored."""
+    external data are read from ``folder``; the initializers the rewrite keeps stay where they are stored.
+    ``attention``: attention in FP8 too (``scales`` then holds the amax of every attention's q, k and v)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -316,10 +332,18 @@ def fp8_graph(model, linears: Sequence[Linear], scales: Scales, folder: str | Pa
         fp8.metadata_props.extend(node.metadata_props)
         nodes[position(nodes, node)] = fp8
 
+    # attention, whose outputs are then FP8 linear inputs made in FP8
+    made, amax = set(), dict(scales.activations)
+    if attention:
+        made, shared = fp8_attention(nodes, index, by_node, quantized, scales, new_inits)
+        amax.update(shared)
+
     # then the activations, quantized once each, by their producer where it is one of fluxrt's kernels
     for t in quantized:
         scale_name = f"{t}.fp8_scale"
-        new_inits.append(numpy_helper.from_array(scale_of(scales.activations[t]).reshape(()), scale_name))
+        new_inits.append(numpy_helper.from_array(scale_of(amax[t]).reshape(()), scale_name))
+        if t in made:
+            continue
         producer = index.producer.get(t)
         fusable = (producer is not None and producer.domain == ORT_OPS_DOMAIN and producer.op_type in FUSED_QUANTIZERS
                    and all(user.name in by_node and i == 0 for user, i in index.users[t]))
@@ -340,6 +364,75 @@ def fp8_graph(model, linears: Sequence[Linear], scales: Scales, folder: str | Pa
     graph.initializer.extend(new_inits)
     drop_unused_initializers(graph)
     return model
+
+
+def fp8_attention(nodes: list, index: GraphIndex, by_node: Mapping, quantized: Mapping[str, str], scales: Scales,
+                  new_inits: list) -> tuple[set[str], dict[str, float]]:
+    """Every MultiHeadAttention in ``nodes`` replaced by Fp8Attention (see the module doc, step 4). Returns the
+    linear inputs it now makes in FP8 and the amax each of them takes (the largest among one attention's)."""
+    from onnx import helper, numpy_helper
+
+    made, shared = set(), {}
+    for mha in [n for n in nodes if n.op_type == "MultiHeadAttention" and n.domain == MSFT_DOMAIN]:
+        what = f"FP8 attention at {mha.name}"
+        if len(mha.input) > 3 and any(mha.input[3:]) or len(mha.output) > 1 and any(mha.output[1:]):
+            raise EngineError(f"{what}: takes q, k, v and gives one output; this node has inputs {list(mha.input)} "
+                              f"and outputs {list(mha.output)}")
+        split, outs = attention_outputs(index, mha, by_node, what)
+        top = max(scales.activations[t] for t in outs)
+        shared.update({t: top for t in outs})
+        made.update(outs)
+        inputs = []
+        for t in mha.input[:3]:
+            if t in quantized:
+                raise EngineError(f"{what}: its input {t} is also a quantized linear's input")
+            scale = f"{t}.fp8_scale"
+            new_inits.append(numpy_helper.from_array(scale_of(scales.activations[t]).reshape(()), scale))
+            inputs.append((t, scale))
+        attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
+        node = helper.make_node(
+            "Fp8Attention", [f"{t}.fp8" for t, _ in inputs] + [s for _, s in inputs] +
+            [f"{outs[0]}.fp8_scale"] + ([split.input[1]] if split is not None else []),
+            [quantized[t] for t in outs], name=f"{mha.name}.fp8", domain=ORT_OPS_DOMAIN,
+            num_heads=attrs["num_heads"], **({"scale": float(attrs["scale"])} if attrs.get("scale") else {}))
+        node.metadata_props.extend(mha.metadata_props)
+        nodes[position(nodes, mha)] = node
+        if split is not None:
+            del nodes[position(nodes, split)]
+        for t, scale in inputs:
+            producer = index.producer.get(t)
+            if (producer is not None and producer.domain == ORT_OPS_DOMAIN and producer.op_type == "NormRope"
+                    and len(index.users[t]) == 1):
+                fused = helper.make_node("NormRopeFp8", list(producer.input) + [""] * (8 - len(producer.input)) + [scale],
+                                         [f"{t}.fp8"], name=f"{producer.name}.fp8", domain=ORT_OPS_DOMAIN)
+                fused.attribute.extend(producer.attribute)
+                nodes[position(nodes, producer)] = fused
+            else:
+                nodes.insert(position(nodes, node), helper.make_node("QuantizeFp8", [t, scale], [f"{t}.fp8"],
+                                                                     name=f"{t}.quantize", domain=ORT_OPS_DOMAIN))
+    if not made:
+        raise EngineError("FP8 attention: the graph has no com.microsoft.MultiHeadAttention (export it with "
+                          "--attention ort-kernels)")
+    return made, shared
+
+
+def attention_outputs(index: GraphIndex, mha, by_node: Mapping, what: str):
+    """(the Split that cuts ``mha``'s output along the sequence, or None; the FP8 linear inputs it gives): the
+    output must reach FP8 linears only, directly or through one such Split."""
+    def linear_input(t: str) -> bool:
+        return bool(index.users[t]) and all(u.name in by_node and i == 0 for u, i in index.users[t])
+
+    out = mha.output[0]
+    users = index.users[out]
+    if linear_input(out):
+        return None, [out]
+    if len(users) == 1 and users[0][0].op_type == "Split" and users[0][0].domain in ("", "ai.onnx"):
+        split = users[0][0]
+        axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+        if axis in (1, -2) and len(split.output) == 2 and len(split.input) == 2 and all(map(linear_input, split.output)):
+            return split, list(split.output)
+    raise EngineError(f"{what}: its output must feed FP8 linears only (directly or through one Split along the "
+                      f"sequence); it feeds {[(u.op_type, u.name) for u, _ in users]}")
 
 
 def take_bias(index: GraphIndex, product: str) -> str | None:
@@ -403,4 +496,5 @@ def count_fp8_linears(model) -> int:
     return sum(1 for n in model.graph.node if n.domain == ORT_OPS_DOMAIN and n.op_type == "Fp8Linear")
 
 
-__all__ = ["Linear", "Scales", "activation_amax", "fp8_graph", "kernel_linears", "qdq_graph", "weight_amax"]
+__all__ = ["Linear", "Scales", "activation_amax", "attention_inputs", "fp8_graph", "kernel_linears", "qdq_graph",
+           "weight_amax"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-MSFT_DOMAIN = "com.microsoft"
+from fluxrt.components import MSFT_DOMAIN
 
 
 def ort_op(domain: str, name: str, inputs: list[str], attributes: dict[str, object],

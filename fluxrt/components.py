@@ -42,6 +42,7 @@ ATTENTION_MODES = ("portable", "ort", "ort-kernels")
 # the ONNX domain of fluxrt's own ONNX Runtime ops: written by export/ort_kernels.py, served by the
 # library of runtime/ort_ops/ (fluxrt_ops.cu registers the same name)
 ORT_OPS_DOMAIN = "fluxrt"
+MSFT_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (MultiHeadAttention, RotaryEmbedding)
 SIDE_MULTIPLE = 16  # image sides in pixels: VAE factor 8 x 2x2 latent packing
 
 

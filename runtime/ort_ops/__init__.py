@@ -20,6 +20,8 @@ from fluxrt.components import ORT_OPS_DOMAIN as DOMAIN
 from fluxrt.errors import EngineError
 
 SOURCE = Path(__file__).parent / "fluxrt_ops.cu"
+CUDNN_SOURCE = Path(__file__).parent / "fluxrt_cudnn.cpp"  # Fp8Attention's cuDNN calls (CUDA builds)
+SOURCES = (SOURCE, CUDNN_SOURCE, Path(__file__).parent / "fluxrt_cudnn.h")
 LIBRARY_NAME = "libfluxrt_ort_ops.so"
 ENV_LIBRARY = "FLUXRT_ORT_OPS"
 
@@ -29,7 +31,10 @@ def cache_dir() -> Path:
 
 
 def source_digest() -> str:
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for path in SOURCES:
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
 
 
 def default_library() -> Path:

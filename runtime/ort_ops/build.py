@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fluxrt.errors import EngineError
 from fluxrt.files import atomic_path, sha256_file
-from fluxrt.runtime.ort_ops import SOURCE, cache_dir, default_library
+from fluxrt.runtime.ort_ops import CUDNN_SOURCE, SOURCE, cache_dir, default_library
 
 ENV_INCLUDE = "FLUXRT_ORT_INCLUDE"
 HEADER = "onnxruntime_c_api.h"
@@ -145,12 +145,61 @@ def cublas_flags() -> list[str]:
                       f"nvidia-cublas`), or build the CPU kernels alone with --cpu-only")
 
 
-def compile_command(include: Path, out: Path, cuda: bool, archs: tuple[str, ...]) -> list[str]:
+def nvidia_wheel_includes() -> list[Path]:
+    """The include folders of NVIDIA's pip wheels (``nvidia/<library>/include``, ``nvidia/cu13/include``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = [Path(p) for p in spec.submodule_search_locations or []] if spec else []
+    return [sub / "include" for root in roots for sub in sorted(root.iterdir(), reverse=True) if (sub / "include").is_dir()]
+
+
+def frontend_includes() -> list[Path]:
+    """Where the cuDNN frontend's headers may be: $CUDNN_FRONTEND_INCLUDE, the nvidia-cudnn-frontend wheel's
+    ``include`` folder, the CUDA toolkit."""
+    places = [Path(os.environ["CUDNN_FRONTEND_INCLUDE"])] if os.environ.get("CUDNN_FRONTEND_INCLUDE") else []
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        places.append(Path(distribution("nvidia-cudnn-frontend").locate_file("include")))
+    except PackageNotFoundError:
+        pass
+    return places + toolkit_includes()
+
+
+def header_folder(header: str, places: list[Path], what: str, install: str) -> Path:
+    for folder in places:
+        if (folder / header).is_file():
+            return folder
+    raise EngineError(f"fluxrt's CUDA kernels run FP8 attention on {what}, and {header} is in none of "
+                      f"{[str(p) for p in places]}: {install}, or build the CPU kernels alone with --cpu-only")
+
+
+def cudnn_compile_command(obj: Path) -> list[str]:
+    """The host compiler's command for Fp8Attention's cuDNN part (fluxrt_cudnn.cpp) to ``obj``: the cuDNN frontend
+    (header-only) with cuDNN opened at run time, so only cuDNN's, the frontend's, NVRTC's and CUDA's headers are
+    needed here. -O1: the frontend's templates take minutes at -O2 for no run-time gain (it builds graphs)."""
+    wheels = nvidia_wheel_includes()
+    folders = [
+        header_folder("cudnn_frontend.h", frontend_includes(), "cuDNN", "pip install nvidia-cudnn-frontend"),
+        header_folder("cudnn.h", toolkit_includes() + wheels, "cuDNN", "pip install nvidia-cudnn-cu13 (or -cu12)"),
+        header_folder("nvrtc.h", toolkit_includes() + wheels, "cuDNN (its frontend includes NVRTC's header)",
+                      "install the CUDA toolkit's NVRTC or pip install nvidia-cuda-nvrtc"),
+        header_folder("cuda_runtime.h", toolkit_includes() + wheels, "CUDA", "install the CUDA toolkit"),
+    ]
+    cxx = os.environ.get("CXX", "g++")
+    flags = [f for folder in dict.fromkeys(folders) for f in ("-I", str(folder))]
+    return [cxx, "-O1", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING",
+            *flags, "-c", "-o", str(obj), str(CUDNN_SOURCE)]
+
+
+def compile_command(include: Path, out: Path, cuda: bool, archs: tuple[str, ...], cudnn_obj: Path | None = None
+                    ) -> list[str]:
     if cuda:
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
         return ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-I", str(include),
-                *gencode, "-o", str(out), str(SOURCE), *cublas_flags()]
+                *gencode, "-o", str(out), str(SOURCE), str(cudnn_obj), "-ldl", *cublas_flags()]
     cxx = os.environ.get("CXX", "g++")
     return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DFLUXRT_CPU_ONLY", "-x", "c++",
             "-I", str(include), "-o", str(out), str(SOURCE)]
@@ -179,10 +228,16 @@ def build(out: str | Path | None = None, cuda: bool | None = None, archs: tuple[
         raise EngineError(f"CUDA architectures must be compute capabilities like '90', got {list(archs)}")
     headers = ort_headers(include)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        cmd = compile_command(headers, tmp, cuda, tuple(archs))
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise EngineError(f"compiling {SOURCE.name} failed ({cmd[0]} exit {result.returncode}):\n"
-                              f"{(result.stderr or result.stdout)[-4000:]}")
+    with atomic_path(out) as tmp, tempfile.TemporaryDirectory(prefix="fluxrt-ort-ops-") as work:
+        cudnn_obj = Path(work) / "fluxrt_cudnn.o"
+        if cuda:
+            run_compile(cudnn_compile_command(cudnn_obj), CUDNN_SOURCE.name)
+        run_compile(compile_command(headers, tmp, cuda, tuple(archs), cudnn_obj), SOURCE.name)
     return out
+
+
+def run_compile(cmd: list[str], what: str) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise EngineError(f"compiling {what} failed ({cmd[0]} exit {result.returncode}):\n"
+                          f"{(result.stderr or result.stdout)[-4000:]}")

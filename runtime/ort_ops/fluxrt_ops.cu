@@ -29,6 +29,13 @@
 //   QuantizeFp8(x, scale) -> E4M3               x T [...]
 //   AdaLayerNormFp8(x, scale, shift, quant_scale) -> E4M3     AdaLayerNorm, its output quantized
 //   BiasGeluFp8(x, bias?, quant_scale) -> E4M3                 BiasGelu, its output quantized
+//   NormRopeFp8(x0, ..., sin?, quant_scale) -> E4M3           NormRope, its output quantized
+//   Fp8Attention(q, k, v, q_scale, k_scale, v_scale, o_scale, split?) -> o [, o1]   attrs num_heads, scale
+//     q, k, v E4M3 [B, L, H*D]: o = softmax(q k^T * scale) v (scale 0: 1/sqrt(D)), each input dequantized by its
+//     scale, written as E4M3 o / o_scale. The probabilities are themselves quantized, as E4M3 p * 448, before
+//     they multiply v (what cuDNN's FP8 attention does); exp(s - max) is quantized, the division by the row sum
+//     comes after the product. With split (int64 [2], CPU, summing to L) the output is cut along L into o
+//     [B, split[0], H*D] and o1 [B, split[1], H*D]. On CUDA: cuDNN's FP8 attention (Hopper or newer).
 //
 // Built by runtime/ort_ops/build.py against ONNX Runtime's C API headers (ORT_API_VERSION >= 17).
 
@@ -52,6 +59,8 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
+
+#include "fluxrt_cudnn.h"
 #endif
 
 namespace fluxrt_ops {  // kernel names carry it: profiles tell these kernels apart
@@ -114,9 +123,9 @@ OrtStatusPtr get_input(OrtKernelContext* ctx, size_t index, In* out) {
   return nullptr;
 }
 
-OrtStatusPtr get_output(OrtKernelContext* ctx, const std::vector<int64_t>& shape, void** data) {
+OrtStatusPtr get_output(OrtKernelContext* ctx, const std::vector<int64_t>& shape, void** data, size_t index = 0) {
   OrtValue* value = nullptr;
-  RETURN_IF(g_api->KernelContext_GetOutput(ctx, 0, shape.data(), shape.size(), &value));
+  RETURN_IF(g_api->KernelContext_GetOutput(ctx, index, shape.data(), shape.size(), &value));
   return g_api->GetTensorMutableData(value, data);
 }
 
@@ -144,6 +153,7 @@ struct Attrs {
   int64_t num_heads = 0;
   float epsilon = 1e-6f;
   float clamp = 0.f;
+  float scale = 0.f;  // Fp8Attention's softmax scale; 0: 1/sqrt(head size)
 };
 
 // ---- shape checks shared by both devices ---------------------------------------------------------
@@ -311,6 +321,44 @@ std::vector<int64_t> linear_shape(const Fp8LinearArgs& p) {
   return s;
 }
 
+struct Fp8AttentionArgs {
+  In q, k, v, q_scale, k_scale, v_scale, o_scale, split;
+  float qs = 1.f, ks = 1.f, vs = 1.f, os = 1.f, attn_scale = 1.f;
+  int64_t B = 0, L = 0, C = 0, H = 0, D = 0, L0 = 0, L1 = 0;  // with split: L0 + L1 = L
+};
+
+OrtStatusPtr check_fp8_attention(const Attrs& a, Fp8AttentionArgs* p) {
+  const std::string op = "Fp8Attention";
+  if (p->q.shape.size() != 3) return Status::error(op, "q must be [B, L, H*D], got " + shape_str(p->q.shape));
+  if (p->k.shape != p->q.shape || p->v.shape != p->q.shape) {
+    return Status::error(op, "k and v must have q's shape " + shape_str(p->q.shape) + ", got " + shape_str(p->k.shape) +
+                                 " and " + shape_str(p->v.shape));
+  }
+  p->B = p->q.dim(0), p->L = p->q.dim(1), p->C = p->q.dim(2), p->H = a.num_heads;
+  if (p->H <= 0 || p->C % p->H) {
+    return Status::error(op, "num_heads " + std::to_string(p->H) + " must be positive and divide the width " +
+                                 std::to_string(p->C));
+  }
+  p->D = p->C / p->H;
+  p->attn_scale = a.scale > 0.f ? a.scale : 1.f / std::sqrt(float(p->D));
+  RETURN_IF(read_scale(op, "q_scale", p->q_scale, &p->qs));
+  RETURN_IF(read_scale(op, "k_scale", p->k_scale, &p->ks));
+  RETURN_IF(read_scale(op, "v_scale", p->v_scale, &p->vs));
+  RETURN_IF(read_scale(op, "o_scale", p->o_scale, &p->os));
+  p->L0 = p->L;
+  if (p->split.present()) {
+    const int64_t* s = static_cast<const int64_t*>(p->split.data);
+    if (p->split.shape != std::vector<int64_t>{2} || s[0] < 0 || s[1] < 0 || s[0] + s[1] != p->L) {
+      return Status::error(op, "split must be two non-negative lengths summing to L = " + std::to_string(p->L) +
+                                   ", got " + (p->split.shape == std::vector<int64_t>{2}
+                                                   ? "[" + std::to_string(s[0]) + ", " + std::to_string(s[1]) + "]"
+                                                   : "shape " + shape_str(p->split.shape)));
+    }
+    p->L0 = s[0], p->L1 = s[1];
+  }
+  return nullptr;
+}
+
 // ---- E4M3 on the host: the reference rounding -----------------------------------------------------
 
 uint8_t e4m3_from_float(float f) {
@@ -438,6 +486,56 @@ void fp8_linear_cpu(const Fp8LinearArgs& p, float* y) {
       for (int64_t k = 0; k < p.K; ++k) acc += xr[k] * wr[k];
       y[m * p.N + n] = acc * p.xs * ws[n] + bias[n];
     }
+  }
+}
+
+constexpr float kProbScale = 448.f;  // FP8 attention's probabilities are quantized as p * 448
+
+// o [B, L, H*D] as E4M3, per (batch, head, query row) in float32 (see Fp8Attention at the top).
+void fp8_attention_cpu(const Fp8AttentionArgs& p, uint8_t* o) {
+  float lut[256];
+  for (int i = 0; i < 256; ++i) lut[i] = e4m3_to_float(uint8_t(i));
+  const uint8_t* q = static_cast<const uint8_t*>(p.q.data);
+  const uint8_t* k = static_cast<const uint8_t*>(p.k.data);
+  const uint8_t* v = static_cast<const uint8_t*>(p.v.data);
+  const int64_t L = p.L, D = p.D, C = p.C;
+  std::vector<float> kf(L * D), vf(L * D), qf(D), s(L), acc(D);
+  const float score_scale = p.qs * p.ks * p.attn_scale;
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t h = 0; h < p.H; ++h) {
+      for (int64_t j = 0; j < L; ++j)
+        for (int64_t d = 0; d < D; ++d) {
+          kf[j * D + d] = lut[k[(b * L + j) * C + h * D + d]];
+          vf[j * D + d] = lut[v[(b * L + j) * C + h * D + d]];
+        }
+      for (int64_t i = 0; i < L; ++i) {
+        for (int64_t d = 0; d < D; ++d) qf[d] = lut[q[(b * L + i) * C + h * D + d]];
+        float m = -INFINITY;
+        for (int64_t j = 0; j < L; ++j) {
+          float dot = 0.f;
+          for (int64_t d = 0; d < D; ++d) dot += qf[d] * kf[j * D + d];
+          s[j] = dot * score_scale;
+          m = std::fmax(m, s[j]);
+        }
+        float sum = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t j = 0; j < L; ++j) {
+          const float e = std::exp(s[j] - m);
+          sum += e;
+          const float p8 = e4m3_to_float(e4m3_from_float(e * kProbScale));
+          for (int64_t d = 0; d < D; ++d) acc[d] += p8 * vf[j * D + d];
+        }
+        const float out_scale = p.vs / (kProbScale * sum * p.os);
+        for (int64_t d = 0; d < D; ++d) o[(b * L + i) * C + h * D + d] = e4m3_from_float(acc[d] * out_scale);
+      }
+    }
+}
+
+// Rows [0, L0) of every batch item of x [B, L, C] (bytes) to y0 [B, L0, C], rows [L0, L) to y1.
+void split_rows_cpu(const uint8_t* x, int64_t B, int64_t L, int64_t L0, int64_t C, uint8_t* y0, uint8_t* y1) {
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(y0 + b * L0 * C, x + b * L * C, L0 * C);
+    std::memcpy(y1 + b * (L - L0) * C, x + (b * L + L0) * C, (L - L0) * C);
   }
 }
 
@@ -618,10 +716,10 @@ template <> __device__ __forceinline__ void out8<uint8_t>(uint8_t* p, const floa
 
 // NormRope when the head size D is a multiple of 8 and D/8 divides 32: D/8 threads per head row,
 // eight elements (four pairs) each; the row's sum of squares is reduced among those threads.
-template <typename T>
+template <typename T, typename O = T>
 __global__ void norm_rope_vec8_kernel(const T* x0, const T* b0, const T* w0, const T* x1, const T* b1, const T* w1,
-                                      const float* cos, const float* sin, T* y, int64_t B, int64_t L0, int64_t L1,
-                                      int64_t H, int D, float eps) {
+                                      const float* cos, const float* sin, O* y, int64_t B, int64_t L0, int64_t L1,
+                                      int64_t H, int D, float eps, float qscale = 1.f) {
   const int tpr = D / 8;  // threads per head row
   const int64_t L = L0 + L1;
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -662,7 +760,7 @@ __global__ void norm_rope_vec8_kernel(const T* x0, const T* b0, const T* w0, con
       v[2 * k + 1] = o * cc[k] + e * sn[k];
     }
   }
-  if (active) store8(y + (b * L + l) * H * D + h * D + 8 * j, v);
+  if (active) out8(y + (b * L + l) * H * D + h * D + 8 * j, v, qscale);
 }
 
 // AdaLayerNorm when C is a multiple of 8: one warp per row, eight elements per access; the row
@@ -1003,11 +1101,94 @@ OrtStatusPtr fp8_linear_cuda(cudaStream_t st, LtState& state, const Fp8LinearArg
                       "cublasLtMatmul"));
   return cuda_status("Fp8Linear");
 }
+
+template <typename T>
+OrtStatusPtr norm_rope_fp8_cuda(cudaStream_t st, const Attrs& a, const NormRopeArgs& p, float qscale, void* y) {
+  const int64_t rows = p.B * (p.L0 + p.L1) * p.H;
+  const bool vec8 = p.D % 8 == 0 && 32 % (p.D / 8) == 0 &&
+                    aligned16({p.x0.data, p.b0.data, p.w0.data, p.x1.data, p.b1.data, p.w1.data, p.cos.data, p.sin.data}) &&
+                    reinterpret_cast<uintptr_t>(y) % 8 == 0;
+  if (!vec8) {
+    return Status::error("NormRopeFp8", "on CUDA, the head size must be a multiple of 8 that divides 256 (got " +
+                                            std::to_string(p.D) + ") and the tensors 16-byte aligned");
+  }
+  if (rows > 0) {
+    const int64_t threads = rows * (p.D / 8);
+    norm_rope_vec8_kernel<T, uint8_t><<<unsigned((threads + 255) / 256), 256, 0, st>>>(
+        ptr<T>(p.x0), ptr<T>(p.b0), ptr<T>(p.w0), ptr<T>(p.x1), ptr<T>(p.b1), ptr<T>(p.w1), ptr<float>(p.cos),
+        ptr<float>(p.sin), static_cast<uint8_t*>(y), p.B, p.L0, p.L1, p.H, int(p.D), a.epsilon, qscale);
+  }
+  return cuda_status("NormRopeFp8");
+}
+
+// cuDNN reads its scales from device memory: descale q, k, v, descale P, scale P, scale o; then amax P, amax o.
+__global__ void attention_scales_kernel(float* d, float qs, float ks, float vs, float os) {
+  d[0] = qs, d[1] = ks, d[2] = vs, d[3] = 1.f / kProbScale, d[4] = kProbScale, d[5] = 1.f / os;
+}
+
+// One kernel object's device memory: its scales, and with a split the whole output before it is cut. Both stay
+// allocated after the kernel is gone: a CUDA graph captured with them may outlive it.
+struct AttnState {
+  std::mutex mu;
+  float* scales = nullptr;
+  float set[4] = {0.f, 0.f, 0.f, 0.f};  // the q, k, v, o scales `scales` holds
+  void* whole = nullptr;
+  int64_t whole_bytes = 0;
+};
+
+OrtStatusPtr attention_error(const std::string& msg) {
+  return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, ("fluxrt.Fp8Attention: " + msg).c_str());
+}
+
+OrtStatusPtr fp8_attention_cuda(cudaStream_t st, AttnState& s, const Fp8AttentionArgs& p, void* y0, void* y1) {
+  if (p.B * p.L * p.C == 0) return nullptr;
+  std::lock_guard<std::mutex> lock(s.mu);
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  cudaStreamIsCapturing(st, &capturing);
+  const bool in_capture = capturing != cudaStreamCaptureStatusNone;
+  if (!s.scales) {
+    if (in_capture) return attention_error("first run inside a CUDA graph capture; run once before capturing");
+    if (cudaMalloc(&s.scales, 8 * sizeof(float)) != cudaSuccess) return attention_error("could not allocate its scales");
+  }
+  const float want[4] = {p.qs, p.ks, p.vs, p.os};
+  if (!std::equal(want, want + 4, s.set)) {
+    attention_scales_kernel<<<1, 1, 0, st>>>(s.scales, p.qs, p.ks, p.vs, p.os);
+    std::copy(want, want + 4, s.set);
+  }
+  void* target = y0;
+  const bool split = y1 != nullptr;
+  if (split) {
+    const int64_t bytes = p.B * p.L * p.C;
+    if (s.whole_bytes < bytes) {
+      if (in_capture) return attention_error("its buffer would grow inside a CUDA graph capture; run once before capturing");
+      if (s.whole) cudaFree(s.whole);  // growth happens outside capture, so no captured graph uses the old one
+      s.whole = nullptr, s.whole_bytes = 0;
+      if (cudaMalloc(&s.whole, bytes) != cudaSuccess) return attention_error("could not allocate its output buffer");
+      s.whole_bytes = bytes;
+    }
+    target = s.whole;
+  }
+  const std::string err = fluxrt_cudnn::fp8_attention(st, p.B, p.L, p.H, p.D, p.attn_scale, p.q.data, p.k.data, p.v.data,
+                                                      target, s.scales, s.scales + 6);
+  if (!err.empty()) return attention_error(err);
+  if (split) {
+    const char* whole = static_cast<const char*>(s.whole);
+    if (p.L0 && cudaMemcpy2DAsync(y0, p.L0 * p.C, whole, p.L * p.C, p.L0 * p.C, p.B, cudaMemcpyDeviceToDevice, st))
+      return cuda_status("Fp8Attention");
+    if (p.L1 && cudaMemcpy2DAsync(y1, p.L1 * p.C, whole + p.L0 * p.C, p.L * p.C, p.L1 * p.C, p.B,
+                                  cudaMemcpyDeviceToDevice, st))
+      return cuda_status("Fp8Attention");
+  }
+  return cuda_status("Fp8Attention");
+}
 #endif  // FLUXRT_CPU_ONLY
 
 // ---- ONNX Runtime glue -----------------------------------------------------------------------------
 
-enum class Kind { NormRope, AdaLayerNorm, GatedResidual, BiasGelu, Fp8Linear, QuantizeFp8, AdaLayerNormFp8, BiasGeluFp8 };
+enum class Kind {
+  NormRope, AdaLayerNorm, GatedResidual, BiasGelu, Fp8Linear, QuantizeFp8, AdaLayerNormFp8, BiasGeluFp8, NormRopeFp8,
+  Fp8Attention
+};
 
 struct Op : OrtCustomOp {
   Kind kind;
@@ -1018,6 +1199,7 @@ struct Op : OrtCustomOp {
   std::vector<ONNXTensorElementDataType> inputs;
   std::vector<bool> optional;
   std::vector<bool> on_host;  // scales: read by the host, so kept in CPU memory
+  size_t outputs = 1;         // the ones after the first are optional
 };
 
 struct Kernel {
@@ -1025,6 +1207,7 @@ struct Kernel {
   Attrs attrs;
 #ifndef FLUXRT_CPU_ONLY
   LtState lt;  // Fp8Linear's cuBLASLt plans
+  AttnState attn;  // Fp8Attention's device memory
 #endif
 };
 
@@ -1141,6 +1324,45 @@ OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
       RETURN_IF(get_output(ctx, p.x.shape, &y));
       LAUNCH(ada_norm_fp8_cuda, k.attrs, p, qs);
     }
+    case Kind::NormRopeFp8: {
+      NormRopeArgs p{in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7]};
+      float qs = 1.f;
+      RETURN_IF(check_norm_rope(k.attrs, &p));
+      RETURN_IF(read_scale(op.name, "quant_scale", in[8], &qs));
+      const std::vector<int64_t> shape = {p.B, p.L0 + p.L1, p.C};
+      if (!cuda) {
+        std::vector<float> v(p.B * (p.L0 + p.L1) * p.C);
+        norm_rope_cpu(k.attrs, p, v.data());
+        return quantized_output(ctx, shape, v, qs);
+      }
+      RETURN_IF(get_output(ctx, shape, &y));
+      LAUNCH(norm_rope_fp8_cuda, k.attrs, p, qs);
+    }
+    case Kind::Fp8Attention: {
+      Fp8AttentionArgs p{in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7]};
+      RETURN_IF(check_fp8_attention(k.attrs, &p));
+      size_t outputs = 0;
+      RETURN_IF(g_api->KernelContext_GetOutputCount(ctx, &outputs));
+      const bool split = p.split.present();
+      if (split != (outputs == 2)) {
+        return Status::error(op.name, split ? "with split, the node must have two outputs"
+                                            : "without split, the node must have one output");
+      }
+      void* y1 = nullptr;
+      RETURN_IF(get_output(ctx, {p.B, p.L0, p.C}, &y));
+      if (split) RETURN_IF(get_output(ctx, {p.B, p.L1, p.C}, &y1, 1));
+      if (!cuda) {
+        std::vector<uint8_t> whole(split ? p.B * p.L * p.C : 0);
+        fp8_attention_cpu(p, split ? whole.data() : static_cast<uint8_t*>(y));
+        if (split) split_rows_cpu(whole.data(), p.B, p.L, p.L0, p.C, static_cast<uint8_t*>(y), static_cast<uint8_t*>(y1));
+        return nullptr;
+      }
+#ifdef FLUXRT_CPU_ONLY
+      return Status::error(op.name, "this build has no CUDA kernels");
+#else
+      return fp8_attention_cuda(static_cast<cudaStream_t>(stream), const_cast<Kernel&>(k).attn, p, y, y1);
+#endif
+    }
     case Kind::BiasGeluFp8: {
       BiasGeluArgs p{in[0], in[1]};
       float qs = 1.f;
@@ -1163,6 +1385,7 @@ OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp* base, const OrtApi*, 
   k->attrs.num_heads = attr_int(info, "num_heads", 0);
   k->attrs.epsilon = attr_float(info, "epsilon", 1e-6f);
   k->attrs.clamp = attr_float(info, "clamp", 0.f);
+  k->attrs.scale = attr_float(info, "scale", 0.f);
   *out = k;
   return nullptr;
 }
@@ -1208,7 +1431,10 @@ OrtStatusPtr ORT_API_CALL infer_shape(const OrtCustomOp* base, OrtShapeInferCont
   std::vector<int64_t> dims, dims1;
   std::vector<std::string> names, names1;
   if (!input_dims(ctx, 0, &type, &dims, &names)) return nullptr;  // nothing known to pass on
-  if (op->kind == Kind::NormRope && dims.size() == 3 && input_dims(ctx, 3, &type1, &dims1, &names1) &&
+  if (op->kind == Kind::Fp8Attention && input_dims(ctx, 7, &type1, &dims1, &names1)) {
+    return nullptr;  // cut along L by split's values: lengths known only at run time
+  }
+  if ((op->kind == Kind::NormRope || op->kind == Kind::NormRopeFp8) && dims.size() == 3 && input_dims(ctx, 3, &type1, &dims1, &names1) &&
       dims1.size() == 3) {
     if (dims[1] >= 0 && dims1[1] >= 0) {
       dims[1] += dims1[1];
@@ -1288,6 +1514,19 @@ Op make_op(Kind kind, const char* name, const char* provider, ONNXTensorElementD
       op.on_host = {false, false, true};
       op.out_type = kE4M3;
       break;
+    case Kind::NormRopeFp8:
+      op.inputs = {t, t, t, t, t, t, F, F, F};
+      op.optional = {false, true, true, true, true, true, true, true, false};
+      op.on_host = {false, false, false, false, false, false, false, false, true};
+      op.out_type = kE4M3;
+      break;
+    case Kind::Fp8Attention:  // no T: E4M3 in and out
+      op.inputs = {kE4M3, kE4M3, kE4M3, F, F, F, F, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64};
+      op.optional = {false, false, false, false, false, false, false, true};
+      op.on_host = {false, false, false, true, true, true, true, true};
+      op.out_type = kE4M3;
+      op.outputs = 2;
+      break;
   }
   op.on_host.resize(op.inputs.size(), false);
   op.CreateKernel = nullptr;
@@ -1299,12 +1538,14 @@ Op make_op(Kind kind, const char* name, const char* provider, ONNXTensorElementD
   op.GetExecutionProviderType = [](const OrtCustomOp* o) { return static_cast<const Op*>(o)->provider; };
   op.GetInputTypeCount = [](const OrtCustomOp* o) { return static_cast<const Op*>(o)->inputs.size(); };
   op.GetInputType = [](const OrtCustomOp* o, size_t i) { return static_cast<const Op*>(o)->inputs[i]; };
-  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+  op.GetOutputTypeCount = [](const OrtCustomOp* o) { return static_cast<const Op*>(o)->outputs; };
   op.GetOutputType = [](const OrtCustomOp* o, size_t) { return static_cast<const Op*>(o)->out_type; };
   op.GetInputCharacteristic = [](const OrtCustomOp* o, size_t i) {
     return static_cast<const Op*>(o)->optional[i] ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   };
-  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t i) {
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
   op.GetInputMemoryType = [](const OrtCustomOp* o, size_t i) {
     return static_cast<const Op*>(o)->on_host[i] ? OrtMemTypeCPUInput : OrtMemTypeDefault;
   };
@@ -1324,13 +1565,16 @@ std::vector<Op>& registry() {
     const std::pair<Kind, const char*> kinds[] = {
         {Kind::NormRope, "NormRope"}, {Kind::AdaLayerNorm, "AdaLayerNorm"}, {Kind::GatedResidual, "GatedResidual"},
         {Kind::BiasGelu, "BiasGelu"}, {Kind::Fp8Linear, "Fp8Linear"}, {Kind::QuantizeFp8, "QuantizeFp8"},
-        {Kind::AdaLayerNormFp8, "AdaLayerNormFp8"}, {Kind::BiasGeluFp8, "BiasGeluFp8"}};
+        {Kind::AdaLayerNormFp8, "AdaLayerNormFp8"}, {Kind::BiasGeluFp8, "BiasGeluFp8"},
+        {Kind::NormRopeFp8, "NormRopeFp8"}, {Kind::Fp8Attention, "Fp8Attention"}};
     for (auto& [kind, name] : kinds) {
       v.push_back(make_op(kind, name, "CPUExecutionProvider", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
 #ifndef FLUXRT_CPU_ONLY
       for (auto t : {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
-                     ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16})
+                     ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16}) {
+        if (kind == Kind::Fp8Attention && t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) continue;  // one kernel: no T
         v.push_back(make_op(kind, name, "CUDAExecutionProvider", t));
+      }
 #endif
     }
     return v;
