@@ -4,6 +4,8 @@
 #   bash docs/benchmarks/h200_full.sh setup            # wheels (onnxruntime-gpu from /tmp/carry, .gpu/wheels), op library
 #   bash docs/benchmarks/h200_full.sh start ROOT OUT   # prepare, export bf16, quantize fp8, run: in the background
 #   bash docs/benchmarks/h200_full.sh poll ROOT OUT    # the log's tail; copies OUT's files to $OUT when done
+#   bash docs/benchmarks/h200_full.sh gpu-tests        # the GPU tests of the FP8 kernels (log in $OUT)
+# FP8_ATTENTION=1 quantizes with --fp8-attention; PRECISIONS (default bf16,fp8) and TORCH_MODES pick the rows.
 set -uo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 pkg=/tmp/pkg
@@ -27,13 +29,16 @@ case "$1" in
       date; python3 -m fluxrt.bench.full prepare $root
       python3 -m fluxrt.bench.full export $root --precision bf16 --device cuda
       date; python3 -m fluxrt.cli quantize $root/onnx-bf16 --out $root/onnx-fp8 --calibration-prompts 1 \
-        --calibration-steps 1 --calibration-size 1024 --calibration-text-length 512 --calibration-backend ort-cuda
+        --calibration-steps 1 --calibration-size 1024 --calibration-text-length 512 --calibration-backend ort-cuda \
+        ${FP8_ATTENTION:+--fp8-attention}
       date; df -h /tmp
-      python3 -m fluxrt.bench.full run $root --out $out --precisions bf16,fp8 --torch ${TORCH_MODES:-eager,compile,torchao-fp8} --device cuda --iters 5 --generation-iters 2
+      python3 -m fluxrt.bench.full run $root --out $out --precisions ${PRECISIONS:-bf16,fp8} --torch ${TORCH_MODES:-eager,compile,torchao-fp8} --device cuda --iters 5 --generation-iters 2
       date; echo FULL-DONE" > $root.log 2>&1 < /dev/null &
     echo started ;;
   poll)
     root=$2; out=$3
     tail -c 6000 $root.log; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
     mkdir -p "$OUT/full"; cp $root.log "$OUT/full/run.log"; cp $out/* "$OUT/full/" 2>/dev/null; true ;;
+  gpu-tests)
+    cd "$repo" && python3 -m pytest tests/test_fp8_kernels.py -m gpu -q -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 ;;
 esac
