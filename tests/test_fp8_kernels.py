@@ -628,12 +628,13 @@ def test_cuda_fp8_transformer_equals_cpu_and_replays_in_a_cuda_graph(kernels_gra
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B, L, H, split", [(1, 4608, 2, (512, 4096)), (2, 333, 3, (77, 256)), (1, 1, 1, None)],
-                         ids=["flux-1024px", "odd", "one-token"])
+@pytest.mark.parametrize("B, L, H, split", [(1, 4608, 2, (512, 4096)), (2, 333, 3, (77, 256)), (1, 130, 1, None)],
+                         ids=["flux-1024px", "odd", "no-split"])
 def test_cuda_fp8_attention_equals_the_cpu_reference(ops_library, B, L, H, split):
     """cuDNN's FP8 attention (head size 128, FLUX's) against the CPU reference. cuDNN quantizes exp(s - m) with
     the running maximum m of its key blocks, the reference with the row's: the probabilities' codes differ where
-    m moved, so the outputs agree to FP8's rounding, not bit for bit."""
+    m moved, so the outputs agree to FP8's rounding, not bit for bit. (cuDNN 9.19 refuses a sequence of one token,
+    with a message naming the shape.)"""
     require_cuda_library(ops_library)
     codes, scales = attention_case(L, B, L, H, 128)
     exact = numpy_fp8_attention(codes, scales, 1.0, H, quantize=False)
