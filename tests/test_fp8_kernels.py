@@ -503,6 +503,47 @@ def test_quantize_writes_an_fp8_kernels_export_close_to_its_source(kernels_expor
     assert not np.array_equal(got, want)
 
 
+def test_quantize_with_fp8_attention_writes_fp8_attention_close_to_fp8_linears(kernels_exports, tmp_path):
+    """``fluxrt quantize --fp8-attention``: every attention an Fp8Attention, the record saying so, the images close
+    to the source's and to those of FP8 linears alone (same seed)."""
+    from fluxrt.artifacts import ExportFolder
+    from fluxrt.cli import main
+    from fluxrt.runtime import FluxPipeline
+
+    source, linears_only = kernels_exports
+    out = tmp_path / "fp8-attn"
+    assert main(["quantize", str(source), "--out", str(out), *FLAGS, "--fp8-attention"]) == 0
+    record = json.loads((out / "transformer.json").read_text())
+    assert record["calibration"]["fp8_attention"] is True and record["quantization"]["attention"].startswith("FP8")
+    assert json.loads((linears_only / "transformer.json").read_text())["quantization"]["attention"] == "source precision"
+    model = onnx.load(str(out / "transformer.onnx"))
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["Fp8Attention"] == 2 + 2 and ops["MultiHeadAttention"] == 0  # 2 double, 2 single blocks
+    assert ExportFolder.open(out).precision == "fp8"
+    want = FluxPipeline.load(source)(**CALL).images
+    plain = FluxPipeline.load(linears_only)(**CALL).images
+    got = FluxPipeline.load(out)(**CALL).images
+
+    def psnr(a, b):
+        return 10 * np.log10(1 / ((a.astype(np.float64) - b) ** 2).mean())
+
+    print(f"\nFP8 linears + attention vs fp32: PSNR {psnr(got, want):.1f} dB; vs FP8 linears: {psnr(got, plain):.1f} dB")
+    assert psnr(got, want) > 40 and psnr(got, plain) > 40 and not np.array_equal(got, plain)  # measured: 54.1, 59.6 dB
+
+
+def test_fp8_attention_is_refused_for_a_portable_export(fp32_exports):
+    """Named by its flag on the command line: FP8 attention is fluxrt's op, for ort-kernels exports only."""
+    from fluxrt.artifacts import ExportFolder
+    from fluxrt.cli import flag_names
+
+    with pytest.raises(fp8.EngineError) as e:
+        fp8.check_calibration(fp8.Fp8Settings(fp8_attention=True), ExportFolder.open(fp32_exports["dev"]))
+    assert "for a transformer exported with --attention ort-kernels" in str(e.value) and "portable" in str(e.value)
+    assert flag_names("quantize", str(e.value)).startswith("--fp8-attention: FP8 attention is fluxrt's own op")
+    with pytest.raises(ValueError, match="Fp8Settings.fp8_attention must be True or False, got 1"):
+        fp8.Fp8Settings(fp8_attention=1)
+
+
 def test_tensorrt_builds_of_a_kernels_fp8_export_are_refused(kernels_exports, tmp_path):
     from fluxrt.components import ShapeEnvelope
     from fluxrt.engines.folder import BuildSettings, build_folder
