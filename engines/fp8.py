@@ -32,7 +32,6 @@ pins onnx 1.21 and onnxruntime-gpu.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import hashlib
 import json
@@ -54,13 +53,12 @@ from fluxrt.artifacts import EXTERNAL_DATA_BYTES, ExportFolder, graph_fingerprin
 from fluxrt.components import STAGES, VARIANT_DEFAULTS
 from fluxrt.dtypes import Array, array_module
 from fluxrt.errors import EngineError, ExportError
+from fluxrt.node_origin import LINEAR_CLASSES, module_origin
 from fluxrt.files import atomic_write_json
 from fluxrt.runner import Runner
 
 PROMPTS_FILE = "calibration_prompts.txt"
 BACKENDS = ("ort-cpu", "ort-cuda")
-# torch's Linear, and the ort-kernels export's bias-less product of one (export/ort_kernels.py)
-LINEAR_CLASSES = ("torch.nn.modules.linear.Linear", "fluxrt.export.ort_kernels.BareLinear")
 
 
 @dataclass(frozen=True)
@@ -283,19 +281,6 @@ def check_component(component: str) -> None:
 
 
 # ---------------------------------------------------------------- selection
-
-def module_origin(node) -> tuple[str, str] | None:
-    """(module path, module class) of the torch module a node was exported from, if tagged."""
-    meta = {p.key: p.value for p in node.metadata_props}
-    try:
-        scopes = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
-        classes = ast.literal_eval(meta["pkg.torch.onnx.class_hierarchy"])
-    except (KeyError, ValueError, SyntaxError):
-        return None
-    if len(scopes) < 2 or len(classes) < 2:
-        return None
-    return scopes[-2], classes[-2]  # the last scope is the aten op inside the module
-
 
 def find_linears(model, what: str) -> dict[str, str]:
     """``{node name: module path}`` of every MatMul/Gemm that is a torch Linear with a constant weight

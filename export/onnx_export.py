@@ -15,6 +15,7 @@ so an interrupted export leaves the folder as it was plus complete graphs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -35,10 +37,12 @@ from fluxrt.dtypes import numpy_dtype
 from fluxrt.errors import ExportError
 from fluxrt.export import graphs
 from fluxrt.export.checkpoint import Checkpoint
+from fluxrt.export.lora import lora_records, merge_loras, read_loras
 from fluxrt.export.memory import PeakMemory
 from fluxrt.export.ort_fusions import fuse_graph
 from fluxrt.export.weights import TORCH_DTYPES
 from fluxrt.files import atomic_write_text, locked, read_json, separate_folders
+from fluxrt.lora import LoraFile
 
 OPSET = 20
 OPSET_BF16 = 22  # Conv, InstanceNormalization and others accept bfloat16 only from opset 22
@@ -53,8 +57,16 @@ class ExportRequest:
     precision: str
     attention: str = "portable"  # see fluxrt.components.ATTENTION_MODES
     external_data_bytes: int = EXTERNAL_DATA_BYTES  # graphs with more weights keep them in NAME.onnx.data
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale) merged into the transformer, in this order
 
     def __post_init__(self) -> None:
+        for pair in self.loras:
+            scale = pair[1] if isinstance(pair, tuple) and len(pair) == 2 else None
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+                raise ValueError(f"ExportRequest.loras holds {pair!r}; each must be (file, finite scale)")
+        if self.loras and "transformer" not in self.components:
+            raise ValueError(f"ExportRequest.loras merge into the transformer, which ExportRequest.components "
+                             f"{list(self.components)} leaves out")
         if isinstance(self.external_data_bytes, bool) or not isinstance(self.external_data_bytes, int) \
                 or self.external_data_bytes < 0:
             raise ValueError(f"ExportRequest.external_data_bytes must be a non-negative integer, got {self.external_data_bytes!r}")
@@ -120,7 +132,9 @@ def dynamic_shapes(spec: ComponentSpec, dims: ModelDims) -> dict:
     return {t.name: {i: axes[d] for i, d in t.dynamic_axes().items()} for t in spec.inputs}
 
 
-def load_graph_module(name: str, ckpt: Checkpoint, precision: str, attention: str = "portable") -> torch.nn.Module:
+def load_graph_module(name: str, ckpt: Checkpoint, precision: str, attention: str = "portable",
+                      loras: Sequence[tuple[LoraFile, float]] = ()) -> torch.nn.Module:
+    """``loras``: (file, scale) pairs merged into the transformer's weights before the attention rewrite."""
     dtype = TORCH_DTYPES[precision]
     if name == "clip":
         return graphs.ClipGraph(ckpt.load_clip(dtype))
@@ -135,8 +149,9 @@ def load_graph_module(name: str, ckpt: Checkpoint, precision: str, attention: st
                     m.wo.float()
         return graphs.T5Graph(model)
     if name == "transformer":
-        return graphs.TransformerGraph(ckpt.load_transformer(dtype), guidance=ckpt.dims().guidance,
-                                       rewrite=attention)
+        model = ckpt.load_transformer(dtype)
+        merge_loras(model, loras)
+        return graphs.TransformerGraph(model, guidance=ckpt.dims().guidance, rewrite=attention)
     vae = ckpt.load_vae(dtype)
     return graphs.VaeDecoderGraph(vae) if name == "vae_decoder" else graphs.VaeEncoderGraph(vae)
 
@@ -150,15 +165,16 @@ def param_bytes(module: torch.nn.Module) -> int:
 
 
 def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, attention: str = "portable",
-                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict:
-    """Trace one component and write ``out_dir/NAME.onnx`` (+ ``.data``) atomically; return its record."""
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES, loras: Sequence[tuple[LoraFile, float]] = ()) -> dict:
+    """Trace one component (the transformer with ``loras`` merged) and write ``out_dir/NAME.onnx`` (+ ``.data``)
+    atomically; return its record."""
     dims = ckpt.dims()
     spec = component_spec(name, dims)
     graph_precision = component_precision(name, precision)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         log(f"{name}: loading weights ({graph_precision})")
-        module = load_graph_module(name, ckpt, graph_precision, attention).eval()
+        module = load_graph_module(name, ckpt, graph_precision, attention, loras).eval()
         nbytes = param_bytes(module)
         log(f"{name}: {nbytes / 2**20:.1f} MiB of weights loaded in {time.perf_counter() - t0:.1f}s; tracing")
         t1 = time.perf_counter()
@@ -186,6 +202,8 @@ def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, att
     )
     if fusions is not None:
         record["graph_fusions"] = fusions
+    if loras:
+        record["loras"] = lora_records(loras)
     log(f"{name}: done in {record['export_seconds']}s, peak host memory {mem.peak_bytes / 2**30:.2f} GiB")
     return record
 
@@ -326,18 +344,20 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | Path, request: ExportRequ
         if extra is not None and Path(extra).resolve().is_relative_to(out_dir.resolve()):
             raise ExportError(f"--out {out_dir} contains the checkpoint file {extra}: name a folder of its own")
     ckpt.check_weights(request.components)  # before anything is written
+    loras = read_loras(request.loras, ckpt.transformer_config())
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         with locked(out_dir / ".export.lock"):
-            return export_locked(ckpt, out_dir, request)
+            return export_locked(ckpt, out_dir, request, loras)
     except BaseException:
         if created and not (out_dir / EXPORT_MANIFEST).exists():  # nothing of it to keep
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
 
 
-def export_locked(ckpt: Checkpoint, out_dir: Path, request: ExportRequest) -> dict:
+def export_locked(ckpt: Checkpoint, out_dir: Path, request: ExportRequest,
+                  loras: Sequence[tuple[LoraFile, float]] = ()) -> dict:
     dims = ckpt.dims()
     fingerprint = ckpt.fingerprint()
     manifest = read_manifest(out_dir) or {}
@@ -352,7 +372,7 @@ def export_locked(ckpt: Checkpoint, out_dir: Path, request: ExportRequest) -> di
     records = dict(manifest.get("components", {}))
     for name in request.graphs:
         records[name] = export_graph(name, ckpt, request.precision, out_dir, request.attention,
-                                     request.external_data_bytes)
+                                     request.external_data_bytes, loras if name == "transformer" else ())
         manifest = dict(
             variant=dims.variant, precision=request.precision, dims=dims.to_json(),
             source=dict(path=str(ckpt.root.resolve()), fingerprint=fingerprint,

@@ -7,7 +7,7 @@ lives here and reaches a pipeline by injection:
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,15 +18,19 @@ from fluxrt.dtypes import Array
 from fluxrt.errors import CheckpointError
 from fluxrt.export.checkpoint import Checkpoint
 from fluxrt.export.onnx_export import load_graph_module
+from fluxrt.lora import LoraFile, read_lora
 from fluxrt.runner import Runner
 
 
 class TorchRunner(Runner):
     backend = "torch"
 
-    def __init__(self, spec: ComponentSpec, precision: str, checkpoint: Checkpoint, device: str = "cpu"):
+    def __init__(self, spec: ComponentSpec, precision: str, checkpoint: Checkpoint, device: str = "cpu",
+                 loras: Sequence[tuple[LoraFile, float]] = ()):
+        """``loras``: the (file, scale) pairs the export merged into its transformer (``recorded_loras``)."""
         super().__init__(spec, precision)
         self.checkpoint = checkpoint
+        self.loras = tuple(loras)
         self.torch_device = torch.device(device)
         self.device = "cuda" if self.torch_device.type == "cuda" else "cpu"
         self.module: torch.nn.Module | None = None
@@ -36,7 +40,8 @@ class TorchRunner(Runner):
         return torch_runners(folder, (name,), device)[name]
 
     def _activate(self) -> None:
-        self.module = load_graph_module(self.name, self.checkpoint, self.precision).to(self.torch_device)
+        module = load_graph_module(self.name, self.checkpoint, self.precision, loras=self.loras)
+        self.module = module.to(self.torch_device)
 
     def _deactivate(self) -> None:
         self.module = None
@@ -66,7 +71,23 @@ def source_checkpoint(folder: ExportFolder) -> Checkpoint:
 def torch_runners(folder: ExportFolder, stages: tuple[str, ...] = STAGES, device: str = "cpu") -> dict[str, TorchRunner]:
     """Torch runners for ``stages`` of an export folder, from its (fingerprint-checked) source checkpoint."""
     ckpt = source_checkpoint(folder)
-    return {s: TorchRunner(folder.spec(s), folder.graph_precision(s), ckpt, device) for s in stages}
+    loras = recorded_loras(folder) if "transformer" in stages else []
+    return {s: TorchRunner(folder.spec(s), folder.graph_precision(s), ckpt, device,
+                           loras if s == "transformer" else ()) for s in stages}
+
+
+def recorded_loras(folder: ExportFolder) -> list[tuple[LoraFile, float]]:
+    """The LoRA files the export merged into its transformer (``fluxrt export --lora``), read again and
+    checked to be the files it merged."""
+    out = []
+    for record in folder.record("transformer").get("loras") or ():
+        lora = read_lora(record["path"], folder.transformer_config())
+        if lora.sha256 != record["sha256"]:
+            raise CheckpointError(f"LoRA file {lora.path} changed since {folder.root} was exported with it merged "
+                                  f"(sha256 {lora.sha256[:12]}, the manifest recorded {record['sha256'][:12]}): the "
+                                  f"torch backend would not run the exported model; export again")
+        out.append((lora, float(record["scale"])))
+    return out
 
 
 def to_torch(x: Array, device: torch.device) -> torch.Tensor:

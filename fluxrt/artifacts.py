@@ -17,6 +17,7 @@ same definition, so a plan can be traced to the export graph it was built from.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,18 @@ class ModelFolder:
     def vae_config(self) -> dict:
         return self.read_side_json("vae/config.json", "VAE config")
 
+    def source_manifest(self) -> dict:
+        """The manifest of the export the folder is (or was built from); {} when there is none."""
+        raise NotImplementedError
+
+    def transformer_config(self) -> dict:
+        """diffusers' config of the transformer, as the export recorded it (LoRA files are checked against it)."""
+        config = self.source_manifest().get("transformer_config")
+        if not isinstance(config, dict):
+            raise self.error(f"{self.root} records no transformer config (graphs fluxrt did not export?), so a LoRA "
+                             f"file cannot be checked against its model")
+        return config
+
 
 def open_folder(path: str | Path) -> "ExportFolder | EngineFolder":
     """An export folder (has manifest.json) or an engine folder (has engines.json)."""
@@ -195,6 +208,10 @@ class ExportFolder(ModelFolder):
                                   f"export again")
             for file in files:
                 inside(self.root, file, f"{what}.fingerprint.files")
+            loras = record.get("loras", [])
+            if not isinstance(loras, list) or not all(is_lora_record(r) for r in loras):
+                raise ExportError(f"{what}.loras must be a list of {{path, sha256, layout, scale}} records of the LoRA "
+                                  f"files merged into it, got {loras!r}: export again")
         vae = self.root / "vae" / "config.json"
         if vae.is_file():
             channels = read_json(vae, "VAE config", ExportError).get("block_out_channels")
@@ -205,6 +222,9 @@ class ExportFolder(ModelFolder):
     @property
     def precision(self) -> str:
         return self.manifest["precision"]
+
+    def source_manifest(self) -> dict:
+        return self.manifest
 
     @property
     def foreign(self) -> bool:
@@ -252,6 +272,13 @@ MANIFEST_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 
 def is_sha256(value) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def is_lora_record(value) -> bool:
+    """One merged LoRA file as an export record lists it (export/lora.py writes them)."""
+    scale = value.get("scale") if isinstance(value, dict) else None
+    return (isinstance(value, dict) and isinstance(value.get("path"), str) and is_sha256(value.get("sha256"))
+            and not isinstance(scale, bool) and isinstance(scale, (int, float)) and math.isfinite(scale))
 
 
 def inside(root: Path, name, what: str) -> Path:
@@ -331,6 +358,10 @@ class EngineFolder(ModelFolder):
 
     def sidecar(self, name: str) -> dict:
         return read_json(plan_paths(self.root, name)[1], f"{name} plan sidecar", EngineError)
+
+    def source_manifest(self) -> dict:
+        copy = self.root / EXPORT_MANIFEST_COPY
+        return read_json(copy, "export manifest copy", EngineError) if copy.is_file() else {}
 
     def graph_precision(self, name: str) -> str:
         return self.sidecar(name)["precision"]

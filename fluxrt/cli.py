@@ -33,16 +33,36 @@ def cmd_export(args: argparse.Namespace) -> None:
     from fluxrt.export.checkpoint import Checkpoint
     from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
 
+    loras = tuple((str(path), scale) for path, scale in map(parse_lora, args.lora or ()))
     try:
         request = ExportRequest(components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
-                                precision=args.precision, attention=args.attention)
+                                precision=args.precision, attention=args.attention, loras=loras)
     except ValueError as e:
         raise UsageError(str(e)) from None
     ckpt = Checkpoint.open(args.checkpoint, transformer_file=args.transformer, vae_file=args.vae)
     manifest = export_checkpoint(ckpt, args.out, request)
     total = sum(r["export_seconds"] for n, r in manifest["components"].items() if n in request.graphs)
-    print(f"exported {', '.join(request.graphs)} ({manifest['variant']}, {args.precision}) to {args.out} "
+    merged = f", {len(loras)} LoRA file(s) merged into the transformer" if loras else ""
+    print(f"exported {', '.join(request.graphs)} ({manifest['variant']}, {args.precision}{merged}) to {args.out} "
           f"in {total:.1f}s")
+
+
+def parse_lora(text: str) -> tuple[Path, float]:
+    """``--lora FILE[:SCALE]`` -> (file, scale), the scale 1 when not given."""
+    import math
+
+    path, colon, scale = text.rpartition(":")
+    if not colon or Path(text).is_file():  # a file whose name has a colon in it
+        path, scale = text, "1"
+    try:
+        value = float(scale)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise UsageError(f"--lora {text!r}: SCALE must be a finite number (FILE[:SCALE]), got {scale!r}")
+    if not Path(path).is_file():
+        raise UsageError(f"--lora {text!r}: LoRA file {path} does not exist")
+    return Path(path), value
 
 
 def stage_runners(path: Path, backend: str | None, cuda_graph: bool, expect: str):
@@ -81,6 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.out.suffix.lower() != ".png":  # reported before any work
         raise UsageError(f"--out must name a .png file, got {args.out}")
     check_text("--prompt", args.prompt)
+    loras = [parse_lora(text) for text in args.lora or ()]
     folder, runners = stage_runners(args.engines or args.onnx, args.backend, args.cuda_graph,
                                     "engines" if args.engines else "export")
     # every argument, and the engines' envelope, checked before any graph or plan is loaded
@@ -91,11 +112,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     memory.check(folder, p, {name: r.device for name, r in runners.items()})  # before the outputs are listed
     paths = output_paths(args.out, p.batch)
     check_writable(paths)
-    pipe = FluxPipeline(folder, runners)
+    pipe = FluxPipeline(folder, runners, loras)
     images = pipe.postprocess(pipe.generate(p, callback=progress_bar("fluxrt generate:")), "pil")
     settings = dict(p.to_json(), prompt=args.prompt, model=str(args.engines or args.onnx),
                     variant=pipe.variant, precision=pipe.folder.precision,
-                    backends={k: r.backend for k, r in pipe.runners.items()})
+                    backends={k: r.backend for k, r in pipe.runners.items()},
+                    loras=[{"path": lora.path, "sha256": lora.sha256, "scale": scale}
+                           for lora, scale in pipe.loras.values()])
     settings.pop("prompts", None)
     infos = []
     for i in range(len(images)):
@@ -331,7 +354,7 @@ CALIBRATION_FLAGS = {"Fp8Settings.num_prompts": "--calibration-prompts",
 FLAGS = {
     "tiny-model": {"seed": "--seed", "variant": "--variant"},
     "export": {"ExportRequest.components": "--components", "ExportRequest.precision": "--precision",
-               "ExportRequest.attention": "--attention"},
+               "ExportRequest.attention": "--attention", "ExportRequest.loras": "--lora"},
     "generate": {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_images_per_prompt": "--num-images",
                  "max_sequence_length": "--max-sequence-length", "height": "--height", "width": "--width",
                  "seed": "--seed"},
@@ -383,6 +406,10 @@ def parser() -> argparse.ArgumentParser:
                         "element-wise work (ONNX Runtime with the library of `fluxrt ort-ops build`)")
     e.add_argument("--transformer", type=Path, help="Black Forest Labs single-file transformer (flux1-*.safetensors)")
     e.add_argument("--vae", type=Path, help="Black Forest Labs single-file autoencoder (ae.safetensors)")
+    e.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="merge a LoRA file (diffusers/peft or kohya layout) into the exported transformer for good, "
+                        "at SCALE, a finite number (default 1); repeat to stack them, merged in the order given; "
+                        "the manifest records each file's path, sha256 and scale")
     e.set_defaults(func=cmd_export)
 
     o = sub.add_parser("ort-ops", help="fluxrt's ONNX Runtime kernel library (for --attention ort-kernels graphs)")
@@ -478,6 +505,9 @@ def parser() -> argparse.ArgumentParser:
                    help="default: trt for --engines, ort-cpu for --onnx")
     g.add_argument("--cuda-graph", action="store_true",
                    help="ort-cuda: replay the transformer's steps from a CUDA graph (captured on the first step)")
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="a LoRA file (diffusers/peft or kohya layout) merged into the transformer at SCALE, a finite "
+                        "number (default 1); repeat to stack them (ONNX Runtime backends; not FP8 folders yet)")
     g.set_defaults(func=cmd_generate)
     return p
 

@@ -4,7 +4,8 @@ A runner executes one component.  Its shape follows Polygraphy's: constructing i
 what to load (the path was verified by whoever made the runner); ``activate()`` loads the
 backend's session or engine; ``infer(feed) -> dict`` checks the feed against the component's
 tensor spec before running; ``last_inference_time`` says how long the last call took.  The
-runtime's loop (``fluxrt.runtime.loop``) runs over any mix of runners.
+runtime's loop (``fluxrt.runtime.loop``) runs over any mix of runners.  ``set_loras`` merges LoRA
+updates into a runner's weights, where its backend can change them.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from fluxrt.components import ComponentSpec
 from fluxrt.dtypes import Array
 from fluxrt.errors import EngineError, FluxRTError, InvalidInputError
+from fluxrt.lora import LoraFile
 
 
 def backend_error(runner: "Runner", doing: str, e: BaseException) -> EngineError:
@@ -99,6 +101,14 @@ class Runner(ABC):
             raise backend_error(self, "running", e) from e
         self.last_inference_time = time.perf_counter() - start
         return out
+
+    def set_loras(self, loras: Sequence[tuple[LoraFile, float]]) -> None:
+        """Compute with LoRA updates merged into the weights from the next ``infer`` on: each linear the
+        ``(file, scale)`` pairs target uses ``W + Σ scale·m·(up @ down)``, added in the order given to W, the
+        graph's or plan's own weight; an empty sequence gives the own weights back.  Backends that cannot
+        change their weights refuse."""
+        raise InvalidInputError(f"{self.name} ({self.backend}): the {self.backend} backend cannot take LoRA "
+                                f"weights; run the export folder on ort-cpu or ort-cuda for LoRA")
 
     @abstractmethod
     def _activate(self) -> None: ...

@@ -3,21 +3,24 @@
 On ``ort-cuda`` inputs and outputs are CuPy arrays bound to device memory through I/O binding, so
 the loop never copies through the host; ``cuda_graph=True`` replays the run from a CUDA graph
 captured per input shape.  A graph exported with ``--attention ort-kernels`` gets fluxrt's op
-library (runtime/ort_ops/) registered on its session.
+library (runtime/ort_ops/) registered on its session.  LoRA weights (``set_loras``) are merged from the
+graph file's own weights (runtime/lora.py) and given to a new session in place of the graph's, before ONNX
+Runtime optimizes it; the graph on disk is never changed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from fluxrt.components import ComponentSpec
 from fluxrt import dtypes
 from fluxrt.dtypes import BY_ORT, DTYPES, Array
-from fluxrt.errors import EngineError, InvalidInputError
-from fluxrt.runner import Runner
+from fluxrt.errors import EngineError, FluxRTError, InvalidInputError
+from fluxrt.lora import LoraFile
+from fluxrt.runner import Runner, backend_error
 
 # ONNX Runtime graph transformers skipped on CUDA by default. MatMulAddFusion turns MatMul + bias Add
 # into Gemm, whose CUDA kernel first broadcasts the bias into the output with a slow kernel and then
@@ -57,6 +60,9 @@ class OrtRunner(Runner):
         self.custom_ops = Path(custom_ops) if custom_ops is not None else None
         self.session = None
         self._graph_io = {}  # input shapes -> (input buffers, output buffers, binding, run options)
+        self._loras: tuple[tuple[LoraFile, float], ...] = ()
+        self._weights: dict[str, tuple[np.ndarray, Any]] = {}  # external initializer -> (merged array, OrtValue)
+        self._linears = None  # runtime.lora.GraphLinears of the graph, found once
 
     def providers(self) -> list:
         if self.backend == "ort-cpu":
@@ -74,23 +80,89 @@ class OrtRunner(Runner):
         if self.backend == "ort-cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise EngineError(f"{self.name}: backend ort-cuda needs onnxruntime-gpu with CUDA; this onnxruntime "
                               f"offers {ort.get_available_providers()}")
+        self._weights, graph = self.merged_weights(self._loras)
+        self.session = self.make_session(self._weights, graph)
+
+    def make_session(self, weights: Mapping[str, tuple[np.ndarray, Any]], graph: bytes | None = None):
+        """An InferenceSession of the graph (or of ``graph``, a serialized copy of it), ``weights`` taking the place
+        of its external initializers of those names; checked against the spec."""
+        import onnxruntime as ort
+
         options = self.session_options or ort.SessionOptions()
         if self.custom_ops is not None:
             from fluxrt.runtime.ort_ops import check_library
 
             options.register_custom_ops_library(str(check_library(self.custom_ops, self.device)))
+        if weights:
+            options.add_external_initializers(list(weights), [value for _, value in weights.values()])
+        if graph is not None:  # the copy's external data stays beside the graph file
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(self.onnx_path.parent.resolve()))
         try:
             extra = {"disabled_optimizers": list(self.disabled_optimizers)} if self.disabled_optimizers else {}
-            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=self.providers(), **extra)
+            session = ort.InferenceSession(graph if graph is not None else str(self.onnx_path), options,
+                                           providers=self.providers(), **extra)
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs
             raise EngineError(f"{self.name}: ONNX Runtime could not load {self.onnx_path}: {e}") from None
-        got = [i.name for i in self.session.get_inputs()]
-        outs = [o.name for o in self.session.get_outputs()]
+        got = [i.name for i in session.get_inputs()]
+        outs = [o.name for o in session.get_outputs()]
         if got != self.spec.input_names or outs != self.spec.output_names:
             raise EngineError(f"{self.name}: {self.onnx_path} has inputs {got} and outputs {outs}, expected "
                               f"{self.spec.input_names} and {self.spec.output_names} (is it the {self.name} graph?)")
-        self.check_declared(self.session.get_inputs(), self.spec.inputs)
-        self.check_declared(self.session.get_outputs(), self.spec.outputs)
+        self.check_declared(session.get_inputs(), self.spec.inputs)
+        self.check_declared(session.get_outputs(), self.spec.outputs)
+        return session
+
+    def set_loras(self, loras: Sequence[tuple[LoraFile, float]]) -> None:
+        """Checked against the graph's linears now; on an active runner the session is remade with the merged
+        weights (its CUDA graphs, captured with the old ones, dropped). The new session is made before the old
+        one is let go (both in memory for a moment), so a failure leaves the runner as it was."""
+        loras = tuple(loras)
+        if self.session_options is not None:
+            raise InvalidInputError(f"{self.name} ({self.backend}): this runner was given its own session options; "
+                                    f"LoRA weights go into options the runner makes for each session")
+        if loras:
+            self.linears().check(loras)
+        with self._lock:
+            if self._active:
+                try:
+                    weights, graph = self.merged_weights(loras)
+                    session = self.make_session(weights, graph)
+                except FluxRTError:
+                    raise
+                except Exception as e:  # the backend library's own errors, out-of-memory included
+                    raise backend_error(self, "loading LoRA weights", e) from e
+                self.session, self._weights, self._graph_io = session, weights, {}
+            self._loras = loras
+
+    def linears(self):
+        """Where each linear's weight lives in the graph (runtime/lora.py), found on first use."""
+        if self._linears is None:
+            from fluxrt.runtime.lora import graph_linears
+
+            self._linears = graph_linears(self.onnx_path)
+        return self._linears
+
+    def merged_weights(self, loras: Sequence[tuple[LoraFile, float]]) -> tuple[dict[str, tuple[np.ndarray, Any]],
+                                                                              bytes | None]:
+        """The merged weights as ONNX Runtime takes them before it optimizes the graph (``add_initializer``'s are
+        applied after, and lost wherever a pass has folded the weight into a new tensor, as the CPU's casts of
+        fp16 weights do): those stored in external data as ``{initializer: (array, an OrtValue over it)}``, the
+        array kept as long as the session (the OrtValue does not own it); inline ones written into a serialized
+        copy of the graph (None when there are none)."""
+        if not loras:
+            return {}, None
+        import onnxruntime as ort
+
+        from fluxrt.runtime.lora import graph_with
+
+        linears = self.linears()
+        merged = linears.merged(loras)
+        inline = {name: w for name, w in merged.items() if name in linears.inline}
+        external = {name: (w, ort.OrtValue.ortvalue_from_numpy_with_onnx_type(dtypes.as_bits(w),
+                                                                               DTYPES[str(w.dtype)].onnx))
+                    for name, w in merged.items() if name not in inline}
+        return external, graph_with(self.onnx_path, inline) if inline else None
 
     def check_declared(self, declared, specs) -> None:
         """Each tensor's element type and fixed sizes as the graph declares them against the folder's description
@@ -113,6 +185,7 @@ class OrtRunner(Runner):
     def _deactivate(self) -> None:
         self.session = None
         self._graph_io = {}
+        self._weights = {}
 
     def _infer(self, feed: Mapping[str, Array]) -> dict[str, Array]:
         if self.device == "cpu":

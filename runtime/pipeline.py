@@ -2,11 +2,13 @@
 
 Host code only (numpy, or cupy when the runners live on a GPU); no torch.  The call takes the
 keyword names diffusers' ``FluxPipeline`` uses for the same things; the work is done by the free
-functions of ``loop.py``.
+functions of ``loop.py``.  LoRA files load and unload in any order (``load_lora``, ``unload_lora``): the
+transformer's runner merges the ones loaded, in load order, into its own weights each time.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -20,6 +22,7 @@ from fluxrt.artifacts import ModelFolder, check_envelope, open_folder
 from fluxrt.components import STAGES, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 from fluxrt.dtypes import Array, array_module
 from fluxrt.errors import ExportError, InvalidInputError
+from fluxrt.lora import LoraFile, read_lora
 from fluxrt.runner import Runner
 from fluxrt.runtime import loop, memory, sampling
 from fluxrt.runtime.backends import BackendOptions, make_runners
@@ -50,8 +53,10 @@ class FluxPipelineOutput:
 
 
 class FluxPipeline:
-    def __init__(self, folder: ModelFolder, runners: Mapping[str, Runner]):
-        """``runners``: one per stage (``fluxrt.components.STAGES``), of any backends; activated here."""
+    def __init__(self, folder: ModelFolder, runners: Mapping[str, Runner],
+                 loras: Sequence[tuple[str | Path, float]] = ()):
+        """``runners``: one per stage (``fluxrt.components.STAGES``), of any backends; activated here, after
+        the ``(file, scale)`` pairs of ``loras`` are loaded (see ``load_lora``; one session for all of them)."""
         missing = [s for s in STAGES if s not in runners]
         if missing:
             raise InvalidInputError(f"FluxPipeline needs runners for {list(STAGES)}; missing {missing}")
@@ -64,22 +69,63 @@ class FluxPipeline:
         self.shift_factor = vae_number(vae, "shift_factor", VAE_SHIFT_FACTOR, folder)
         self.clip_tokenizer = PromptTokenizer.from_file(folder.tokenizer_path("clip"), "clip")
         self.t5_tokenizer = PromptTokenizer.from_file(folder.tokenizer_path("t5"), "t5")
-        self.runners = {k: r.activate() for k, r in runners.items()}
+        self.runners = dict(runners)
+        self._loras: dict[str, tuple[LoraFile, float]] = {}  # name -> (file, scale), in load order
+        self._loads = 0  # load_lora calls that succeeded: the next name's number
+        for path, scale in loras:
+            self.load_lora(path, scale)
+        self.runners = {k: r.activate() for k, r in self.runners.items()}
 
     @classmethod
     def load(cls, path: str | Path, backend: str | Mapping[str, str] | None = None, cuda_graph: bool = False,
-             max_cuda_graphs: int = MAX_CUDA_GRAPHS, runners: Mapping[str, Runner] | None = None) -> "FluxPipeline":
+             max_cuda_graphs: int = MAX_CUDA_GRAPHS, runners: Mapping[str, Runner] | None = None,
+             loras: Sequence[tuple[str | Path, float]] = ()) -> "FluxPipeline":
         """``path``: an export folder (fluxrt export) or an engine folder (fluxrt build).
         ``backend``: one name for every stage, or a mapping stage -> name for a mixed setup;
         default ``ort-cpu`` for export folders, ``trt`` for engine folders. ``cuda_graph``: replay
         the transformer (called once per step with the same shapes) from a CUDA graph captured
         per shape, up to ``max_cuda_graphs`` shapes; needs the transformer on ``ort-cuda``.
         ``runners``: ready-made runners for some stages (the torch reference backend, a recording
-        wrapper), used instead of making them from ``backend``."""
+        wrapper), used instead of making them from ``backend``. ``loras``: ``(file, scale)`` pairs loaded
+        before the first session is made (``load_lora``)."""
         folder = open_folder(path)
         given = dict(runners or {})
         made = make_runners(folder, backend, BackendOptions(cuda_graph, max_cuda_graphs), skip=tuple(given))
-        return cls(folder, {**made, **given})
+        return cls(folder, {**made, **given}, loras)
+
+    # ---- LoRA ----------------------------------------------------------------------------------
+    @property
+    def loras(self) -> dict[str, tuple[LoraFile, float]]:
+        """The loaded LoRAs in load order: name -> (file, scale)."""
+        return dict(self._loras)
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> str:
+        """Merge the LoRA file at ``path`` (diffusers/peft or kohya layout, see ``fluxrt.lora``) into the
+        transformer at ``scale`` (what diffusers' ``set_adapters`` weight means), over the ones loaded before;
+        returns its name, a new one on every call, for ``unload_lora``. Images are then those of a fresh
+        pipeline given the same files in the same order at the same scales, bit for bit."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise InvalidInputError(f"LoRA scale must be a finite number, got {scale!r}")
+        if self.folder.precision == "fp8":
+            raise InvalidInputError(f"{self.folder.root} is an FP8 folder: LoRA under FP8 is not supported yet; "
+                                    f"load the LoRA on the fp16 or bf16 export it was quantized from")
+        lora = read_lora(path, self.folder.transformer_config())
+        name = f"{Path(path).stem or 'lora'}-{self._loads + 1}"
+        self._set_loras({**self._loras, name: (lora, float(scale))})
+        self._loads += 1
+        return name
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove the LoRA ``name`` (a name ``load_lora`` returned), or every one with None: the transformer
+        computes with the others exactly as if only they had been loaded, in their order."""
+        if name is not None and name not in self._loras:
+            raise InvalidInputError(f"no LoRA named {name!r} is loaded; the loaded ones are {list(self._loras)}")
+        self._set_loras({k: v for k, v in self._loras.items() if name is not None and k != name})
+
+    def _set_loras(self, loras: dict[str, tuple[LoraFile, float]]) -> None:
+        if list(loras) != list(self._loras):
+            self.runners["transformer"].set_loras(list(loras.values()))
+            self._loras = loras
 
     # ---- parameters ----------------------------------------------------------------------------
     def params(self, prompt, height=None, width=None, num_inference_steps=None, guidance_scale=None,

@@ -69,9 +69,11 @@ def graph() -> dict[str, set[str]]:
 def test_every_module_is_seen(graph):
     """The parser finds the modules the rule is about (a rule over nothing would pass)."""
     for name in ("fluxrt.components", "fluxrt.artifacts", "fluxrt.runtime.pipeline", "fluxrt.engines.fp8",
-                 "fluxrt.export.onnx_export", "fluxrt.bench.synthetic", "fluxrt.runtime.ort_ops.build"):
+                 "fluxrt.export.onnx_export", "fluxrt.bench.synthetic", "fluxrt.runtime.ort_ops.build",
+                 "fluxrt.runtime.lora", "fluxrt.lora", "fluxrt.node_origin", "fluxrt.export.lora"):
         assert name in graph
     assert "fluxrt.runtime.loop" in graph["fluxrt.runtime.pipeline"]
+    assert "fluxrt.runtime.lora" in graph["fluxrt.runtime.ort"]  # a lazy import, inside a method
     assert "fluxrt.runtime.pipeline" in graph["fluxrt.engines.fp8"]  # a lazy import, inside a function
 
 
@@ -79,6 +81,30 @@ def test_layers_import_only_what_they_may(graph):
     bad = [f"{m} ({layer(m)}) imports {d} ({layer(d)})" for m, deps in sorted(graph.items()) for d in sorted(deps)
            if layer(d) != layer(m) and layer(d) not in ALLOWED[layer(m)]]
     assert not bad, "forbidden imports:\n" + "\n".join(bad)
+
+
+TORCH_SIDE = ("torch", "diffusers", "peft", "transformers", "safetensors", "accelerate", "modelopt")
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """The top-level packages ``path`` imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_runtime_and_shared_layer_import_no_torch_side_library():
+    """The runtime (LoRA merging included) and the shared layer it stands on never import torch, diffusers,
+    peft or transformers, even lazily; the CLI may (it wires the export side in)."""
+    mods = modules()
+    bad = [f"{name} imports {sorted(third_party_imports(path) & set(TORCH_SIDE))}" for name, path in sorted(mods.items())
+           if layer(name) in ("runtime", "shared") and third_party_imports(path) & set(TORCH_SIDE)]
+    assert not bad, "\n".join(bad)
+    assert "numpy" in third_party_imports(mods["fluxrt.runtime.lora"])  # the check reads real imports
 
 
 def test_no_import_cycles(graph):

@@ -1,0 +1,209 @@
+"""Where each linear of diffusers' FLUX transformer lives in an exported transformer graph, and the
+initializers that make it compute ``W + Σ scaleᵢ·mᵢ·(upᵢ @ downᵢ)``.
+
+Every attention mode keeps a linear's weight as one initializer: input 1 of a MatMul, stored [in, out], or
+of a Gemm with ``transB=1``, stored [out, in]. Biases stay apart (a Gemm's C, an Add, one of fluxrt's ops),
+so a LoRA changes weights only. ``--attention ort-kernels`` renames the module tree (a double block's
+linears under ``.block``, the single blocks as one stack, ``single_transformer_blocks.0.blocks.I``) and
+splits each single block's ``proj_out`` into its attention and MLP column blocks (``.proj.I.attn``,
+``.proj.I.mlp``). Such a ``proj_out`` is found but takes no LoRA: its bias holds ``to_v``'s bias folded
+through the attention columns (``W_attn @ b_v``), which a new weight changes and the graph does not keep.
+
+A weight is read from the graph file on disk each time (never from a merged copy, and nothing is ever
+subtracted): by its byte range in the external data file when it lives there, from the graph itself
+otherwise (graphs under 2 GB). It is merged in float32, the LoRAs added in the order given, cast once to
+the dtype the initializer is stored in and laid out as it is stored. ONNX Runtime takes merged weights of
+external data as external initializers; inline ones in a serialized copy of the graph (``graph_with``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from fluxrt import dtypes
+from fluxrt.errors import EngineError, InvalidInputError
+from fluxrt.lora import LoraFile
+from fluxrt.node_origin import LINEAR_CLASSES, module_origin
+
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+# the ort-kernels export's module tree -> diffusers' (export/ort_kernels.py)
+KERNEL_PATHS = (
+    (re.compile(r"^transformer_blocks\.(\d+)\.block\.(.+)$"), r"transformer_blocks.\1.\2"),
+    (re.compile(r"^single_transformer_blocks\.0\.blocks\.(\d+)\.(.+)$"), r"single_transformer_blocks.\1.\2"),
+)
+KERNEL_SPLIT = re.compile(r"^single_transformer_blocks\.0\.proj\.(\d+)\.(attn|mlp)$")
+FOLDED_BIAS = ("in this --attention ort-kernels graph it is split into two products and its bias holds to_v's bias "
+               "folded through its attention columns, which a new weight would change and the graph does not keep "
+               "apart: merge the LoRA at export (fluxrt export --lora) or use an --attention ort or portable export")
+
+Loras = Sequence[tuple[LoraFile, float]]  # (file, scale), in load order
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The initializer holding one linear's whole weight."""
+
+    initializer: str
+    dtype: str  # as stored
+    dims: tuple[int, int]  # as stored
+    transposed: bool  # stored [in, out]
+    external: tuple[str, int] | None  # (data file beside the graph, byte offset) when in external data
+
+
+@dataclass(frozen=True)
+class GraphLinears:
+    path: Path
+    shapes: dict[str, tuple[int, int]]  # module path -> (out, in), every linear found
+    slots: dict[str, Slot]  # the linears a LoRA can change
+    fixed: dict[str, str]  # module path -> why a LoRA cannot change it in this graph
+
+    @property
+    def inline(self) -> set[str]:
+        """The initializers of ``slots`` stored in the graph file itself (not in external data)."""
+        return {slot.initializer for slot in self.slots.values() if slot.external is None}
+
+    def check(self, loras: Loras) -> None:
+        """Raise naming the file and the module unless every linear the LoRAs target can take them."""
+        for lora, _ in loras:
+            for module, delta in lora.deltas.items():
+                if module in self.fixed:
+                    raise InvalidInputError(f"LoRA file {lora.path}: it changes {module!r}, which the transformer "
+                                            f"graph {self.path} cannot take: {self.fixed[module]}")
+                if module not in self.slots:
+                    raise InvalidInputError(f"LoRA file {lora.path}: it targets {module!r}, for which the transformer "
+                                            f"graph {self.path} has no linear ({len(self.slots)} linears found)")
+                if delta.shape != self.shapes[module]:
+                    raise InvalidInputError(f"LoRA file {lora.path}: its update of {module!r} is [out, in] = "
+                                            f"{list(delta.shape)}; the graph's linear is {list(self.shapes[module])}")
+
+    def merged(self, loras: Loras) -> dict[str, np.ndarray]:
+        """``{initializer: merged weight}`` for every linear the LoRAs target, in the stored dtype and layout."""
+        self.check(loras)
+        read = weight_reader(self.path)
+        out = {}
+        for module in sorted({m for lora, _ in loras for m in lora.deltas}):
+            slot = self.slots[module]
+            w = read(slot)  # float32 [out, in], pristine
+            for lora, scale in loras:
+                if module in lora.deltas:
+                    w += lora.deltas[module].matrix(scale)
+            w = dtypes.cast(w, slot.dtype)
+            out[slot.initializer] = np.ascontiguousarray(w.T if slot.transposed else w)
+        return out
+
+
+def diffusers_path(scope: str) -> str:
+    """A node's module scope (under the export's ``TransformerGraph.model``) as diffusers' module path."""
+    path = scope.removeprefix("model.")
+    for pattern, replacement in KERNEL_PATHS:
+        path = pattern.sub(replacement, path)
+    return path
+
+
+def graph_linears(path: str | Path) -> GraphLinears:
+    """Every linear of the transformer graph at ``path``, found by the exporter's module-scope metadata."""
+    import onnx
+
+    path = Path(path)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    tensors = {t.name: t for t in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
+    shapes, slots, fixed, split = {}, {}, {}, {}
+    tagged = 0
+    for node in graph.node:
+        origin = module_origin(node) if node.op_type in ("MatMul", "Gemm") else None
+        if origin is None:
+            continue
+        tagged += 1
+        if origin[1] not in LINEAR_CLASSES:
+            continue
+        weight, tensor = node.input[1], tensors.get(node.input[1])
+        if (m := KERNEL_SPLIT.match(origin[0].removeprefix("model."))) is not None:
+            split.setdefault(f"single_transformer_blocks.{m[1]}.proj_out", {})[m[2]] = tensor
+            continue
+        module = diffusers_path(origin[0])
+        if module in shapes or module in fixed:
+            raise EngineError(f"{path}: several MatMul/Gemm nodes come from the linear {module!r}; cannot map it")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        transposed = node.op_type == "MatMul" or not attrs.get("transB", 0)
+        if tensor is None:
+            fixed[module] = f"its weight {weight!r} is computed in the graph, not stored as an initializer"
+            continue
+        dims = tuple(tensor.dims)
+        if len(dims) != 2:
+            raise EngineError(f"{path}: the weight {weight!r} of {module!r} has shape {list(dims)}, not a matrix")
+        shapes[module] = dims[::-1] if transposed else dims
+        dtype = dtypes.from_onnx(tensor.data_type)
+        if dtype not in WEIGHT_DTYPES:
+            fixed[module] = f"its weight {weight!r} is stored as {dtype}, not one of {list(WEIGHT_DTYPES)}"
+        elif uses[weight] > 1:
+            fixed[module] = f"its weight {weight!r} also feeds {uses[weight] - 1} other node(s)"
+        elif attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+            fixed[module] = f"its Gemm {node.name!r} transposes its input or scales the product"
+        else:
+            slots[module] = Slot(weight, dtype, dims, transposed, external_location(tensor))
+    if not tagged:
+        raise EngineError(f"{path}: no MatMul/Gemm node carries torch.onnx's module-scope metadata, so its linears "
+                          f"cannot be found for LoRA; re-export the graph with fluxrt export")
+    for module, parts in split.items():  # MatMul [in, out] each: attention columns, then the MLP's
+        if sorted(parts) != ["attn", "mlp"] or None in parts.values():
+            raise EngineError(f"{path}: {module}'s attention and MLP products are not two stored weights; cannot map it")
+        shapes[module] = (parts["attn"].dims[1], parts["attn"].dims[0] + parts["mlp"].dims[0])
+        fixed[module] = FOLDED_BIAS
+    return GraphLinears(path, shapes, slots, fixed)
+
+
+def external_location(tensor) -> tuple[str, int] | None:
+    import onnx
+
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    info = {e.key: e.value for e in tensor.external_data}
+    return info["location"], int(info.get("offset", 0))
+
+
+def weight_reader(path: Path) -> Callable[[Slot], np.ndarray]:
+    """A function giving a slot's stored weight as float32 [out, in]: external data by its byte range alone;
+    inline tensors from the graph, parsed on first need, once."""
+    inline: dict = {}
+
+    def read(slot: Slot) -> np.ndarray:
+        if slot.external is None:
+            if not inline:
+                import onnx
+
+                inline.update((t.name, t) for t in onnx.load(str(path), load_external_data=False).graph.initializer)
+            from onnx import numpy_helper
+
+            stored = numpy_helper.to_array(inline[slot.initializer])
+        else:
+            name, offset = slot.external
+            count = math.prod(slot.dims)
+            stored = np.fromfile(path.parent / name, dtype=dtypes.numpy_dtype(slot.dtype), count=count, offset=offset)
+            if stored.size != count:
+                raise EngineError(f"{path.parent / name}: the weight {slot.initializer!r} needs {count} values at "
+                                  f"byte {offset}, the file holds {stored.size} there (truncated?)")
+        w = stored.reshape(slot.dims).astype(np.float32)
+        return w.T if slot.transposed else w
+
+    return read
+
+
+def graph_with(path: Path, weights: Mapping[str, np.ndarray]) -> bytes:
+    """The graph at ``path``, serialized, with its inline initializers named in ``weights`` replaced by them
+    (external data references kept as they are)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if tensor.name in weights:
+            tensor.CopyFrom(numpy_helper.from_array(weights[tensor.name], tensor.name))
+    return model.SerializeToString()
