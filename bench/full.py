@@ -231,12 +231,13 @@ class RunSettings:
     iters: int = 10
     generation_warmup: int = 1
     generation_iters: int = 3
+    profile: int = 0  # transformer steps profiled under CUPTI after timing (GPU kernel time by kernel and kind)
 
     def __post_init__(self) -> None:
         for name in ("height", "width", "steps", "text_length", "iters", "generation_iters"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup", "generation_warmup"):
+        for name in ("warmup", "generation_warmup", "profile"):
             if getattr(self, name) < 0:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
 
@@ -285,6 +286,12 @@ class Reference:
     text: np.ndarray
     sigmas: np.ndarray
     images: np.ndarray
+
+
+def kernel_profile(fn, iters: int, device: str) -> dict:
+    from fluxrt.bench.synthetic import kernel_profile as profile
+
+    return profile(fn, iters, device)
 
 
 def stage_rows(results: Results, common: dict, stats: dict, layers) -> None:
@@ -349,6 +356,9 @@ def run_fluxrt(label: str, folder: Path, s: RunSettings, device: str, ref: Refer
         for name, fn in calls.items():
             log(f"{label}: {name}")
             stats[name] = bench.summarize(bench.time_call(fn, warmup=s.warmup, iters=s.iters))
+        if s.profile and device == "cuda":
+            log(f"{label}: profiling {s.profile} transformer steps")
+            stats["transformer"]["kernels"] = kernel_profile(calls["transformer"], s.profile, device)
         log(f"{label}: generation ({s.steps} steps)")
         outputs = []
 
@@ -510,6 +520,9 @@ def run_torch(modes: list[str], root: Path, s: RunSettings, device: str, latents
             for name, fn in calls.items():
                 log(f"torch {mode}: {name}")
                 stats[name] = bench.summarize(bench.time_call(fn, warmup=s.warmup, iters=s.iters))
+            if s.profile and device == "cuda":
+                log(f"torch {mode}: profiling {s.profile} transformer steps")
+                stats["transformer"]["kernels"] = kernel_profile(calls["transformer"], s.profile, device)
             log(f"torch {mode}: generation ({s.steps} steps)")
             stats["generation"] = bench.summarize(bench.time_call(generate, warmup=max(s.generation_warmup - 1, 0),
                                                                   iters=s.generation_iters))
@@ -640,6 +653,17 @@ def report(results_file: Path, out: Path, images: dict | None = None) -> None:
                         "step_rms_median": f"{float(np.median(steps)):.3g}", "step_rms_max": f"{max(steps):.3g}",
                         "max_abs": f"{r['image']['max_abs']:.4f}", "mean_abs": f"{r['image']['mean_abs']:.5f}",
                         "psnr": f"{r['image']['psnr_db']:.2f}", "ssim": f"{r['image'].get('ssim', float('nan')):.4f}"})
+    kernels, top = [], []
+    for r in rows:
+        k = r.get("kernels")
+        if r["component"] != "transformer" or not k:
+            continue
+        kernels.append({"config": r["label"], "wall": f"{r['p50_ms']:.1f}", "gpu": f"{k['gpu_ms']:.1f}",
+                        "launches": f"{k['launches']:.0f}",
+                        **{c: f"{ms:.2f}" for c, ms in k["by_class_ms"].items()}})
+        top += [{"config": r["label"], "kernel": t["name"][:100], "class": t["class"], "ms": f"{t['ms']:.2f}",
+                 "calls": f"{t['calls']:.0f}"} for t in k["top_kernels"][:12]]
+    classes = list(dict.fromkeys(c for row in kernels for c in row if c not in ("config", "wall", "gpu", "launches")))
     exports = []
     for precision, graphs in data.get("exports", {}).items():
         for name, e in graphs.items():
@@ -666,6 +690,12 @@ def report(results_file: Path, out: Path, images: dict | None = None) -> None:
                                            ("step_rms_median", "median step"), ("step_rms_max", "worst step"),
                                            ("max_abs", "image max |diff|"), ("mean_abs", "mean |diff|"),
                                            ("psnr", "PSNR dB"), ("ssim", "SSIM")]),
+            *(["\n## One transformer step's GPU kernel time by kind (CUPTI, ms per step)\n",
+               bench.markdown_table(kernels, [("config", "configuration"), ("wall", "p50 wall"), ("gpu", "kernels"),
+                                              ("launches", "launches")] + [(c, c) for c in classes]),
+               "\nThe largest kernels per configuration:\n",
+               bench.markdown_table(top, [(k, k) for k in ("config", "kernel", "class", "ms", "calls")])]
+              if kernels else []),
             "\n## Exports\n",
             bench.markdown_table(exports, [(k, k) for k in ("folder", "graph", "precision", "seconds", "peak_rss_gib",
                                                             "weights_gib", "quantize_s")]),

@@ -23,7 +23,13 @@ block linears on FP8 tensor cores (cuBLASLt) and, on the CPU, on the reference k
    the ``NormRope`` that makes them (``NormRopeFp8``) or a ``QuantizeFp8``, each with its calibrated scale;
    the output written in E4M3 straight into the FP8 linears that read it (the double blocks' ``Split`` into
    text and image rows done by the op), at one scale: the largest amax of those linears' inputs.
-5. The same calibration as Q/DQ (:func:`qdq_graph`): QuantizeLinear/DequantizeLinear pairs on the
+5. Fused products (``fuse=True``, the default): the FP8 linears that read one quantized input (a single
+   block's q, k, v and MLP projections; a double block stream's q, k and v) become one ``Fp8Linear`` over
+   their weights stacked along N, each consumer reading its own columns of the product in place (the ops'
+   ``column_start``/``column_count``). One wide matrix product fills the GPU where three or four narrow ones
+   leave waves half empty; per-output-channel scales make the result the same, element for element. The fused
+   node records its members (``fluxrt.fused_products``: node, module path and columns of each).
+6. The same calibration as Q/DQ (:func:`qdq_graph`): QuantizeLinear/DequantizeLinear pairs on the
    activations and DequantizeLinear on the stored E4M3 weights (per output channel), the graph
    TensorRT's FP8 recipe builds and ONNX Runtime evaluates with its own operators: the reference
    the rewritten graph is tested against.
@@ -31,6 +37,7 @@ block linears on FP8 tensor cores (cuBLASLt) and, on the CPU, on the reference k
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +56,9 @@ FUSED_QUANTIZERS = {"AdaLayerNorm": "AdaLayerNormFp8", "BiasGelu": "BiasGeluFp8"
 # (consumer op, input index of the product) -> input index of the bias added to it
 BIAS_SLOTS = {("NormRope", 0): 1, ("NormRope", 3): 4, ("GatedResidual", 1): 2, ("BiasGelu", 0): 1}
 AMAX_PREFIX = "fluxrt_amax/"
+# ops that read a column window of a wider input (fluxrt_ops.cu's column_start/column_count), and which inputs
+WINDOWED_INPUTS = {"NormRope": (0, 3), "NormRopeFp8": (0, 3), "BiasGelu": (0,), "BiasGeluFp8": (0,), "QuantizeFp8": (0,)}
+FUSED_KEY = "fluxrt.fused_products"
 
 
 @dataclass(frozen=True)
@@ -296,10 +306,11 @@ def attention_inputs(model) -> list[str]:
 
 
 def fp8_graph(model, linears: Sequence[Linear], scales: Scales, folder: str | Path | None = None,
-              attention: bool = False):
+              attention: bool = False, fuse: bool = True):
     """Rewrite ``model`` in place onto fluxrt's FP8 ops (see the module doc); return it.  Weights stored as
     external data are read from ``folder``; the initializers the rewrite keeps stay where they are stored.
-    ``attention``: attention in FP8 too (``scales`` then holds the amax of every attention's q, k and v)."""
+    ``attention``: attention in FP8 too (``scales`` then holds the amax of every attention's q, k and v).
+    ``fuse``: the linears sharing a quantized input as one matrix product (step 5)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -359,11 +370,103 @@ def fp8_graph(model, linears: Sequence[Linear], scales: Scales, folder: str | Pa
                                                               name=f"{t}.quantize", domain=ORT_OPS_DOMAIN)],
                                      quantized[t])
 
+    if fuse:
+        stored = {f"{lin.path}.weight_fp8": w8 for lin, (w8, _) in zip(linears, weights)}
+        stored.update({f"{lin.path}.weight_scale": ws for lin, (_, ws) in zip(linears, weights)})
+        paths = {lin.node: lin.path for lin in linears}
+        new_inits += fuse_products(nodes, {**index.inits, **{t.name: t for t in new_inits}}, stored, paths, dtype,
+                                   folder)
     del graph.node[:]
     graph.node.extend(nodes)
-    graph.initializer.extend(new_inits)
+    used = {t for n in nodes for t in n.input}
+    graph.initializer.extend(t for t in new_inits if t.name in used)
     drop_unused_initializers(graph)
     return model
+
+
+def fuse_products(nodes: list, inits: Mapping, stored: Mapping[str, np.ndarray], paths: Mapping[str, str], dtype: int,
+                  folder: str | Path | None) -> list:
+    """Step 5 of the module doc, on ``nodes`` in place: every group of Fp8Linears reading one quantized input
+    whose products reach only column-window inputs becomes one Fp8Linear. ``stored``: the E4M3 weights and
+    weight scales by initializer name (as arrays); ``paths``: module path by node name. Returns the new
+    initializers."""
+    from onnx import helper, numpy_helper
+
+    users = defaultdict(list)
+    for n in nodes:
+        for i, t in enumerate(n.input):
+            if t:
+                users[t].append((n, i))
+    where = {id(n): i for i, n in enumerate(nodes)}
+
+    def windowable(lin) -> bool:
+        us = users[lin.output[0]]
+        return bool(us) and all(u.domain == ORT_OPS_DOMAIN and i in WINDOWED_INPUTS.get(u.op_type, ())
+                                and not any(a.name in ("column_start", "column_count") for a in u.attribute)
+                                and list(u.input).count(lin.output[0]) == 1 for u, i in us)
+
+    groups = defaultdict(list)
+    for n in nodes:
+        if n.domain == ORT_OPS_DOMAIN and n.op_type == "Fp8Linear" and n.name in paths and windowable(n):
+            groups[(n.input[0], n.input[1])].append(n)
+    producer = {o: n for n in nodes for o in n.output}
+
+    def columns(groups) -> dict[str, tuple[int, int]]:
+        """(start, width) of every fusable product in its group, members ordered by their first consumer."""
+        out = {}
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            members.sort(key=lambda n: (min(where[id(u)] for u, _ in users[n.output[0]]), where[id(n)]))
+            start = 0
+            for n in members:
+                width = int(stored[n.input[2]].shape[0])
+                out[n.output[0]] = (start, width)
+                start += width
+        return out
+
+    while True:  # a consumer reading two products (NormRope's x0, x1) needs the same window in both
+        cols = columns(groups)
+        bad = set()
+        for n in nodes:
+            ins = [n.input[i] for i in WINDOWED_INPUTS.get(n.op_type, ()) if i < len(n.input) and n.input[i]]
+            if n.domain == ORT_OPS_DOMAIN and len(ins) > 1 and any(t in cols for t in ins) and \
+                    len({cols.get(t) for t in ins}) != 1:
+                bad.update(producer[t].name for t in ins if t in producer)
+        if not bad:
+            break
+        for key in list(groups):
+            groups[key] = [n for n in groups[key] if n.name not in bad]
+
+    new_inits, windowed = [], set()  # windowed: consumers given their window (a NormRope reads two products)
+    for (x8, x_scale), members in groups.items():
+        if len(members) < 2:
+            continue
+        name = f"{members[0].name}.fused{len(members)}"
+        w8 = np.concatenate([stored[n.input[2]] for n in members])
+        w_scale = np.concatenate([stored[n.input[3]] for n in members])
+        bias = np.concatenate([to_float32(inits[n.input[4]], folder) for n in members])
+        new_inits += [fp8_tensor(w8, f"{name}.weight_fp8"), numpy_helper.from_array(w_scale.astype(np.float32), f"{name}.weight_scale"),
+                      from_float32(bias, f"{name}.bias", dtype)]
+        out = f"{name}.product"
+        fused = helper.make_node("Fp8Linear", [x8, x_scale, f"{name}.weight_fp8", f"{name}.weight_scale",
+                                               f"{name}.bias"], [out], name=name, domain=ORT_OPS_DOMAIN)
+        record = [{"node": n.name, "module": paths[n.name], "columns": list(cols[n.output[0]])} for n in members]
+        fused.metadata_props.add(key=FUSED_KEY, value=json.dumps(record))
+        for n in members:
+            start, width = cols[n.output[0]]
+            for u, i in users[n.output[0]]:
+                u.input[i] = out
+                if id(u) not in windowed:
+                    windowed.add(id(u))
+                    u.attribute.extend([helper.make_attribute("column_start", start),
+                                        helper.make_attribute("column_count", width)])
+        # the fused product takes the first member's place (after the shared input, before every consumer)
+        first_at = min(where[id(n)] for n in members)
+        gone = {id(n) for n in members}
+        nodes[:] = [fused if i == first_at else n for i, n in enumerate(nodes) if i == first_at or id(n) not in gone]
+        where = {id(n): i for i, n in enumerate(nodes)}
+    return new_inits
 
 
 def fp8_attention(nodes: list, index: GraphIndex, by_node: Mapping, quantized: Mapping[str, str], scales: Scales,
@@ -493,7 +596,15 @@ def qdq_graph(model, linears: Sequence[Linear], scales: Scales):
 
 
 def count_fp8_linears(model) -> int:
+    """Fp8Linear nodes: matrix products (a fused one computes several linears)."""
     return sum(1 for n in model.graph.node if n.domain == ORT_OPS_DOMAIN and n.op_type == "Fp8Linear")
+
+
+def fused_products(model) -> list[list[str]]:
+    """The module paths each fused Fp8Linear computes, in column order."""
+    return [[m["module"] for m in json.loads(p.value)] for n in model.graph.node if n.op_type == "Fp8Linear"
+            for p in n.metadata_props if p.key == FUSED_KEY]
+
 
 
 __all__ = ["Linear", "Scales", "activation_amax", "attention_inputs", "fp8_graph", "kernel_linears", "qdq_graph",

@@ -154,7 +154,8 @@ def calibration(args: argparse.Namespace):
     given = dict(num_prompts=args.calibration_prompts, num_inference_steps=args.calibration_steps,
                  height=args.calibration_size, width=args.calibration_size,
                  max_sequence_length=args.calibration_text_length, backend=args.calibration_backend,
-                 fp8_attention=args.fp8_attention or None)
+                 fp8_attention=args.fp8_attention or None,
+                 fused_products=False if args.no_fused_products else None)
     base = FULL_CALIBRATION if args.full_calibration else QUICK_CALIBRATION
     try:
         return replace(base, **{k: v for k, v in given.items() if v is not None})
@@ -191,6 +192,9 @@ def add_calibration_flags(p: argparse.ArgumentParser, when: str) -> None:
     p.add_argument("--fp8-attention", action="store_true",
                    help=f"{when}attention in FP8 too (cuDNN's FP8 attention on Hopper or newer; its q, k, v and "
                         f"output calibrated like the linears' inputs); for --attention ort-kernels exports")
+    p.add_argument("--no-fused-products", action="store_true",
+                   help=f"{when}one FP8 matrix product per linear, rather than one for the linears that read the same "
+                        f"input (q, k, v and the MLP of a single block); for comparing, ort-kernels exports")
 
 
 def cmd_ort_ops(args: argparse.Namespace) -> None:
@@ -349,7 +353,8 @@ CALIBRATION_FLAGS = {"Fp8Settings.num_prompts": "--calibration-prompts",
                      "Fp8Settings.num_inference_steps": "--calibration-steps",
                      "Fp8Settings.height": "--calibration-size", "Fp8Settings.width": "--calibration-size",
                      "Fp8Settings.max_sequence_length": "--calibration-text-length",
-                     "Fp8Settings.backend": "--calibration-backend", "Fp8Settings.fp8_attention": "--fp8-attention"}
+                     "Fp8Settings.backend": "--calibration-backend", "Fp8Settings.fp8_attention": "--fp8-attention",
+                     "Fp8Settings.fused_products": "--no-fused-products"}
 # the API's names (keywords, settings fields) in messages, as each command's flags
 FLAGS = {
     "tiny-model": {"seed": "--seed", "variant": "--variant"},

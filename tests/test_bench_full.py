@@ -139,3 +139,22 @@ def test_cli_errors_name_the_flag(bench_root, tmp_path, capsys):
     assert f"{tmp_path / 'checkpoint'} is not a prepared checkpoint" in capsys.readouterr().err
     assert full.main(["prepare", str(root), "--model", "tiny"]) == 2
     assert "checkpoint already exists: prepare writes a new checkpoint folder" in capsys.readouterr().err
+
+
+def test_report_shows_the_profiled_kernel_time(bench_root, tmp_path):
+    """A transformer row with a CUPTI profile (``--profile N`` on a GPU) gets its kernel split and largest kernels
+    in results.md; rows without one leave the section out."""
+    root, _ = bench_root
+    data = json.loads((root / "out" / "results.json").read_text())
+    row = next(r for r in data["rows"] if r["label"] == "fluxrt fp8" and r["component"] == "transformer")
+    row["kernels"] = {"gpu_ms": 80.5, "launches": 700, "by_class_ms": {"gemm": 50.25, "attention": 17.5},
+                      "top_kernels": [{"name": "nvjet_sm90_fp8_gemm", "ms": 30.0, "calls": 114, "class": "gemm"}]}
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    full.report(tmp_path / "results.json", tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert "GPU kernel time by kind" in text
+    assert f"| fluxrt fp8 | {row['p50_ms']:.1f} | 80.5 | 700 | 50.25 | 17.50 |" in text
+    assert "| fluxrt fp8 | nvjet_sm90_fp8_gemm | gemm | 30.00 | 114 |" in text
+    assert "GPU kernel time by kind" not in (root / "out" / "results.md").read_text()
+    with pytest.raises(InvalidInputError, match="--profile must be at least 0, got -1"):
+        full.RunSettings(profile=-1)

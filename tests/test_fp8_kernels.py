@@ -325,7 +325,7 @@ def test_fp8_graph_agrees_with_the_qdq_graph_of_the_same_calibration(kernels_gra
     """Same E4M3 weights and activations; only float32 summation order and where the bias is added differ
     (measured: relative RMS 2e-5). Both differ from the fp32 graph by FP8's error (measured 1.4%)."""
     model, linears, scales, feed = kernels_graph
-    ours = fp8_ort.fp8_graph(copy.deepcopy(model), linears, scales)
+    ours = fp8_ort.fp8_graph(copy.deepcopy(model), linears, scales, fuse=False)
     qdq = fp8_ort.qdq_graph(copy.deepcopy(model), linears, scales)
     ops = collections.Counter(n.op_type for n in ours.graph.node if n.domain == "fluxrt")
     assert ops["Fp8Linear"] == len(linears) == 2 * 12 + 3 * 6
@@ -361,8 +361,8 @@ def test_fp8_attention_graph_is_close_to_the_fp8_linears_graph(kernels_graph, op
     amax = fp8_ort.activation_amax(model, attn_inputs, [feed, {**feed, "hidden_states": feed["hidden_states"] * 1.5}],
                                    "ort-cpu", tmp_path)
     both = fp8_ort.Scales({**scales.activations, **amax}, scales.weights)
-    ours = fp8_ort.fp8_graph(copy.deepcopy(model), linears, both, attention=True)
-    plain = fp8_ort.fp8_graph(copy.deepcopy(model), linears, scales)
+    ours = fp8_ort.fp8_graph(copy.deepcopy(model), linears, both, attention=True, fuse=False)
+    plain = fp8_ort.fp8_graph(copy.deepcopy(model), linears, scales, fuse=False)
     ops = collections.Counter(n.op_type for n in ours.graph.node)
     assert ops["Fp8Attention"] == 2 + 3 and ops["MultiHeadAttention"] == 0
     assert ops["NormRopeFp8"] == 2 * 3 + 3 * 2 and ops["NormRope"] == 0
@@ -386,6 +386,67 @@ def test_fp8_attention_graph_is_close_to_the_fp8_linears_graph(kernels_graph, op
     print(f"\nFP8 attention + linears vs FP8 linears: {rel(a, b):.3%}; vs fp32: {rel(a, base):.3%} "
           f"(FP8 linears vs fp32: {rel(b, base):.3%})")
     assert 1e-4 < rel(a, b) < 0.05 and rel(a, base) < 0.06
+
+
+@pytest.mark.parametrize("attention", [False, True], ids=["linears", "attention"])
+def test_fused_products_give_the_unfused_graphs_output_bit_for_bit(kernels_graph, ops_library, tmp_path, attention):
+    """The linears sharing one quantized input become one Fp8Linear over their stacked weights; every consumer
+    reads its columns in place. Per-output-channel scales and the bias in the product make each output element
+    the same sum as before: the outputs are equal bit for bit, with fewer, wider products."""
+    model, linears, scales, feed = kernels_graph
+    if attention:
+        amax = fp8_ort.activation_amax(model, fp8_ort.attention_inputs(model), [feed], "ort-cpu", tmp_path)
+        scales = fp8_ort.Scales({**scales.activations, **amax}, scales.weights)
+    fused = fp8_ort.fp8_graph(copy.deepcopy(model), linears, scales, attention=attention)
+    plain = fp8_ort.fp8_graph(copy.deepcopy(model), linears, scales, attention=attention, fuse=False)
+    count = collections.Counter(n.op_type for n in fused.graph.node)
+    # double blocks: text and image q, k, v (with or without attention in FP8: v goes to a NormRope);
+    # single blocks: q, k, the MLP, and v only where a QuantizeFp8 (FP8 attention) rather than attention reads it
+    single = 4 if attention else 3
+    assert count["Fp8Linear"] == len(linears) - 2 * 2 * 2 - 3 * (single - 1)
+    records = [json.loads(p.value) for n in fused.graph.node for p in n.metadata_props
+               if p.key == fp8_ort.FUSED_KEY]
+    assert sorted(len(r) for r in records) == [3] * 4 + [single] * 3
+    for r in records:
+        assert [m["columns"][0] for m in r] == list(np.cumsum([0] + [m["columns"][1] for m in r[:-1]]))
+    assert {m["module"] for r in records for m in r} <= {lin.path for lin in linears}
+    np.testing.assert_array_equal(session(fused, ops_library).run(None, feed)[0],
+                                  session(plain, ops_library).run(None, feed)[0])
+
+
+@pytest.mark.parametrize("op, inputs, start, count, message", [
+    ("QuantizeFp8", ["x", "s"], 4, 8, r"column_start 4 and column_count 8 must give a non-empty window inside x's "
+                                      r"last axis of 8 \(shape \[2, 8\]\)"),
+    ("BiasGeluFp8", ["x", "", "s"], -1, 2, "column_start -1 and column_count 2"),
+    ("QuantizeFp8", ["x", "s"], 2, 0, "column_start 2 and column_count 0"),
+    ("AdaLayerNormFp8", ["x", "x", "x", "s"], 0, 4, r"takes no column window \(column_start/column_count are for"),
+])
+def test_column_windows_outside_the_input_are_refused(ops_library, op, inputs, start, count, message):
+    node = helper.make_node(op, inputs, ["y"], domain="fluxrt", column_start=start, column_count=count)
+    m = model_of([node], [vi("x")], [vi("y", E4M3)], [numpy_helper.from_array(np.array(1.0, np.float32), "s")])
+    with pytest.raises(Exception, match=f"fluxrt.{op}: {message}"):
+        session(m, ops_library).run(None, {"x": np.ones((2, 8), np.float32)})
+
+
+def test_column_windows_read_their_columns(ops_library):
+    """Each windowed op on columns [3, 3 + 6) of a [2, 5, 16] input equals the op on that slice, contiguous."""
+    g = np.random.default_rng(3)
+    x = g.standard_normal((2, 5, 16)).astype(np.float32)
+    bias = g.standard_normal(6).astype(np.float32)
+    s = numpy_helper.from_array(np.array(0.01, np.float32), "s")
+    for op, extra, out_type in (("QuantizeFp8", ["s"], E4M3), ("BiasGelu", ["b"], TensorProto.FLOAT),
+                                ("BiasGeluFp8", ["b", "s"], E4M3), ("NormRope", ["b"], TensorProto.FLOAT)):
+        attrs = {"num_heads": 3} if op == "NormRope" else {}
+        inits = [s, numpy_helper.from_array(bias, "b")]
+        windowed = model_of([helper.make_node(op, ["x"] + extra, ["y"], domain="fluxrt", column_start=3,
+                                              column_count=6, **attrs)], [vi("x")], [vi("y", out_type)], inits)
+        plain = model_of([helper.make_node(op, ["x"] + extra, ["y"], domain="fluxrt", **attrs)], [vi("x")],
+                         [vi("y", out_type)], inits)
+        got = session(windowed, ops_library).run(None, {"x": x})[0]
+        want = session(plain, ops_library).run(None, {"x": np.ascontiguousarray(x[..., 3:9])})[0]
+        assert got.shape == (2, 5, 6), op
+        np.testing.assert_array_equal(got.view(np.uint8) if out_type == E4M3 else got,
+                                      want.view(np.uint8) if out_type == E4M3 else want, err_msg=op)
 
 
 def test_fp8_attention_needs_an_ort_kernels_graph(kernels_graph):
@@ -493,7 +554,10 @@ def test_quantize_writes_an_fp8_kernels_export_close_to_its_source(kernels_expor
     assert record["library"]["name"] == "fluxrt" and record["quantization"]["graph"].startswith("fluxrt FP8 ops")
     assert len(record["quantized"]) == 2 * 12 + 2 * 6 and record["num_samples"] == 2 * 2  # 2 double, 2 single blocks
     model = onnx.load(str(out / "transformer.onnx"))
-    assert sum(n.op_type == "Fp8Linear" for n in model.graph.node) == len(record["quantized"])
+    fused = record["quantization"]["fused_products"]  # q, k, v of each double block stream; a single block's q, k, mlp
+    assert sorted(map(len, fused)) == [3] * 4 + [3] * 2 and set(sum(fused, [])) <= set(record["quantized"])
+    assert sum(n.op_type == "Fp8Linear" for n in model.graph.node) == record["quantization"]["matrix_products"] == \
+        len(record["quantized"]) - sum(len(f) - 1 for f in fused)
     want = FluxPipeline.load(source)(**CALL).images
     got = FluxPipeline.load(out)(**CALL).images
     diff = np.abs(got.astype(np.float64) - want)
@@ -531,6 +595,21 @@ def test_quantize_with_fp8_attention_writes_fp8_attention_close_to_fp8_linears(k
     assert psnr(got, want) > 40 and psnr(got, plain) > 40 and not np.array_equal(got, plain)  # measured: 54.1, 59.6 dB
 
 
+def test_unfused_products_give_the_same_images(kernels_exports, tmp_path):
+    """``--no-fused-products``: one Fp8Linear per linear; the same calibration gives the same images bit for bit."""
+    from fluxrt.cli import main
+    from fluxrt.runtime import FluxPipeline
+
+    source, fused = kernels_exports
+    out = tmp_path / "fp8-unfused"
+    assert main(["quantize", str(source), "--out", str(out), *FLAGS, "--no-fused-products"]) == 0
+    record = json.loads((out / "transformer.json").read_text())
+    assert record["calibration"]["fused_products"] is False and record["quantization"]["fused_products"] == []
+    assert record["quantization"]["matrix_products"] == len(record["quantized"]) == 2 * 12 + 2 * 6
+    assert json.loads((fused / "transformer.json").read_text())["quantization"]["matrix_products"] < 36
+    np.testing.assert_array_equal(FluxPipeline.load(out)(**CALL).images, FluxPipeline.load(fused)(**CALL).images)
+
+
 def test_fp8_attention_is_refused_for_a_portable_export(fp32_exports):
     """Named by its flag on the command line: FP8 attention is fluxrt's op, for ort-kernels exports only."""
     from fluxrt.artifacts import ExportFolder
@@ -542,6 +621,11 @@ def test_fp8_attention_is_refused_for_a_portable_export(fp32_exports):
     assert flag_names("quantize", str(e.value)).startswith("--fp8-attention: FP8 attention is fluxrt's own op")
     with pytest.raises(ValueError, match="Fp8Settings.fp8_attention must be True or False, got 1"):
         fp8.Fp8Settings(fp8_attention=1)
+    with pytest.raises(fp8.EngineError) as e:
+        fp8.check_calibration(fp8.Fp8Settings(fused_products=False), ExportFolder.open(fp32_exports["dev"]))
+    assert flag_names("quantize", str(e.value)).startswith("--no-fused-products: fused products are a rewrite onto")
+    with pytest.raises(ValueError, match="Fp8Settings.fused_products must be True or False, got 'no'"):
+        fp8.Fp8Settings(fused_products="no")
 
 
 def test_tensorrt_builds_of_a_kernels_fp8_export_are_refused(kernels_exports, tmp_path):
@@ -608,6 +692,34 @@ def test_cuda_quantizers_equal_the_cpu_ones(ops_library, op):
                  [vi("y", E4M3)], [s])
     want = fp8_bits(session(m, ops_library), feed)
     got = fp8_bits(session(m, ops_library, "CUDAExecutionProvider"), feed)
+    codes = lambda b: np.where(b & 0x80, -(b & 0x7F).astype(int), (b & 0x7F).astype(int))  # noqa: E731
+    assert np.abs(codes(got) - codes(want)).max() <= (0 if op == "QuantizeFp8" else 1)
+    assert (got != want).mean() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["QuantizeFp8", "BiasGeluFp8", "NormRopeFp8"])
+def test_cuda_column_windows_equal_the_cpu_ones(ops_library, op):
+    """Each consumer of a fused single-block product ([B, L, 3 x 3072 + 12288]) reading its columns in place on
+    CUDA gives the CPU's codes, at most one code apart (the CUDA kernels' rsqrt and tanh)."""
+    require_cuda_library(ops_library)
+    g = np.random.default_rng(5)
+    L, width, start, count = 37, 3 * 3072 + 12288, 3072 if op != "BiasGeluFp8" else 9216, \
+        3072 if op != "BiasGeluFp8" else 12288
+    feed = dict(x=g.standard_normal((2, L, width)).astype(np.float32))
+    inits = [numpy_helper.from_array(np.array(0.011, np.float32), "s")]
+    if op == "NormRopeFp8":
+        angle = g.uniform(0, 6.3, (L, 64)).astype(np.float32)
+        inits += [numpy_helper.from_array(g.standard_normal(128).astype(np.float32), "w"),
+                  numpy_helper.from_array(np.cos(angle), "cos"), numpy_helper.from_array(np.sin(angle), "sin")]
+        names, attrs = ["x", "", "w", "", "", "", "cos", "sin", "s"], dict(num_heads=24, epsilon=1e-6)
+    else:
+        names, attrs = ["x", "", "s"] if op == "BiasGeluFp8" else ["x", "s"], {}
+    m = model_of([helper.make_node(op, names, ["y"], domain="fluxrt", column_start=start, column_count=count,
+                                   **attrs)], [vi("x")], [vi("y", E4M3)], inits)
+    want = fp8_bits(session(m, ops_library), feed)
+    got = fp8_bits(session(m, ops_library, "CUDAExecutionProvider"), feed)
+    assert got.shape == want.shape == (2, L, count)
     codes = lambda b: np.where(b & 0x80, -(b & 0x7F).astype(int), (b & 0x7F).astype(int))  # noqa: E731
     assert np.abs(codes(got) - codes(want)).max() <= (0 if op == "QuantizeFp8" else 1)
     assert (got != want).mean() < 1e-3

@@ -37,6 +37,11 @@
 //     comes after the product. With split (int64 [2], CPU, summing to L) the output is cut along L into o
 //     [B, split[0], H*D] and o1 [B, split[1], H*D]. On CUDA: cuDNN's FP8 attention (Hopper or newer).
 //
+// Column windows: NormRope(Fp8), BiasGelu(Fp8) and QuantizeFp8 take attributes column_start and column_count
+// (default 0: the whole last axis). With column_count > 0 the op reads columns [column_start, column_start +
+// column_count) of its x input(s) (x0 and x1 for NormRope), which may be wider: the products of several linears
+// fused into one matrix product, each consumer reading its own columns in place. Outputs are contiguous.
+//
 // Built by runtime/ort_ops/build.py against ONNX Runtime's C API headers (ORT_API_VERSION >= 17).
 
 #include <onnxruntime_c_api.h>
@@ -154,13 +159,57 @@ struct Attrs {
   float epsilon = 1e-6f;
   float clamp = 0.f;
   float scale = 0.f;  // Fp8Attention's softmax scale; 0: 1/sqrt(head size)
+  int64_t col_start = 0, col_count = 0;  // the column window (see the top); count 0: the whole last axis
 };
+
+size_t element_size(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return 4;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return 2;
+    default: return 1;
+  }
+}
+
+// x seen through the column window: its last axis cut to the window, its data pointer moved to the window's
+// first column; *stride gets the elements between rows as stored. Without a window x stays and *stride is its
+// last axis.
+OrtStatusPtr window(const std::string& op, const char* name, const Attrs& a, In* x, int64_t* stride) {
+  if (!x->present() || x->shape.empty()) {
+    *stride = x->shape.empty() ? 1 : x->dim(-1);
+    if (a.col_count > 0 && x->present()) return Status::error(op, std::string(name) + " is a scalar: no columns to window");
+    return nullptr;
+  }
+  const int64_t width = x->dim(-1);
+  *stride = width;
+  if (a.col_count == 0 && a.col_start == 0) return nullptr;
+  if (a.col_count <= 0 || a.col_start < 0 || a.col_start + a.col_count > width) {
+    return Status::error(op, "column_start " + std::to_string(a.col_start) + " and column_count " +
+                                 std::to_string(a.col_count) + " must give a non-empty window inside " + name +
+                                 "'s last axis of " + std::to_string(width) + " (shape " + shape_str(x->shape) + ")");
+  }
+  x->data = static_cast<const char*>(x->data) + a.col_start * int64_t(element_size(x->type));
+  x->shape.back() = a.col_count;
+  return nullptr;
+}
+
+// The CPU kernels read contiguous rows: a windowed x is gathered into buf, and x points there.
+void gather_window(In* x, int64_t stride, std::vector<float>* buf) {
+  const int64_t C = x->shape.empty() ? 1 : x->dim(-1);
+  if (!x->present() || stride == C) return;
+  const int64_t rows = C ? x->size() / C : 0;
+  buf->resize(rows * C);
+  const float* src = static_cast<const float*>(x->data);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(buf->data() + r * C, src + r * stride, C * sizeof(float));
+  x->data = buf->data();
+}
 
 // ---- shape checks shared by both devices ---------------------------------------------------------
 
 struct NormRopeArgs {
   In x0, b0, w0, x1, b1, w1, cos, sin;
   int64_t B = 0, L0 = 0, L1 = 0, C = 0, H = 0, D = 0;
+  int64_t s0 = 0, s1 = 0;  // row strides of x0 and x1 as stored (their width, or wider under a column window)
 };
 
 OrtStatusPtr check_norm_rope(const Attrs& a, NormRopeArgs* p) {
@@ -261,6 +310,7 @@ OrtStatusPtr check_gated(GatedArgs* p) {
 struct BiasGeluArgs {
   In x, bias;
   int64_t C = 0;
+  int64_t stride = 0;  // x's row stride as stored (C, or wider under a column window)
 };
 
 OrtStatusPtr check_bias_gelu(BiasGeluArgs* p) {
@@ -576,7 +626,7 @@ constexpr int kWarps = 8;  // warps per block: one row (or head row) per warp
 template <typename T>
 __global__ void norm_rope_kernel(const T* x0, const T* b0, const T* w0, const T* x1, const T* b1, const T* w1,
                                  const float* cos, const float* sin, T* y, int64_t B, int64_t L0, int64_t L1,
-                                 int64_t H, int64_t D, float eps) {
+                                 int64_t H, int64_t D, float eps, int64_t s0, int64_t s1) {
   using P = typename Pair<T>::type;
   const int64_t L = L0 + L1;
   const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -584,7 +634,7 @@ __global__ void norm_rope_kernel(const T* x0, const T* b0, const T* w0, const T*
   const int lane = threadIdx.x % 32;
   const int64_t h = row % H, bl = row / H, l = bl % L, b = bl / L;
   const bool first = l < L0;
-  const T* x = (first ? x0 + (b * L0 + l) * H * D : x1 + (b * L1 + (l - L0)) * H * D) + h * D;
+  const T* x = (first ? x0 + (b * L0 + l) * s0 : x1 + (b * L1 + (l - L0)) * s1) + h * D;
   const T* bias = first ? b0 : b1;
   const T* w = first ? w0 : w1;
   const int pairs = int(D / 2);
@@ -719,7 +769,7 @@ template <> __device__ __forceinline__ void out8<uint8_t>(uint8_t* p, const floa
 template <typename T, typename O = T>
 __global__ void norm_rope_vec8_kernel(const T* x0, const T* b0, const T* w0, const T* x1, const T* b1, const T* w1,
                                       const float* cos, const float* sin, O* y, int64_t B, int64_t L0, int64_t L1,
-                                      int64_t H, int D, float eps, float qscale = 1.f) {
+                                      int64_t H, int D, float eps, int64_t s0, int64_t s1, float qscale = 1.f) {
   const int tpr = D / 8;  // threads per head row
   const int64_t L = L0 + L1;
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -729,7 +779,7 @@ __global__ void norm_rope_vec8_kernel(const T* x0, const T* b0, const T* w0, con
   const int64_t r = active ? row : 0;
   const int64_t h = r % H, bl = r / H, l = bl % L, b = bl / L;
   const bool first = l < L0;
-  const T* x = (first ? x0 + (b * L0 + l) * H * D : x1 + (b * L1 + (l - L0)) * H * D) + h * D + 8 * j;
+  const T* x = (first ? x0 + (b * L0 + l) * s0 : x1 + (b * L1 + (l - L0)) * s1) + h * D + 8 * j;
   const T* bias = first ? b0 : b1;
   const T* w = first ? w0 : w1;
   float v[8], u[8];
@@ -804,12 +854,13 @@ __device__ __forceinline__ float gelu_tanh(float v) {
 
 // BiasGelu: gelu_tanh(x + bias), eight elements per thread when C is a multiple of 8, else one.
 template <typename T, typename O = T>
-__global__ void bias_gelu_kernel(const T* x, const T* bias, O* y, int64_t n, int64_t C, bool vec8, float qscale = 1.f) {
+__global__ void bias_gelu_kernel(const T* x, const T* bias, O* y, int64_t n, int64_t C, bool vec8, int64_t xs,
+                                 float qscale = 1.f) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   if (vec8) {
     float v[8], u[8];
     for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 8; i < n; i += stride * 8) {
-      load8(x + i, v);
+      load8(x + (xs == C ? i : i / C * xs + i % C), v);
       if (bias) {
         load8(bias + i % C, u);
 #pragma unroll
@@ -822,23 +873,25 @@ __global__ void bias_gelu_kernel(const T* x, const T* bias, O* y, int64_t n, int
     return;
   }
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    y[i] = out1<O>(gelu_tanh(to_f(x[i]) + (bias ? to_f(bias[i % C]) : 0.f)), qscale);
+    y[i] = out1<O>(gelu_tanh(to_f(x[xs == C ? i : i / C * xs + i % C]) + (bias ? to_f(bias[i % C]) : 0.f)), qscale);
   }
 }
 
-// QuantizeFp8: x / qscale to E4M3, eight elements per thread when n is a multiple of 8, else one.
+// QuantizeFp8: x / qscale to E4M3, eight elements per thread when n is a multiple of 8, else one. With a column
+// window, x's rows of C elements lie xs apart.
 template <typename T>
-__global__ void quantize_kernel(const T* x, uint8_t* y, int64_t n, bool vec8, float qscale) {
+__global__ void quantize_kernel(const T* x, uint8_t* y, int64_t n, bool vec8, float qscale, int64_t C, int64_t xs) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   if (vec8) {
     float v[8];
     for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 8; i < n; i += stride * 8) {
-      load8(x + i, v);
+      load8(x + (xs == C ? i : i / C * xs + i % C), v);
       out8(y + i, v, qscale);
     }
     return;
   }
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) y[i] = out1<uint8_t>(to_f(x[i]), qscale);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    y[i] = out1<uint8_t>(to_f(x[xs == C ? i : i / C * xs + i % C]), qscale);
 }
 
 __global__ void fill_kernel(float* p, int64_t n, float v) {
@@ -864,17 +917,17 @@ unsigned blocks_for(int64_t rows) { return unsigned((rows + kWarps - 1) / kWarps
 template <typename T>
 OrtStatusPtr norm_rope_cuda(cudaStream_t st, const Attrs& a, const NormRopeArgs& p, void* y) {
   const int64_t rows = p.B * (p.L0 + p.L1) * p.H;
-  const bool vec8 = p.D % 8 == 0 && 32 % (p.D / 8) == 0 &&
+  const bool vec8 = p.D % 8 == 0 && 32 % (p.D / 8) == 0 && p.s0 % 8 == 0 && p.s1 % 8 == 0 &&
                     aligned16({p.x0.data, p.b0.data, p.w0.data, p.x1.data, p.b1.data, p.w1.data, p.cos.data, p.sin.data, y});
   if (rows > 0 && vec8) {
     const int64_t threads = rows * (p.D / 8);
     norm_rope_vec8_kernel<T><<<unsigned((threads + 255) / 256), 256, 0, st>>>(
         ptr<T>(p.x0), ptr<T>(p.b0), ptr<T>(p.w0), ptr<T>(p.x1), ptr<T>(p.b1), ptr<T>(p.w1), ptr<float>(p.cos),
-        ptr<float>(p.sin), static_cast<T*>(y), p.B, p.L0, p.L1, p.H, int(p.D), a.epsilon);
+        ptr<float>(p.sin), static_cast<T*>(y), p.B, p.L0, p.L1, p.H, int(p.D), a.epsilon, p.s0, p.s1);
   } else if (rows > 0)
     norm_rope_kernel<T><<<blocks_for(rows), 32 * kWarps, 0, st>>>(
         ptr<T>(p.x0), ptr<T>(p.b0), ptr<T>(p.w0), ptr<T>(p.x1), ptr<T>(p.b1), ptr<T>(p.w1), ptr<float>(p.cos),
-        ptr<float>(p.sin), static_cast<T*>(y), p.B, p.L0, p.L1, p.H, p.D, a.epsilon);
+        ptr<float>(p.sin), static_cast<T*>(y), p.B, p.L0, p.L1, p.H, p.D, a.epsilon, p.s0, p.s1);
   return cuda_status("NormRope");
 }
 
@@ -903,11 +956,12 @@ OrtStatusPtr gated_cuda(cudaStream_t st, const Attrs& a, const GatedArgs& p, voi
 template <typename T>
 OrtStatusPtr bias_gelu_cuda(cudaStream_t st, const BiasGeluArgs& p, void* y) {
   const int64_t n = p.x.size();
-  const bool vec8 = p.C % 8 == 0 && aligned16({p.x.data, p.bias.data, y});
+  const bool vec8 = p.C % 8 == 0 && p.stride % 8 == 0 && aligned16({p.x.data, p.bias.data, y});
   const int64_t work = vec8 ? n / 8 : n;
   if (n > 0) {
     const int64_t blocks = std::min<int64_t>((work + 255) / 256, 132 * 32);
-    bias_gelu_kernel<T><<<unsigned(blocks), 256, 0, st>>>(ptr<T>(p.x), ptr<T>(p.bias), static_cast<T*>(y), n, p.C, vec8);
+    bias_gelu_kernel<T><<<unsigned(blocks), 256, 0, st>>>(ptr<T>(p.x), ptr<T>(p.bias), static_cast<T*>(y), n, p.C, vec8,
+                                                          p.stride);
   }
   return cuda_status("BiasGelu");
 }
@@ -927,19 +981,24 @@ OrtStatusPtr ada_norm_fp8_cuda(cudaStream_t st, const Attrs& a, const AdaNormArg
 template <typename T>
 OrtStatusPtr bias_gelu_fp8_cuda(cudaStream_t st, const BiasGeluArgs& p, float qscale, void* y) {
   const int64_t n = p.x.size();
-  const bool vec8 = p.C % 8 == 0 && aligned16({p.x.data, p.bias.data}) && reinterpret_cast<uintptr_t>(y) % 8 == 0;
+  const bool vec8 = p.C % 8 == 0 && p.stride % 8 == 0 && aligned16({p.x.data, p.bias.data}) &&
+                    reinterpret_cast<uintptr_t>(y) % 8 == 0;
   if (n > 0)
-    bias_gelu_kernel<T, uint8_t><<<grid_for(vec8 ? n / 8 : n), 256, 0, st>>>(ptr<T>(p.x), ptr<T>(p.bias),
-                                                                            static_cast<uint8_t*>(y), n, p.C, vec8, qscale);
+    bias_gelu_kernel<T, uint8_t><<<grid_for(vec8 ? n / 8 : n), 256, 0, st>>>(
+        ptr<T>(p.x), ptr<T>(p.bias), static_cast<uint8_t*>(y), n, p.C, vec8, p.stride, qscale);
   return cuda_status("BiasGeluFp8");
 }
 
 template <typename T>
-OrtStatusPtr quantize_cuda(cudaStream_t st, const In& x, float qscale, void* y) {
+OrtStatusPtr quantize_cuda(cudaStream_t st, const In& x, int64_t stride, float qscale, void* y) {
   const int64_t n = x.size();
-  const bool vec8 = n % 8 == 0 && aligned16({x.data}) && reinterpret_cast<uintptr_t>(y) % 8 == 0;
+  const int64_t C = x.shape.empty() ? 1 : x.dim(-1);
+  const bool windowed = stride != C;
+  const int64_t c = windowed ? C : n, xs = windowed ? stride : n;  // contiguous: one flat row
+  const bool vec8 = c % 8 == 0 && xs % 8 == 0 && aligned16({x.data}) && reinterpret_cast<uintptr_t>(y) % 8 == 0;
   if (n > 0)
-    quantize_kernel<T><<<grid_for(vec8 ? n / 8 : n), 256, 0, st>>>(ptr<T>(x), static_cast<uint8_t*>(y), n, vec8, qscale);
+    quantize_kernel<T><<<grid_for(vec8 ? n / 8 : n), 256, 0, st>>>(ptr<T>(x), static_cast<uint8_t*>(y), n, vec8, qscale,
+                                                                   c, xs);
   return cuda_status("QuantizeFp8");
 }
 
@@ -1105,18 +1164,19 @@ OrtStatusPtr fp8_linear_cuda(cudaStream_t st, LtState& state, const Fp8LinearArg
 template <typename T>
 OrtStatusPtr norm_rope_fp8_cuda(cudaStream_t st, const Attrs& a, const NormRopeArgs& p, float qscale, void* y) {
   const int64_t rows = p.B * (p.L0 + p.L1) * p.H;
-  const bool vec8 = p.D % 8 == 0 && 32 % (p.D / 8) == 0 &&
+  const bool vec8 = p.D % 8 == 0 && 32 % (p.D / 8) == 0 && p.s0 % 8 == 0 && p.s1 % 8 == 0 &&
                     aligned16({p.x0.data, p.b0.data, p.w0.data, p.x1.data, p.b1.data, p.w1.data, p.cos.data, p.sin.data}) &&
                     reinterpret_cast<uintptr_t>(y) % 8 == 0;
   if (!vec8) {
     return Status::error("NormRopeFp8", "on CUDA, the head size must be a multiple of 8 that divides 256 (got " +
-                                            std::to_string(p.D) + ") and the tensors 16-byte aligned");
+                                            std::to_string(p.D) + "), the rows and column window start on multiples "
+                                            "of 8 elements and the tensors 16-byte aligned");
   }
   if (rows > 0) {
     const int64_t threads = rows * (p.D / 8);
     norm_rope_vec8_kernel<T, uint8_t><<<unsigned((threads + 255) / 256), 256, 0, st>>>(
         ptr<T>(p.x0), ptr<T>(p.b0), ptr<T>(p.w0), ptr<T>(p.x1), ptr<T>(p.b1), ptr<T>(p.w1), ptr<float>(p.cos),
-        ptr<float>(p.sin), static_cast<uint8_t*>(y), p.B, p.L0, p.L1, p.H, int(p.D), a.epsilon, qscale);
+        ptr<float>(p.sin), static_cast<uint8_t*>(y), p.B, p.L0, p.L1, p.H, int(p.D), a.epsilon, p.s0, p.s1, qscale);
   }
   return cuda_status("NormRopeFp8");
 }
@@ -1246,6 +1306,35 @@ template <typename F> OrtStatusPtr by_type(ONNXTensorElementDataType t, F&& laun
   return by_type(op.type, [&](auto tag) { return fn<decltype(tag)>(static_cast<cudaStream_t>(stream), __VA_ARGS__, y); })
 #endif
 
+bool windowed(Kind kind) {
+  return kind == Kind::NormRope || kind == Kind::NormRopeFp8 || kind == Kind::BiasGelu || kind == Kind::BiasGeluFp8 ||
+         kind == Kind::QuantizeFp8;
+}
+
+// NormRope's x0 and x1 through the column window; on the CPU gathered into contiguous rows.
+OrtStatusPtr norm_rope_window(const std::string& op, const Attrs& a, NormRopeArgs* p, bool cuda, std::vector<float>* b0,
+                              std::vector<float>* b1) {
+  RETURN_IF(window(op, "x0", a, &p->x0, &p->s0));
+  RETURN_IF(window(op, "x1", a, &p->x1, &p->s1));
+  if (!p->x1.present()) p->s1 = p->s0;
+  if (!cuda) {
+    gather_window(&p->x0, p->s0, b0);
+    gather_window(&p->x1, p->s1, b1);
+    p->s0 = p->x0.shape.empty() ? 0 : p->x0.dim(-1);
+    p->s1 = p->x1.present() ? p->x1.dim(-1) : p->s0;
+  }
+  return nullptr;
+}
+
+OrtStatusPtr bias_gelu_window(const std::string& op, const Attrs& a, BiasGeluArgs* p, bool cuda, std::vector<float>* buf) {
+  RETURN_IF(window(op, "x", a, &p->x, &p->stride));
+  if (!cuda) {
+    gather_window(&p->x, p->stride, buf);
+    p->stride = p->x.shape.empty() ? 1 : p->x.dim(-1);
+  }
+  return nullptr;
+}
+
 OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
   const Op& op = *k.op;
   std::vector<In> in(op.inputs.size());
@@ -1259,9 +1348,15 @@ OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
   const bool cuda = std::strcmp(op.provider, "CUDAExecutionProvider") == 0;
   if (cuda) RETURN_IF(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
   void* y = nullptr;
+  if ((k.attrs.col_start || k.attrs.col_count) && !windowed(op.kind)) {
+    return Status::error(op.name, "takes no column window (column_start/column_count are for NormRope, NormRopeFp8, "
+                                  "BiasGelu, BiasGeluFp8 and QuantizeFp8)");
+  }
   switch (op.kind) {
     case Kind::NormRope: {
       NormRopeArgs p{in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7]};
+      std::vector<float> buf0, buf1;
+      RETURN_IF(norm_rope_window(op.name, k.attrs, &p, cuda, &buf0, &buf1));
       RETURN_IF(check_norm_rope(k.attrs, &p));
       RETURN_IF(get_output(ctx, {p.B, p.L0 + p.L1, p.C}, &y));
       if (!cuda) return norm_rope_cpu(k.attrs, p, static_cast<float*>(y)), nullptr;
@@ -1285,6 +1380,8 @@ OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
     }
     case Kind::BiasGelu: {
       BiasGeluArgs p{in[0], in[1]};
+      std::vector<float> buf;
+      RETURN_IF(bias_gelu_window(op.name, k.attrs, &p, cuda, &buf));
       RETURN_IF(check_bias_gelu(&p));
       RETURN_IF(get_output(ctx, p.x.shape, &y));
       if (!cuda) return bias_gelu_cpu(p, static_cast<float*>(y)), nullptr;
@@ -1302,13 +1399,16 @@ OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
     }
     case Kind::QuantizeFp8: {
       float qs = 1.f;
+      int64_t stride = 0;
+      std::vector<float> buf;
       RETURN_IF(read_scale(op.name, "scale", in[1], &qs));
+      RETURN_IF(window(op.name, "x", k.attrs, &in[0], &stride));
+      RETURN_IF(get_output(ctx, in[0].shape, &y));
       if (!cuda) {
-        RETURN_IF(get_output(ctx, in[0].shape, &y));
+        gather_window(&in[0], stride, &buf);
         return quantize_cpu(static_cast<const float*>(in[0].data), in[0].size(), qs, static_cast<uint8_t*>(y)), nullptr;
       }
-      RETURN_IF(get_output(ctx, in[0].shape, &y));
-      LAUNCH(quantize_cuda, in[0], qs);
+      LAUNCH(quantize_cuda, in[0], stride, qs);
     }
     case Kind::AdaLayerNormFp8: {
       AdaNormArgs p{in[0], in[1], in[2]};
@@ -1327,6 +1427,8 @@ OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
     case Kind::NormRopeFp8: {
       NormRopeArgs p{in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7]};
       float qs = 1.f;
+      std::vector<float> buf0, buf1;
+      RETURN_IF(norm_rope_window(op.name, k.attrs, &p, cuda, &buf0, &buf1));
       RETURN_IF(check_norm_rope(k.attrs, &p));
       RETURN_IF(read_scale(op.name, "quant_scale", in[8], &qs));
       const std::vector<int64_t> shape = {p.B, p.L0 + p.L1, p.C};
@@ -1366,6 +1468,8 @@ OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
     case Kind::BiasGeluFp8: {
       BiasGeluArgs p{in[0], in[1]};
       float qs = 1.f;
+      std::vector<float> buf;
+      RETURN_IF(bias_gelu_window(op.name, k.attrs, &p, cuda, &buf));
       RETURN_IF(check_bias_gelu(&p));
       RETURN_IF(read_scale(op.name, "quant_scale", in[2], &qs));
       if (!cuda) {
@@ -1386,6 +1490,8 @@ OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp* base, const OrtApi*, 
   k->attrs.epsilon = attr_float(info, "epsilon", 1e-6f);
   k->attrs.clamp = attr_float(info, "clamp", 0.f);
   k->attrs.scale = attr_float(info, "scale", 0.f);
+  k->attrs.col_start = attr_int(info, "column_start", 0);
+  k->attrs.col_count = attr_int(info, "column_count", 0);
   *out = k;
   return nullptr;
 }
@@ -1444,6 +1550,15 @@ OrtStatusPtr ORT_API_CALL infer_shape(const OrtCustomOp* base, OrtShapeInferCont
       names[1] = part(dims[1], names[1]) + "+" + part(dims1[1], names1[1]);
       dims[1] = -1;
     }
+  }
+  if (windowed(op->kind)) {  // a column window's width
+    const OrtOpAttr* attr = nullptr;
+    int64_t count = 0;
+    size_t size = 0;
+    OrtStatusPtr s = g_api->ShapeInferContext_GetAttribute(ctx, "column_count", &attr);
+    if (!s && attr) s = g_api->ReadOpAttr(attr, ORT_OP_ATTR_INT, &count, sizeof count, &size);
+    if (s) g_api->ReleaseStatus(s);  // no such attribute: no window
+    else if (count > 0) dims.back() = count, names.back() = "";
   }
   if (op->kind == Kind::Fp8Linear) {  // [..., K] -> [..., N], in bias's type
     std::vector<int64_t> w_dims;
