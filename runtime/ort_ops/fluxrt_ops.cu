@@ -49,6 +49,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -848,8 +849,11 @@ __global__ void ada_norm_vec8_kernel(const T* x, const T* scale, const T* shift,
   }
 }
 
+// 0.5 v (1 + tanh(u)) written as v / (1 + exp(-2u)): one fast exponential and one fast division rather than
+// tanhf's long polynomial (these kernels were ALU-bound on it); exp(-2u) = inf gives -0, as tanh's -1 does.
 __device__ __forceinline__ float gelu_tanh(float v) {
-  return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+  const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+  return __fdividef(v, 1.f + __expf(-2.f * u));
 }
 
 // BiasGelu: gelu_tanh(x + bias), eight elements per thread when C is a multiple of 8, else one.
@@ -1063,8 +1067,46 @@ template <> cudaDataType_t cuda_type<float>() { return CUDA_R_32F; }
 template <> cudaDataType_t cuda_type<__half>() { return CUDA_R_16F; }
 template <> cudaDataType_t cuda_type<__nv_bfloat16>() { return CUDA_R_16BF; }
 
+constexpr int kCandidates = 8;  // cuBLASLt's heuristic's algorithms timed per new shape (FLUXRT_FP8_AUTOTUNE=0: its first)
+
+// The fastest of the heuristic's candidates on this product, timed on the stream with the call's own operands (y is
+// overwritten by the call right after). Not inside a CUDA graph capture: there the heuristic's first is taken.
+int fastest(cublasLtHandle_t handle, const LtPlan& plan, const cublasLtMatmulHeuristicResult_t* results, int found,
+            const Fp8LinearArgs& p, void* y, void* workspace, cudaStream_t st) {
+  const char* env = std::getenv("FLUXRT_FP8_AUTOTUNE");
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  cudaStreamIsCapturing(st, &capturing);
+  if (found < 2 || capturing != cudaStreamCaptureStatusNone || (env && std::strcmp(env, "0") == 0)) return 0;
+  cudaEvent_t start, stop;
+  if (cudaEventCreate(&start) != cudaSuccess) return cudaGetLastError(), 0;
+  if (cudaEventCreate(&stop) != cudaSuccess) return cudaEventDestroy(start), cudaGetLastError(), 0;
+  const float alpha = 1.f, beta = 0.f;
+  int best = 0;
+  float best_ms = INFINITY;
+  for (int i = 0; i < found; ++i) {
+    auto run = [&] {
+      return cublasLtMatmul(handle, plan.desc, &alpha, p.w.data, plan.a, p.x.data, plan.b, &beta, y, plan.c, y, plan.c,
+                            &results[i].algo, workspace, kWorkspaceBytes, st);
+    };
+    if (run() != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; an algorithm that fails is not a candidate
+    cudaEventRecord(start, st);
+    bool ok = true;
+    for (int r = 0; r < 3 && ok; ++r) ok = run() == CUBLAS_STATUS_SUCCESS;
+    cudaEventRecord(stop, st);
+    float ms = INFINITY;
+    if (ok && cudaEventSynchronize(stop) == cudaSuccess && cudaEventElapsedTime(&ms, start, stop) == cudaSuccess &&
+        ms < best_ms) {
+      best_ms = ms, best = i;
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaGetLastError();  // a failed candidate leaves nothing behind for the next launch to report
+  return best;
+}
+
 OrtStatusPtr make_plan(cublasLtHandle_t handle, const Fp8LinearArgs& p, cudaDataType_t out, cudaStream_t st,
-                       LtPlan* plan) {
+                       LtPlan* plan, void* y, void* workspace) {
   const std::string shape = "an FP8 product of " + std::to_string(p.M) + "x" + std::to_string(p.K) + " by " +
                             std::to_string(p.K) + "x" + std::to_string(p.N);
   RETURN_IF(lt_status(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate"));
@@ -1096,10 +1138,10 @@ OrtStatusPtr make_plan(cublasLtHandle_t handle, const Fp8LinearArgs& p, cudaData
   RETURN_IF(lt_status(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate"));
   const size_t ws = kWorkspaceBytes;
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-  cublasLtMatmulHeuristicResult_t result{};
+  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
   int found = 0;
   const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->c, plan->c, pref,
-                                                          1, &result, &found);
+                                                          kCandidates, results, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
     int dev = 0, major = 0, minor = 0;
@@ -1114,7 +1156,7 @@ OrtStatusPtr make_plan(cublasLtHandle_t handle, const Fp8LinearArgs& p, cudaData
          "): FP8 linears need a Hopper (sm_90) or newer GPU and CUDA 12.9 or newer")
             .c_str());
   }
-  plan->algo = result.algo;
+  plan->algo = results[fastest(handle, *plan, results, found, p, y, workspace, st)].algo;
   return cuda_status("Fp8Linear");
 }
 
@@ -1137,7 +1179,7 @@ OrtStatusPtr fp8_linear_cuda(cudaStream_t st, LtState& state, const Fp8LinearArg
   const cudaDataType_t out = cuda_type<T>();
   LtPlan& plan = state.plans[{p.M, int(out)}];
   if (!plan.desc) {
-    OrtStatusPtr s = make_plan(handle, p, out, st, &plan);
+    OrtStatusPtr s = make_plan(handle, p, out, st, &plan, y, workspace);
     if (s) {
       state.plans.erase({p.M, int(out)});
       return s;
