@@ -289,8 +289,15 @@ class Reference:
 
 
 def kernel_profile(fn, iters: int, device: str) -> dict:
+    """CUPTI's kernel split of ``fn`` (bench/synthetic.py). Taken after a configuration's timings: CUPTI left
+    attached slows host-bound work (measured on the H200: CLIP 3.1 -> 6.1 ms, the loop's host time 0.77 -> 1.23 ms
+    per step in the configuration timed after a profile), so Kineto is asked to tear it down after each profile
+    (TEARDOWN_CUPTI=1) and host-bound figures are best taken from a run without --profile."""
+    import os
+
     from fluxrt.bench.synthetic import kernel_profile as profile
 
+    os.environ.setdefault("TEARDOWN_CUPTI", "1")
     return profile(fn, iters, device)
 
 
@@ -356,9 +363,6 @@ def run_fluxrt(label: str, folder: Path, s: RunSettings, device: str, ref: Refer
         for name, fn in calls.items():
             log(f"{label}: {name}")
             stats[name] = bench.summarize(bench.time_call(fn, warmup=s.warmup, iters=s.iters))
-        if s.profile and device == "cuda":
-            log(f"{label}: profiling {s.profile} transformer steps")
-            stats["transformer"]["kernels"] = kernel_profile(calls["transformer"], s.profile, device)
         log(f"{label}: generation ({s.steps} steps)")
         outputs = []
 
@@ -374,6 +378,9 @@ def run_fluxrt(label: str, folder: Path, s: RunSettings, device: str, ref: Refer
         log(f"{label}: the loop's host time ({s.steps} steps)")
         host_ms = float(np.median([loop_host_ms(r["transformer"], on_device, pooled, text, img_ids, sigmas,
                                                 p.guidance_scale) for _ in range(max(s.generation_iters, 1))]))
+        if s.profile and device == "cuda":  # last: CUPTI may slow the host's launches after it
+            log(f"{label}: profiling {s.profile} transformer steps")
+            stats["transformer"]["kernels"] = kernel_profile(calls["transformer"], s.profile, device)
         quality: dict = {}
         if ref is None:  # the reference: its own trajectory, one step at a time (the loop's own arithmetic)
             xs, vs, x = [latents], [], on_device
@@ -520,12 +527,12 @@ def run_torch(modes: list[str], root: Path, s: RunSettings, device: str, latents
             for name, fn in calls.items():
                 log(f"torch {mode}: {name}")
                 stats[name] = bench.summarize(bench.time_call(fn, warmup=s.warmup, iters=s.iters))
-            if s.profile and device == "cuda":
-                log(f"torch {mode}: profiling {s.profile} transformer steps")
-                stats["transformer"]["kernels"] = kernel_profile(calls["transformer"], s.profile, device)
             log(f"torch {mode}: generation ({s.steps} steps)")
             stats["generation"] = bench.summarize(bench.time_call(generate, warmup=max(s.generation_warmup - 1, 0),
                                                                   iters=s.generation_iters))
+            if s.profile and device == "cuda":  # after the timings (see kernel_profile)
+                log(f"torch {mode}: profiling {s.profile} transformer steps")
+                stats["transformer"]["kernels"] = kernel_profile(calls["transformer"], s.profile, device)
             images = outputs[-1]
             quality: dict = {}
             if ref is not None:

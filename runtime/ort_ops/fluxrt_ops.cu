@@ -25,7 +25,9 @@
 //     x E4M3 [..., K], x_scale [] or [1], w E4M3 [N, K] (one row per output feature), w_scale [N],
 //     bias T [N]: y = (x . w^T) * x_scale * w_scale + bias, float32 accumulation, in bias's type T.
 //     On CUDA: one cuBLASLt FP8 matrix product (Hopper or newer), the per-output-channel weight
-//     scales and the bias applied in its epilogue; K and N multiples of 16; T bfloat16 or float16.
+//     scales and the bias applied in its epilogue; K and N multiples of 16; T bfloat16 or float16. The first call
+//     of a shape times up to 8 of cuBLASLt's heuristic candidates and keeps the fastest (FLUXRT_FP8_AUTOTUNE=0:
+//     the heuristic's first; inside a CUDA graph capture, always its first).
 //   QuantizeFp8(x, scale) -> E4M3               x T [...]
 //   AdaLayerNormFp8(x, scale, shift, quant_scale) -> E4M3     AdaLayerNorm, its output quantized
 //   BiasGeluFp8(x, bias?, quant_scale) -> E4M3                 BiasGelu, its output quantized
