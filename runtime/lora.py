@@ -9,6 +9,12 @@ splits each single block's ``proj_out`` into its attention and MLP column blocks
 ``.proj.I.mlp``). Such a ``proj_out`` is found but takes no LoRA: its bias holds ``to_v``'s bias folded
 through the attention columns (``W_attn @ b_v``), which a new weight changes and the graph does not keep.
 
+Under FP8 (a ``fluxrt quantize`` folder of an ort-kernels export), a linear is an ``Fp8Linear``: E4M3 weights
+[out, in] with one float32 scale per output feature, or a band of rows of a fused product (the
+``fluxrt.fused_products`` record says which). Its LoRA is merged into the dequantized E4M3 weights (the folder
+holds no other copy) and re-quantized per output feature (scale = max |w| / 448); the calibrated activation scales
+are kept, and the rows of a fused product that no LoRA targets keep their bytes.
+
 A weight is read from the graph file on disk each time (never from a merged copy, and nothing is ever
 subtracted): by its byte range in the external data file when it lives there, from the graph itself
 otherwise (graphs under 2 GB). It is merged in float32, the LoRAs added in the order given, cast once to
@@ -18,6 +24,7 @@ external data as external initializers; inline ones in a serialized copy of the 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -44,6 +51,8 @@ FOLDED_BIAS = ("in this --attention ort-kernels graph it is split into two produ
                "apart: merge the LoRA at export (fluxrt export --lora) or use an --attention ort or portable export")
 
 Loras = Sequence[tuple[LoraFile, float]]  # (file, scale), in load order
+FP8_MAX = 448.0
+FUSED_KEY = "fluxrt.fused_products"  # engines/fp8_ort.py's record of a fused Fp8Linear's members
 
 
 @dataclass(frozen=True)
@@ -58,16 +67,30 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class Fp8Slot:
+    """One linear inside an Fp8Linear: rows [start, start + count) of its E4M3 weight [N, K] and of its scales."""
+
+    initializer: str
+    scale: str
+    dims: tuple[int, int]  # the whole stored weight, [N, K]
+    rows: tuple[int, int]  # (start, count)
+    external: tuple[str, int] | None
+    scale_external: tuple[str, int] | None
+
+
+@dataclass(frozen=True)
 class GraphLinears:
     path: Path
     shapes: dict[str, tuple[int, int]]  # module path -> (out, in), every linear found
-    slots: dict[str, Slot]  # the linears a LoRA can change
+    slots: dict[str, Slot | Fp8Slot]  # the linears a LoRA can change
     fixed: dict[str, str]  # module path -> why a LoRA cannot change it in this graph
 
     @property
     def inline(self) -> set[str]:
         """The initializers of ``slots`` stored in the graph file itself (not in external data)."""
-        return {slot.initializer for slot in self.slots.values() if slot.external is None}
+        inline = {slot.initializer for slot in self.slots.values() if slot.external is None}
+        return inline | {slot.scale for slot in self.slots.values()
+                         if isinstance(slot, Fp8Slot) and slot.scale_external is None}
 
     def check(self, loras: Loras) -> None:
         """Raise naming the file and the module unless every linear the LoRAs target can take them."""
@@ -88,8 +111,14 @@ class GraphLinears:
         self.check(loras)
         read = weight_reader(self.path)
         out = {}
-        for module in sorted({m for lora, _ in loras for m in lora.deltas}):
+        targeted = sorted({m for lora, _ in loras for m in lora.deltas})
+        fp8 = [m for m in targeted if isinstance(self.slots[m], Fp8Slot)]
+        if fp8:
+            out.update(merged_fp8(self.path, {m: self.slots[m] for m in fp8}, loras))
+        for module in targeted:
             slot = self.slots[module]
+            if isinstance(slot, Fp8Slot):
+                continue
             w = read(slot)  # float32 [out, in], pristine
             for lora, scale in loras:
                 if module in lora.deltas:
@@ -118,6 +147,9 @@ def graph_linears(path: str | Path) -> GraphLinears:
     shapes, slots, fixed, split = {}, {}, {}, {}
     tagged = 0
     for node in graph.node:
+        if node.op_type == "Fp8Linear" and node.domain == "fluxrt":
+            tagged += fp8_linears(path, node, tensors, uses, shapes, slots, fixed)
+            continue
         origin = module_origin(node) if node.op_type in ("MatMul", "Gemm") else None
         if origin is None:
             continue
@@ -158,6 +190,88 @@ def graph_linears(path: str | Path) -> GraphLinears:
         shapes[module] = (parts["attn"].dims[1], parts["attn"].dims[0] + parts["mlp"].dims[0])
         fixed[module] = FOLDED_BIAS
     return GraphLinears(path, shapes, slots, fixed)
+
+
+def fp8_linears(path: Path, node, tensors, uses, shapes, slots, fixed) -> int:
+    """The linears an Fp8Linear computes (one, or a fused product's members by their rows) into ``shapes`` and
+    ``slots`` (or ``fixed``, with why); returns how many were found."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    if FUSED_KEY in meta:
+        members = [(m["module"], tuple(m["columns"])) for m in json.loads(meta[FUSED_KEY])]
+    else:
+        origin = module_origin(node)
+        if origin is None or origin[1] not in LINEAR_CLASSES:
+            return 0
+        members = [(origin[0], None)]
+    weight, scale = tensors.get(node.input[2]), tensors.get(node.input[3])
+    for scope, columns in members:
+        if (m := KERNEL_SPLIT.match(scope.removeprefix("model."))) is not None:
+            module = f"single_transformer_blocks.{m[1]}.proj_out"
+            # its two column blocks, each an Fp8Linear of its own: the in-features add up
+            out_f, in_f = shapes.get(module, (0, 0))
+            shapes[module] = (weight.dims[0], in_f + weight.dims[1]) if weight is not None else (out_f, in_f)
+            fixed[module] = FOLDED_BIAS
+            continue
+        module = diffusers_path(scope)
+        if module in shapes or module in fixed:
+            raise EngineError(f"{path}: several Fp8Linear nodes compute the linear {module!r}; cannot map it")
+        if weight is None or scale is None or len(weight.dims) != 2:
+            fixed[module] = f"its FP8 weight {node.input[2]!r} or scale {node.input[3]!r} is not a stored initializer"
+            shapes[module] = (0, 0)
+            continue
+        rows = columns if columns is not None else (0, int(weight.dims[0]))
+        shapes[module] = (rows[1], int(weight.dims[1]))
+        if uses[node.input[2]] > 1 or uses[node.input[3]] > 1:
+            fixed[module] = f"its FP8 weight {node.input[2]!r} also feeds other nodes"
+        else:
+            slots[module] = Fp8Slot(node.input[2], node.input[3], tuple(int(d) for d in weight.dims), rows,
+                                    external_location(weight), external_location(scale))
+    return len(members)
+
+
+def merged_fp8(path: Path, slots: Mapping[str, Fp8Slot], loras: Loras) -> dict[str, np.ndarray]:
+    """``{initializer: array}``: the E4M3 weights and scales of every Fp8Linear the LoRAs change, merged and
+    re-quantized (see the module doc). Weights as float8_e4m3fn, scales as float32."""
+    by_weight: dict[str, list[tuple[str, Fp8Slot]]] = {}
+    for module, slot in slots.items():
+        by_weight.setdefault(slot.initializer, []).append((module, slot))
+    out = {}
+    for name, members in by_weight.items():
+        first = members[0][1]
+        n, k = first.dims
+        w8 = stored_values(path, name, first.external, "float8_e4m3fn", n * k).reshape(n, k).copy()
+        scales = stored_values(path, first.scale, first.scale_external, "float32", n).copy()
+        for module, slot in members:
+            r0, count = slot.rows
+            w = w8[r0:r0 + count].astype(np.float32) * scales[r0:r0 + count, None]  # pristine, dequantized
+            for lora, scale in loras:
+                if module in lora.deltas:
+                    w += lora.deltas[module].matrix(scale)
+            amax = np.abs(w).max(axis=1)
+            s = np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1)).astype(np.float32)
+            w8[r0:r0 + count] = np.clip(w / s[:, None], -FP8_MAX, FP8_MAX).astype(w8.dtype)
+            scales[r0:r0 + count] = s
+        out[name], out[first.scale] = w8, scales
+    return out
+
+
+def stored_values(path: Path, name: str, external: tuple[str, int] | None, dtype: str, count: int) -> np.ndarray:
+    """An initializer's ``count`` elements as stored: by its byte range in external data, or from the graph."""
+    if external is None:
+        import onnx
+        from onnx import numpy_helper
+
+        tensor = next(t for t in onnx.load(str(path), load_external_data=False).graph.initializer if t.name == name)
+        if dtype == "float8_e4m3fn":
+            raw = np.frombuffer(tensor.raw_data, dtype=np.uint8)
+            return raw.view(dtypes.numpy_dtype(dtype)).reshape(-1)
+        return numpy_helper.to_array(tensor).reshape(-1).astype(dtypes.numpy_dtype(dtype))
+    file, offset = external
+    values = np.fromfile(path.parent / file, dtype=dtypes.numpy_dtype(dtype), count=count, offset=offset)
+    if values.size != count:
+        raise EngineError(f"{path.parent / file}: the initializer {name!r} needs {count} values at byte {offset}, the "
+                          f"file holds {values.size} there (truncated?)")
+    return values
 
 
 def external_location(tensor) -> tuple[str, int] | None:

@@ -106,9 +106,6 @@ class FluxPipeline:
         pipeline given the same files in the same order at the same scales, bit for bit."""
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise InvalidInputError(f"LoRA scale must be a finite number, got {scale!r}")
-        if self.folder.precision == "fp8":
-            raise InvalidInputError(f"{self.folder.root} is an FP8 folder: LoRA under FP8 is not supported yet; "
-                                    f"load the LoRA on the fp16 or bf16 export it was quantized from")
         lora = read_lora(path, self.folder.transformer_config())
         name = f"{Path(path).stem or 'lora'}-{self._loads + 1}"
         self._set_loras({**self._loras, name: (lora, float(scale))})

@@ -327,15 +327,10 @@ def test_loras_that_do_not_fit_the_model_are_refused(ours, tmp_path):
     assert ours.loras == {}
 
 
-def test_fp8_folders_and_backends_without_lora_refuse(fp32_exports, loras, tmp_path):
+def test_backends_without_lora_refuse(fp32_exports, loras):
+    """(LoRA under FP8: tests/test_fp8_kernels.py.)"""
     from fluxrt.export.torch_runner import torch_runners
 
-    fp8 = tmp_path / "fp8"
-    shutil.copytree(fp32_exports["dev"], fp8)
-    manifest = json.loads((fp8 / "manifest.json").read_text())
-    (fp8 / "manifest.json").write_text(json.dumps(dict(manifest, precision="fp8", base_precision="fp32")))
-    with pytest.raises(InvalidInputError, match=r"is an FP8 folder: LoRA under FP8 is not supported yet"):
-        FluxPipeline.load(fp8).load_lora(loras["attn"])
     torch_transformer = torch_runners(ExportFolder.open(fp32_exports["dev"]), ("transformer",))
     pipe = FluxPipeline.load(fp32_exports["dev"], runners=torch_transformer)
     with pytest.raises(InvalidInputError, match=r"transformer \(torch\): the torch backend cannot take LoRA weights"):
