@@ -21,7 +21,8 @@ case "$1" in
     for stage in export engines runtime bench; do ln -s "$repo/$stage" $pkg/fluxrt/$stage; done
     cd /tmp && python3 -m fluxrt.cli ort-ops build --out /tmp/ops/libfluxrt_ort_ops.so --cuda-archs 90 \
       --ort-include "$repo/.gpu/ort-include"
-    python3 -c "import torch, onnxruntime as o, diffusers, torchao; print(torch.__version__, o.__version__, o.get_available_providers(), diffusers.__version__, torchao.__version__)"
+    python3 -c "import torch, onnxruntime as o, diffusers; print(torch.__version__, o.__version__, o.get_available_providers(), diffusers.__version__)"
+    python3 -c "import torchao; print('torchao', torchao.__version__)" || echo "no torchao: --torch torchao-fp8 needs its wheel in .gpu/wheels"
     df -h /tmp; free -g ;;
   start)
     root=$2; out=$3
