@@ -127,6 +127,10 @@ class ModelFolder:
         """The manifest of the export the folder is (or was built from); {} when there is none."""
         raise NotImplementedError
 
+    def components(self) -> list[str]:
+        """The components the folder has a graph or plan of."""
+        raise NotImplementedError
+
     def transformer_config(self) -> dict:
         """diffusers' config of the transformer, as the export recorded it (LoRA files are checked against it)."""
         config = self.source_manifest().get("transformer_config")
@@ -230,6 +234,10 @@ class ExportFolder(ModelFolder):
     def foreign(self) -> bool:
         """A folder of graphs fluxrt did not write (no tokenizers or scheduler)."""
         return bool(self.manifest.get("source", {}).get("foreign"))
+
+    def components(self) -> list[str]:
+        """The graphs the folder holds, by component name."""
+        return sorted(self.manifest.get("components", {}))
 
     def record(self, name: str) -> dict:
         records = self.manifest.get("components", {})
@@ -355,6 +363,14 @@ class EngineFolder(ModelFolder):
     @property
     def envelope(self) -> ShapeEnvelope:
         return ShapeEnvelope.from_json(self.meta["envelope"])
+
+    def components(self) -> list[str]:
+        """The plans the folder holds, by component name: those its index lists (those with a sidecar where the
+        index lists none)."""
+        listed = self.meta.get("components")
+        if isinstance(listed, list):
+            return sorted(str(n) for n in listed)
+        return [n for n in COMPONENTS if plan_paths(self.root, n)[1].is_file()]
 
     def sidecar(self, name: str) -> dict:
         return read_json(plan_paths(self.root, name)[1], f"{name} plan sidecar", EngineError)

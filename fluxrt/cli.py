@@ -89,46 +89,110 @@ def stage_runners(path: Path, backend: str | None, cuda_graph: bool, expect: str
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    import json
-
-    from PIL.PngImagePlugin import PngInfo
-
     from fluxrt.artifacts import check_envelope
+    from fluxrt.files import sha256_file
     from fluxrt.runtime import FluxPipeline, memory
-    from fluxrt.runtime.params import GenerationParams
+    from fluxrt.runtime.params import DEFAULT_STRENGTH, GenerationParams, InitImage
     from fluxrt.runtime.pipeline import progress_bar
+    from fluxrt.runtime.png import generation_settings, png_info
 
     if args.out.suffix.lower() != ".png":  # reported before any work
         raise UsageError(f"--out must name a .png file, got {args.out}")
+    if args.strength is not None and args.image is None:
+        raise UsageError("--strength sets how much of --image is redrawn: it needs --image FILE")
     check_text("--prompt", args.prompt)
     loras = [parse_lora(text) for text in args.lora or ()]
+    image = height = width = None
+    if args.image is not None:
+        from PIL import Image
+
+        try:
+            with Image.open(args.image) as file:
+                pixels = file.convert("RGB")
+        except OSError as e:  # missing, unreadable, or not an image PIL can decode
+            raise UsageError(f"--image {args.image} cannot be read as an image (PNG or JPEG): "
+                             f"{e.strerror or e}") from None
+        image = InitImage.from_input(pixels, DEFAULT_STRENGTH if args.strength is None else args.strength)
+        height = image.height if args.height is None else args.height
+        width = image.width if args.width is None else args.width
+        if (height, width) != (image.height, image.width):
+            raise UsageError(f"--image {args.image} is {image.width} pixels wide and {image.height} high, but "
+                             f"--width {width} --height {height} ask for another size: fluxrt does not resize; resize "
+                             f"the image or leave --height and --width out to take its size")
     folder, runners = stage_runners(args.engines or args.onnx, args.backend, args.cuda_graph,
                                     "engines" if args.engines else "export")
+    if image is not None:
+        multiple = 2 * folder.dims.vae_scale_factor
+        if image.height % multiple or image.width % multiple:
+            raise UsageError(f"--image {args.image} is {image.width} pixels wide and {image.height} high; its "
+                             f"sides must be multiples of {multiple} pixels: crop or resize it")
     # every argument, and the engines' envelope, checked before any graph or plan is loaded
-    p = GenerationParams.resolve(folder.dims, args.prompt, args.height, args.width, args.steps, args.guidance,
+    p = GenerationParams.resolve(folder.dims, args.prompt, args.height if image is None else height,
+                                 args.width if image is None else width, args.steps, args.guidance,
                                  args.max_sequence_length, args.num_images, args.seed)
     if folder.kind == "engines":
         check_envelope(folder.envelope, p.batch, p.height, p.width, p.max_sequence_length)
-    memory.check(folder, p, {name: r.device for name, r in runners.items()})  # before the outputs are listed
+    if image is not None:
+        from fluxrt.runtime.backends import DEFAULT_BACKEND, BackendOptions, check_optional, make_runner
+
+        image.check(p)
+        check_optional(folder, "vae_encoder")
+        if args.backend == "torch":
+            from fluxrt.export.torch_runner import torch_runners
+
+            runners.update(torch_runners(folder, ("vae_encoder",)))
+        else:
+            runners["vae_encoder"] = make_runner(folder, "vae_encoder", args.backend or DEFAULT_BACKEND[folder.kind],
+                                                 BackendOptions(cuda_graph=args.cuda_graph))
+    memory.check(folder, p, {name: r.device for name, r in runners.items()},  # before the outputs are listed
+                 0 if image is None else image.count)
     paths = output_paths(args.out, p.batch)
     check_writable(paths)
     pipe = FluxPipeline(folder, runners, loras)
-    images = pipe.postprocess(pipe.generate(p, callback=progress_bar("fluxrt generate:")), "pil")
-    settings = dict(p.to_json(), prompt=args.prompt, model=str(args.engines or args.onnx),
-                    variant=pipe.variant, precision=pipe.folder.precision,
-                    backends={k: r.backend for k, r in pipe.runners.items()},
-                    loras=[{"path": lora.path, "sha256": lora.sha256, "scale": scale}
-                           for lora, scale in pipe.loras.values()])
-    settings.pop("prompts", None)
-    infos = []
-    for i in range(len(images)):
-        info = PngInfo()
-        for key, value in dict(settings, index=i).items():
-            info.add_text(f"fluxrt:{key}", json.dumps(value) if not isinstance(value, str) else value)
-        infos.append(info)
+    images = pipe.postprocess(pipe.generate(p, callback=progress_bar("fluxrt generate:"), image=image), "pil")
+    settings = generation_settings(pipe, p, args.prompt, str(args.engines or args.onnx))
+    if image is not None:  # the array's sha256 (as the API records it) and the file's
+        settings.update(image.to_json(), image=str(args.image), image_file_sha256=sha256_file(args.image))
+    infos = [png_info(settings, i) for i in range(len(images))]
     write_pngs(images, paths, infos)
     for path in paths:
         print(f"wrote {path}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from fluxrt.serve.server import read_api_key, serve
+        from fluxrt.serve.service import Service, ServeSettings, load_pipeline
+    except ImportError as e:
+        raise UsageError(f"fluxrt serve needs the serve extra (pip install 'fluxrt[serve]'): {e}") from None
+    path = args.engines or args.onnx
+    if args.cuda_graph and args.backend != "ort-cuda":
+        raise UsageError(f"--cuda-graph replays the ort-cuda transformer; --backend is {args.backend or 'the default'}")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    try:
+        settings = ServeSettings(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                                 queue_size=args.queue_size, timeout_s=args.timeout_s, max_side=args.max_side,
+                                 log_prompts=args.log_prompts)
+    except ValueError as e:
+        raise UsageError(flag_names("serve", str(e))) from None
+    api_key = read_api_key(args.api_key_file, args.host)
+    loras = [parse_lora(text) for text in args.lora or ()]
+    if args.ray:
+        from fluxrt.serve.ray_app import run_ray
+
+        run_ray(path, args.backend, args.cuda_graph, loras, settings, args.host, args.port, api_key, args.replicas)
+        return
+    folder_kind = "engines" if args.engines else "export"
+    from fluxrt.artifacts import open_folder
+
+    if open_folder(path).kind != folder_kind:  # the folder is checked before the server listens
+        raise UsageError(f"--{'engines' if args.engines else 'onnx'} {path} is not an {folder_kind} folder")
+    service = Service(load_pipeline(path, args.backend, args.cuda_graph, loras), str(path), settings)
+    code = serve(service, args.host, args.port, api_key)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)  # the batcher's thread may be inside a backend's call: leave without running finalizers
 
 
 def parse_range(text: str, what: str) -> tuple[int, int, int]:
@@ -362,7 +426,9 @@ FLAGS = {
                "ExportRequest.attention": "--attention", "ExportRequest.loras": "--lora"},
     "generate": {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_images_per_prompt": "--num-images",
                  "max_sequence_length": "--max-sequence-length", "height": "--height", "width": "--width",
-                 "seed": "--seed"},
+                 "seed": "--seed", "strength": "--strength"},
+    "serve": {"max_batch": "--max-batch", "batch_wait_ms": "--batch-wait-ms", "queue_size": "--queue-size",
+              "timeout_s": "--timeout-s", "max_side": "--max-side"},
     "build": {"ShapeEnvelope.batch": "--batch", "ShapeEnvelope.text_length": "--text-length",
               "ShapeEnvelope.image_side": "--image-side", "BuildSettings.precision": "--precision",
               "BuildSettings.optimization_level": "--optimization-level", "BuildSettings.components": "--components",
@@ -487,6 +553,34 @@ def parser() -> argparse.ArgumentParser:
     y.add_argument("rest", nargs=argparse.REMAINDER)
     y.set_defaults(func=cmd_bench_synthetic)
 
+    v = sub.add_parser("serve", help="serve OpenAI's images API over one pipeline (needs the serve extra)")
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--onnx", type=Path, help="export folder written by fluxrt export")
+    src.add_argument("--engines", type=Path, help="engine folder written by fluxrt build")
+    v.add_argument("--backend", choices=BACKEND_CHOICES[:-1], help="default: trt for --engines, ort-cpu for --onnx")
+    v.add_argument("--cuda-graph", action="store_true", help="ort-cuda: replay the transformer from CUDA graphs")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs "
+                                                        "--api-key-file)")
+    v.add_argument("--port", type=int, default=8000, help="TCP port, 1..65535 (default 8000)")
+    v.add_argument("--max-batch", type=int, default=4, help="images per pipeline call, >= 1, and the most a request's "
+                                                            "n may ask (default 4; engines: at most their batch)")
+    v.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a call waits for requests to join it, "
+                                                                     ">= 0 (default 10)")
+    v.add_argument("--queue-size", type=int, default=64, help="requests accepted and waiting, >= 1; beyond it 429 "
+                                                              "(default 64)")
+    v.add_argument("--timeout-s", type=float, default=300.0, help="seconds a request may take, > 0; then 504 "
+                                                                  "(default 300)")
+    v.add_argument("--max-side", type=int, default=2048, help="the largest image side a request may ask, >= 16 "
+                                                              "pixels (default 2048)")
+    v.add_argument("--api-key-file", type=Path, help="file holding the bearer token clients must send")
+    v.add_argument("--log-prompts", action="store_true", help="log prompts in full (default: length and hash)")
+    v.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA merged for every request "
+                                                                         "(repeatable)")
+    v.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (needs ray[serve])")
+    v.add_argument("--replicas", type=int, default=1, help="--ray: pipeline replicas, one GPU each where there are "
+                                                           "GPUs (default 1)")
+    v.set_defaults(func=cmd_serve)
+
     g = sub.add_parser("generate", help="generate images from an export folder (or engine folder)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--onnx", type=Path, help="export folder written by fluxrt export")
@@ -494,10 +588,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="UTF-8 text; CLIP reads its first 77 tokens, T5 "
                                                    "--max-sequence-length")
     g.add_argument("--out", type=Path, required=True, help="PNG to write (NAME-i.png for several images)")
-    g.add_argument("--height", type=int, default=1024, help="pixels, a positive multiple of 16 (with --engines: "
-                                                            "inside the plans' image sides) (default 1024)")
-    g.add_argument("--width", type=int, default=1024, help="pixels, a positive multiple of 16 (with --engines: "
-                                                           "inside the plans' image sides) (default 1024)")
+    g.add_argument("--height", type=int, help="pixels, a positive multiple of 16 (with --engines: inside the "
+                                              "plans' image sides) (default: --image's height, else 1024)")
+    g.add_argument("--width", type=int, help="pixels, a positive multiple of 16 (with --engines: inside the "
+                                             "plans' image sides) (default: --image's width, else 1024)")
     g.add_argument("--steps", type=int, help="sampling steps, 1..1000 (default: 28 dev, 4 schnell)")
     g.add_argument("--guidance", type=float, help="guidance scale, a finite number of magnitude < 3.4e38 "
                                                   "(default: 3.5 dev; schnell takes none)")
@@ -513,6 +607,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="a LoRA file (diffusers/peft or kohya layout) merged into the transformer at SCALE, a finite "
                         "number (default 1); repeat to stack them (ONNX Runtime backends; not FP8 folders yet)")
+    g.add_argument("--image", type=Path, metavar="FILE",
+                   help="image-to-image from this image (PNG or JPEG, converted to RGB), as diffusers' "
+                        "FluxImg2ImgPipeline: never resized, so --height/--width, if given, must be its size; needs "
+                        "the folder's vae_encoder graph or plan")
+    g.add_argument("--strength", type=float,
+                   help="with --image: how much of it is redrawn, a number in [0, 1] (default 0.6): of the --steps N "
+                        "step schedule, the steps from int(N - N x strength) on run, from the image under that step's "
+                        "noise; 1 is text-to-image from the same seed")
     g.set_defaults(func=cmd_generate)
     return p
 

@@ -27,6 +27,7 @@ DTYPES = ("int32", "float32", ACT)
 PRECISIONS = ("fp32", "fp16", "bf16")
 COMPONENTS = ("clip", "t5", "transformer", "vae_decoder", "vae_encoder")
 STAGES = ("clip", "t5", "transformer", "vae_decoder")  # what text-to-image runs; the VAE encoder is optional
+OPTIONAL_STAGES = ("vae_encoder",)  # image-to-image only: made when first needed, and a folder may lack it
 VARIANTS = ("dev", "schnell")
 VARIANT_DEFAULTS = {  # each variant's published sampling settings
     "dev": dict(num_inference_steps=28, guidance_scale=3.5, max_sequence_length=512),

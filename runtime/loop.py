@@ -1,6 +1,7 @@
-"""The text-to-image loop as free functions over runners, like BFL's ``denoise``: each takes the
-runners and arrays it needs and returns arrays, so the pipeline, the benchmarks and FP8 calibration
-all call the same code.  Host code only (numpy, or cupy when the runners live on a GPU).
+"""The text-to-image loop, and image-to-image's encoding, as free functions over runners, like BFL's
+``denoise``: each takes the runners and arrays it needs and returns arrays, so the pipeline, the
+benchmarks and FP8 calibration all call the same code.  Host code only (numpy, or cupy when the
+runners live on a GPU).
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ def denoise(transformer: Runner, latents: Array, pooled: Array, text: Array, img
         if callback is not None:
             callback(i + 1, steps)
     return latents
+
+
+def encode(vae_encoder: Runner, pixels: np.ndarray, scaling_factor: float, shift_factor: float) -> Array:
+    """Images float32 [K, H, W, 3] in [0, 1] -> their latents [K, 16, h, w] in the transformer's space: the VAE
+    encoder's posterior mean of ``2 * pixels - 1``, shifted and scaled (:func:`sampling.encode_latents_scale`)."""
+    images = np.ascontiguousarray((np.float32(2) * pixels - np.float32(1)).transpose(0, 3, 1, 2))  # [K, 3, H, W]
+    mean = run_stage(vae_encoder, {"images": cast_input(vae_encoder, "images", images)})["latent"]  # [K, 16, h, w]
+    return sampling.encode_latents_scale(mean, scaling_factor, shift_factor)
 
 
 def decode(vae_decoder: Runner, latents: Array, height: int, width: int, vae_scale_factor: int,

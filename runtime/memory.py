@@ -10,7 +10,10 @@ from the folder's model configuration (not the weights, which are already loaded
 - VAE decoder (float32): at each level of the decoder the widest tensor, channels x height x width
   (the first level at the latent size, each next one upsampled 2x), four of them at once (a
   convolution's input, output and workspace);
-- host: the decoded images, float32 and 8-bit, B x 3 x H x W.
+- VAE encoder (float32, image-to-image only, over the K images given): the same count over the encoder's
+  levels, the first at the image size, each next one downsampled 2x;
+- host: the decoded images, float32 and 8-bit, B x 3 x H x W (and the K given images, float32, twice:
+  as given and as the encoder's feed).
 
 It is an estimate from below: the backends add their own workspaces.  A stage is refused when its
 estimate exceeds the memory available where it runs (the host's ``MemAvailable``; the GPU's free
@@ -77,26 +80,41 @@ def vae_decoder_bytes(config: dict, batch: int, latent_h: int, latent_w: int) ->
     return 4 * 4 * batch * widest
 
 
-def estimate(folder, p) -> dict[str, int]:
-    """``{stage: bytes}`` for the call ``p`` (a GenerationParams) on ``folder``'s model."""
+def vae_encoder_bytes(config: dict, batch: int, height: int, width: int) -> int:
+    channels = list(config.get("block_out_channels") or (128, 256, 512, 512))
+    widest, h, w, previous = 0, height, width, channels[0]
+    for i, c in enumerate(channels):
+        widest = max(widest, max(previous, c) * h * w)
+        previous = c
+        if i < len(channels) - 1:
+            h, w = h // 2, w // 2
+    return 4 * 4 * batch * widest
+
+
+def estimate(folder, p, encoder_images: int = 0) -> dict[str, int]:
+    """``{stage: bytes}`` for the call ``p`` (a GenerationParams) on ``folder``'s model; ``encoder_images``: the
+    images an image-to-image call encodes (0: text-to-image, no encoder stage)."""
     scale = folder.dims.vae_scale_factor
     image_tokens = (p.height // (2 * scale)) * (p.width // (2 * scale))
     manifest = getattr(folder, "manifest", None) or {}
     record = (manifest.get("components") or {}).get("transformer") or {}
     precision = folder.graph_precision("transformer") if folder.kind == "export" else folder.precision
-    return {
+    need = {
         "transformer": transformer_bytes(manifest.get("transformer_config") or {}, precision,
                                          record.get("attention", "portable"), p.batch,
                                          image_tokens + p.max_sequence_length),
         "vae_decoder": vae_decoder_bytes(folder.vae_config(), p.batch, p.height // scale, p.width // scale),
-        "host": 5 * p.batch * 3 * p.height * p.width,
+        "host": (5 * p.batch + 8 * encoder_images) * 3 * p.height * p.width,
     }
+    if encoder_images:
+        need["vae_encoder"] = vae_encoder_bytes(folder.vae_config(), encoder_images, p.height, p.width)
+    return need
 
 
-def check(folder, p, devices: dict[str, str]) -> dict[str, int]:
+def check(folder, p, devices: dict[str, str], encoder_images: int = 0) -> dict[str, int]:
     """Refuse the call when a stage's estimate exceeds what is available where it runs; return the estimate.
-    ``devices``: stage -> "cpu" or "cuda"."""
-    need = estimate(folder, p)
+    ``devices``: stage -> "cpu" or "cuda"; ``encoder_images``: see :func:`estimate`."""
+    need = estimate(folder, p, encoder_images)
     for stage, size in need.items():
         device = devices.get(stage, "cpu")
         have = available(device)

@@ -1,15 +1,20 @@
-"""The FLUX.1 text-to-image pipeline over any runners: tokenize, encode, Euler loop, decode.
+"""The FLUX.1 pipeline over any runners: tokenize, encode, Euler loop, decode; text-to-image, and
+image-to-image when the call gives an ``image`` (diffusers' ``FluxImg2ImgPipeline``: the image's latents
+under noise at the strength's step, then the schedule's remaining steps).
 
 Host code only (numpy, or cupy when the runners live on a GPU); no torch.  The call takes the
 keyword names diffusers' ``FluxPipeline`` uses for the same things; the work is done by the free
-functions of ``loop.py``.  LoRA files load and unload in any order (``load_lora``, ``unload_lora``): the
-transformer's runner merges the ones loaded, in load order, into its own weights each time.
+functions of ``loop.py``.  The VAE encoder, which only image-to-image needs, gets its runner on the first
+call with an image (or at load with ``vae_encoder=True``).  LoRA files load and unload in any order
+(``load_lora``, ``unload_lora``): the transformer's runner merges the ones loaded, in load order, into its
+own weights each time.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,9 +30,10 @@ from fluxrt.errors import ExportError, InvalidInputError
 from fluxrt.lora import LoraFile, read_lora
 from fluxrt.runner import Runner
 from fluxrt.runtime import loop, memory, sampling
-from fluxrt.runtime.backends import BackendOptions, make_runners
+from fluxrt.runtime.backends import DEFAULT_BACKEND, BackendOptions, make_runner, make_runners, stage_backends
 from fluxrt.runtime.ort import MAX_CUDA_GRAPHS
-from fluxrt.runtime.params import MAX_SEED, GenerationParams, GuidanceIgnoredWarning
+from fluxrt.runtime.params import (DEFAULT_STRENGTH, MAX_SEED, GenerationParams, GuidanceIgnoredWarning, InitImage,
+                                   check_strength)
 from fluxrt.runtime.tokenizer import PromptTokenizer
 
 
@@ -46,17 +52,21 @@ def vae_number(config: dict, key: str, default: float, folder: ModelFolder, nonz
 @dataclass
 class FluxPipelineOutput:
     images: Any  # list of PIL images, or float32 [B, H, W, 3] in [0, 1] for output_type="np"
-    settings: dict = field(default_factory=dict)  # the call's GenerationParams, seed included
-    # wall seconds per stage: clip, t5 (tokenizing included), transformer (the whole denoising loop),
-    # vae_decoder; and total
+    # the call's GenerationParams, seed included; image-to-image adds strength and image_sha256 (InitImage.to_json)
+    settings: dict = field(default_factory=dict)
+    # wall seconds per stage: clip, t5 (tokenizing included), vae_encoder (image-to-image only), transformer
+    # (the whole denoising loop), vae_decoder; and total
     timings: dict = field(default_factory=dict)
 
 
 class FluxPipeline:
     def __init__(self, folder: ModelFolder, runners: Mapping[str, Runner],
-                 loras: Sequence[tuple[str | Path, float]] = ()):
-        """``runners``: one per stage (``fluxrt.components.STAGES``), of any backends; activated here, after
-        the ``(file, scale)`` pairs of ``loras`` are loaded (see ``load_lora``; one session for all of them)."""
+                 loras: Sequence[tuple[str | Path, float]] = (), encoder_backend: str | None = None,
+                 backend_options: BackendOptions = BackendOptions()):
+        """``runners``: one per stage (``fluxrt.components.STAGES``), of any backends, and optionally one for the
+        ``vae_encoder``; activated here, after the ``(file, scale)`` pairs of ``loras`` are loaded (see
+        ``load_lora``; one session for all of them). Without a ``vae_encoder`` runner, the first call with an image
+        makes one on ``encoder_backend`` (default: the folder's default backend) with ``backend_options``."""
         missing = [s for s in STAGES if s not in runners]
         if missing:
             raise InvalidInputError(f"FluxPipeline needs runners for {list(STAGES)}; missing {missing}")
@@ -70,6 +80,9 @@ class FluxPipeline:
         self.clip_tokenizer = PromptTokenizer.from_file(folder.tokenizer_path("clip"), "clip")
         self.t5_tokenizer = PromptTokenizer.from_file(folder.tokenizer_path("t5"), "t5")
         self.runners = dict(runners)
+        self.encoder_backend = encoder_backend or DEFAULT_BACKEND[folder.kind]
+        self.backend_options = backend_options
+        self._encoder_lock = threading.Lock()
         self._loras: dict[str, tuple[LoraFile, float]] = {}  # name -> (file, scale), in load order
         self._loads = 0  # load_lora calls that succeeded: the next name's number
         for path, scale in loras:
@@ -79,7 +92,7 @@ class FluxPipeline:
     @classmethod
     def load(cls, path: str | Path, backend: str | Mapping[str, str] | None = None, cuda_graph: bool = False,
              max_cuda_graphs: int = MAX_CUDA_GRAPHS, runners: Mapping[str, Runner] | None = None,
-             loras: Sequence[tuple[str | Path, float]] = ()) -> "FluxPipeline":
+             loras: Sequence[tuple[str | Path, float]] = (), vae_encoder: bool = False) -> "FluxPipeline":
         """``path``: an export folder (fluxrt export) or an engine folder (fluxrt build).
         ``backend``: one name for every stage, or a mapping stage -> name for a mixed setup;
         default ``ort-cpu`` for export folders, ``trt`` for engine folders. ``cuda_graph``: replay
@@ -87,11 +100,15 @@ class FluxPipeline:
         per shape, up to ``max_cuda_graphs`` shapes; needs the transformer on ``ort-cuda``.
         ``runners``: ready-made runners for some stages (the torch reference backend, a recording
         wrapper), used instead of making them from ``backend``. ``loras``: ``(file, scale)`` pairs loaded
-        before the first session is made (``load_lora``)."""
+        before the first session is made (``load_lora``). ``vae_encoder``: make and load the VAE encoder
+        (image-to-image) now, on its stage's backend, rather than on the first call with an image."""
         folder = open_folder(path)
         given = dict(runners or {})
-        made = make_runners(folder, backend, BackendOptions(cuda_graph, max_cuda_graphs), skip=tuple(given))
-        return cls(folder, {**made, **given}, loras)
+        options = BackendOptions(cuda_graph, max_cuda_graphs)
+        stages = STAGES + (("vae_encoder",) if vae_encoder else ())
+        made = make_runners(folder, backend, options, skip=tuple(given), stages=stages)
+        encoder_backend = stage_backends(folder, backend, ("vae_encoder",))["vae_encoder"]
+        return cls(folder, {**made, **given}, loras, encoder_backend, options)
 
     # ---- LoRA ----------------------------------------------------------------------------------
     @property
@@ -172,12 +189,41 @@ class FluxPipeline:
                                        self.dims.vae_scale_factor)  # [B, 16, h, w]
         return sampling.pack_latents(noise)
 
+    def vae_encoder(self) -> Runner:
+        """The VAE encoder's runner: the one given, or made on ``encoder_backend`` on first use (verified, loaded by
+        its ``activate``); a folder without a vae_encoder graph or plan is refused by name."""
+        with self._encoder_lock:
+            if "vae_encoder" not in self.runners:
+                self.runners["vae_encoder"] = make_runner(self.folder, "vae_encoder", self.encoder_backend,
+                                                          self.backend_options)
+            return self.runners["vae_encoder"]
+
+    def image_latents(self, image: InitImage, p: GenerationParams, noise: Array, sigma: float,
+                      timings: dict) -> Array:
+        """Image-to-image's packed float32 start [B, N, 64]: ``sigma * noise + (1 - sigma) * pack(latents)``, the
+        latents the VAE encoder's posterior mean of each image, shifted and scaled; an image for each prompt
+        serves that prompt's ``num_images_per_prompt`` images (prompt-major), a single one every image."""
+        encoder = self.vae_encoder().activate()
+        start = time.perf_counter()
+        encoded = loop.encode(encoder, image.pixels, self.scaling_factor, self.shift_factor)  # [K, 16, h, w]
+        timings["vae_encoder"] = time.perf_counter() - start
+        transformer = self.runners["transformer"]
+        encoded = loop.to_device(transformer, encoded)
+        encoded = array_module(encoded).repeat(encoded, p.batch // image.count, axis=0)  # [B, 16, h, w]
+        return sampling.noised_latents(sampling.pack_latents(encoded), loop.to_device(transformer, noise), sigma)
+
     def generate(self, p: GenerationParams, latents: Array | None = None,
-                 callback: Callable[[int, int], None] | None = None, timings: dict | None = None) -> Array:
+                 callback: Callable[[int, int], None] | None = None, timings: dict | None = None,
+                 image: InitImage | None = None) -> Array:
         """Images [B, 3, H, W] in [-1, 1] for ``p`` (with a seed, or explicit packed ``latents``); refused before
         any stage runs when its memory estimate (``fluxrt.runtime.memory``) exceeds what is available.
+        ``image``: image-to-image from it, ``latents`` (or the seed's) then being the noise (see ``__call__``).
         ``timings``: filled with the wall seconds of each stage (see FluxPipelineOutput.timings)."""
-        memory.check(self.folder, p, {name: r.device for name, r in self.runners.items()})
+        if image is not None:
+            image.check(p)
+            self.vae_encoder()  # a folder without the encoder is refused before any stage runs
+        memory.check(self.folder, p, {name: r.device for name, r in self.runners.items()},
+                     0 if image is None else image.count)
         timings = {} if timings is None else timings
         begin = time.perf_counter()
         pooled, text = self.encode_prompts(p.prompts, p.max_sequence_length, timings)
@@ -187,6 +233,10 @@ class FluxPipeline:
         if latents is None:
             latents = self.initial_latents(p)
         sigmas = sampling.get_sigmas(p.num_inference_steps, latents.shape[1], self.scheduler_config)  # [steps + 1]
+        if image is not None:  # the text-to-image schedule's last steps, from the image's latents under noise
+            first = image.start_step(p.num_inference_steps)
+            latents = self.image_latents(image, p, latents, float(sigmas[first]), timings)
+            sigmas = sigmas[first:]
         img_ids = sampling.image_ids(p.height, p.width, self.dims.vae_scale_factor)
         start = time.perf_counter()
         latents = loop.denoise(self.runners["transformer"], latents, pooled, text, img_ids, sigmas,
@@ -203,21 +253,48 @@ class FluxPipeline:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  max_sequence_length: int | None = None, num_images_per_prompt: int = 1,
                  latents: Array | None = None, output_type: str = "pil", seed: int | None = None,
-                 callback: Callable[[int, int], None] | None = None) -> FluxPipelineOutput:
+                 callback: Callable[[int, int], None] | None = None, image: Any = None,
+                 strength: float = DEFAULT_STRENGTH) -> FluxPipelineOutput:
+        """Images for ``prompt`` (a string or a list: one batch, ``num_images_per_prompt`` each, prompt-major).
+
+        Text-to-image from packed ``latents`` [B, N, 64] (diffusers' layout) or, without them, noise from
+        ``seed`` (drawn and reported in ``settings`` when None).
+
+        Image-to-image when ``image`` is given, with diffusers' ``FluxImg2ImgPipeline`` semantics: ``image`` is
+        a PIL RGB image (taken as ``asarray / 255``), a float32 numpy array [H, W, 3] with values in [0, 1], a
+        float32 array [K, H, W, 3], or a list of PIL images and [H, W, 3] arrays: one image for every prompt,
+        or one per prompt (image i serves prompt i's ``num_images_per_prompt`` images). The image must be
+        given at exactly ``height`` x ``width`` pixels: fluxrt never resizes it, an image of another size than
+        an explicit height or width is refused, and a height or width left None is the image's. ``strength``,
+        a number in [0, 1] (diffusers' default 0.6), picks the first step ``t = int(N - N * strength)`` of the
+        ``num_inference_steps`` = N step text-to-image schedule ``sigmas``; the start is ``sigmas[t] * noise +
+        (1 - sigmas[t]) * pack((E(2 * image - 1) - shift_factor) * scaling_factor)``, E the VAE encoder's
+        posterior mean, and steps t .. N - 1 run. ``latents`` here are that packed noise [B, N, 64] (not a start
+        latent, as diffusers takes them), from ``seed`` when not given, exactly as text-to-image's. Strength 1
+        is text-to-image from the same noise; a strength that runs no step (0) is refused. Without an image
+        ``strength`` is checked but has no effect.
+        """
         if output_type not in ("pil", "np"):
             raise InvalidInputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
         if callback is not None and not callable(callback):
             raise InvalidInputError(f"callback must be a function of (step, steps) or None, got {callback!r}")
+        check_strength(strength)
+        init = None if image is None else InitImage.from_input(image, strength)
+        if init is not None:
+            height, width = init.sizes(height, width, 2 * self.dims.vae_scale_factor)
         p = self.params(prompt, height, width, num_inference_steps, guidance_scale, max_sequence_length,
                         num_images_per_prompt, seed)
+        if init is not None:
+            init.check(p)
         if latents is not None:  # checked before any stage runs; the seed, if any, is not used
             latents = self.check_latents(latents, p)
             p = replace(p, seed=None)
         elif p.seed is None:
             p = replace(p, seed=int(np.random.SeedSequence().entropy % MAX_SEED))
         timings: dict[str, float] = {}
-        images = self.generate(p, latents, callback, timings)
-        return FluxPipelineOutput(images=self.postprocess(images, output_type), settings=p.to_json(), timings=timings)
+        images = self.generate(p, latents, callback, timings, init)
+        settings = p.to_json() if init is None else dict(p.to_json(), **init.to_json())
+        return FluxPipelineOutput(images=self.postprocess(images, output_type), settings=settings, timings=timings)
 
     @staticmethod
     def postprocess(images: Array, output_type: str):

@@ -199,6 +199,27 @@ def decode_latents_scale(latents: Array, scaling_factor: float, shift_factor: fl
     return latents.astype(np.float32, copy=False) / np.float32(scaling_factor) + np.float32(shift_factor)
 
 
+def encode_latents_scale(latents: Array, scaling_factor: float, shift_factor: float) -> Array:
+    """The VAE encoder's posterior mean in the transformer's latent space: ``(latents - shift_factor) *
+    scaling_factor``, in float32 (diffusers' ``_encode_vae_image``); the inverse of :func:`decode_latents_scale`."""
+    return (latents.astype(np.float32, copy=False) - np.float32(shift_factor)) * np.float32(scaling_factor)
+
+
+def start_step(num_steps: int, strength: float) -> int:
+    """The first of ``num_steps`` steps an image-to-image call runs: ``int(max(N - min(N * strength, N), 0))``
+    in Python floats, diffusers' ``get_timesteps``.  The call runs steps ``start .. N - 1`` of the N-step
+    schedule, from ``sigmas[start]`` (none when ``start == N``: strength 0)."""
+    return int(max(num_steps - min(num_steps * strength, num_steps), 0))
+
+
+def noised_latents(image_latents: Array, noise: Array, sigma: float) -> Array:
+    """Image-to-image's start: float32 ``sigma * noise + (1 - sigma) * image_latents`` (diffusers'
+    ``scheduler.scale_noise``, in the same float32 operations); both packed [B, N, 64] (or both unpacked:
+    it is element-wise, so packing before or after gives the same numbers)."""
+    s = np.float32(sigma)
+    return s * noise.astype(np.float32, copy=False) + (np.float32(1) - s) * image_latents.astype(np.float32, copy=False)
+
+
 def to_uint8_images(images: Array) -> Array:
     """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], as diffusers' ``VaeImageProcessor.postprocess``.
 

@@ -13,15 +13,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"fluxrt": "fluxrt", "export": "fluxrt.export", "engines": "fluxrt.engines", "runtime": "fluxrt.runtime",
-           "bench": "fluxrt.bench"}
+           "serve": "fluxrt.serve", "bench": "fluxrt.bench"}
 # layer of a module -> the layers it may import besides its own
 ALLOWED = {
     "shared": set(),
     "export": {"shared"},
     "engines": {"shared", "runtime"},
     "runtime": {"shared"},
+    "serve": {"shared", "runtime"},
     "bench": {"shared", "export", "engines", "runtime"},
-    "cli": {"shared", "export", "engines", "runtime", "bench"},
+    "cli": {"shared", "export", "engines", "runtime", "serve", "bench"},
 }
 
 
@@ -38,7 +39,7 @@ def modules() -> dict[str, Path]:
 def layer(module: str) -> str:
     if module == "fluxrt.cli":
         return "cli"
-    for stage in ("export", "engines", "runtime", "bench"):
+    for stage in ("export", "engines", "runtime", "serve", "bench"):
         if module == f"fluxrt.{stage}" or module.startswith(f"fluxrt.{stage}."):
             return stage
     return "shared"

@@ -1,0 +1,175 @@
+"""The same images API as a Ray Serve deployment: each replica loads its own pipeline (one GPU each where the
+cluster has GPUs), batching through Serve's ``@serve.batch``, Serve's own queue limit and autoscaling.
+
+- ``fluxrt serve --ray --replicas N --onnx DIR ...``: starts (or joins, with ``RAY_ADDRESS``) a Ray cluster and
+  runs the deployment in the foreground, HTTP on ``--host``/``--port``.
+- ``serve run fluxrt.serve.ray_app:build_app path=DIR [backend=ort-cuda replicas=2 ...]`` or a ``serve deploy``
+  config whose ``import_path`` is ``fluxrt.serve.ray_app:build_app`` with those ``args`` (see :func:`build_app`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Sequence
+
+from fluxrt.errors import InvalidInputError
+from fluxrt.serve.batching import Job
+from fluxrt.serve.requests import ApiError, ImageRequest
+from fluxrt.serve.service import Service, ServeSettings, load_pipeline
+
+log = logging.getLogger("fluxrt.serve")
+ARGS = ("path", "backend", "cuda_graph", "loras", "replicas", "max_batch", "batch_wait_ms", "queue_size",
+        "timeout_s", "max_side", "num_gpus", "autoscaling_config", "api_key")
+
+
+def groups(requests: Sequence[ImageRequest], max_batch: int) -> list[list[int]]:
+    """Indices of ``requests`` as pipeline calls: one batch key each, at most ``max_batch`` images, in order of
+    arrival of each call's first request."""
+    calls: list[list] = []  # [batch key, request indices, images]
+    for i, r in enumerate(requests):
+        for call in calls:
+            if call[0] == r.batch_key and call[2] + r.n <= max_batch:
+                call[1].append(i)
+                call[2] += r.n
+                break
+        else:
+            calls.append([r.batch_key, [i], r.n])
+    return [members for _, members, _ in calls]
+
+
+class RayService(Service):
+    """A replica's service: the pipeline loaded in the constructor; requests go through ``@serve.batch``."""
+
+    def __init__(self, path: str, backend: str | None, cuda_graph: bool, loras, settings: ServeSettings):
+        from ray import serve
+
+        super().__init__(load_pipeline(Path(path), backend, cuda_graph, loras), path, settings)
+        self.start(load_pipeline(Path(path), backend, cuda_graph, loras), batching=False)
+        if self.state == "failed":
+            raise RuntimeError(f"fluxrt replica: loading {path} failed: {self.error}")
+        self.lock = threading.Lock()  # one pipeline call at a time per replica
+
+        @serve.batch(max_batch_size=self.max_batch, batch_wait_timeout_s=settings.batch_wait_ms / 1000)
+        async def batched(jobs: list[Job]) -> list[None]:
+            live = [j for j in jobs if not j.cancelled]
+            for members in groups([j.request for j in live], self.max_batch):
+                call = [live[i] for i in members]
+                await asyncio.to_thread(self.call, call)
+            return [None] * len(jobs)
+
+        self.batched = batched
+
+    def call(self, jobs: list[Job]) -> None:
+        with self.lock:
+            try:
+                results = self.run([j.request for j in jobs])
+            except ApiError as e:
+                if len(jobs) > 1:
+                    for job in jobs:
+                        self.call([job])
+                    return
+                jobs[0].future.set_exception(e)
+                return
+            self.metrics.batch_size.observe(sum(j.request.n for j in jobs))
+            for job, result in zip(jobs, results):
+                job.future.set_result(result)
+
+    def submit(self, body: dict) -> Job:
+        job = self.accept(body)
+        asyncio.get_running_loop().create_task(self.batched(job))
+        return job
+
+    def accept(self, body: dict) -> Job:
+        self.check_ready()
+        from fluxrt.serve.requests import image_request
+
+        request = image_request(body, self.pipe.params, self.max_batch, self.settings.max_side)
+        self.check_memory(request)
+        return Job(request, deadline=time.monotonic() + self.settings.timeout_s, future=Future())
+
+    def busy(self) -> int:
+        return 0
+
+
+def deployment(path: str, backend: str | None = None, cuda_graph: bool = False, loras=(),
+               settings: ServeSettings = ServeSettings(), replicas: int = 1, num_gpus: float | None = None,
+               autoscaling_config: dict | None = None, api_key: str | None = None):
+    """The bound Serve application. ``num_gpus``: per replica (default 1 where the cluster has GPUs, else 0);
+    ``autoscaling_config``: Serve's, passed through (``replicas`` is then its initial count)."""
+    import ray
+    from ray import serve
+
+    from fluxrt.serve.app import create_app
+
+    if num_gpus is None:
+        num_gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    options = dict(ray_actor_options={"num_gpus": num_gpus}, max_queued_requests=settings.queue_size,
+                   max_ongoing_requests=settings.queue_size + settings.max_batch, name="fluxrt")
+    if autoscaling_config:
+        options["autoscaling_config"] = dict(autoscaling_config, initial_replicas=replicas)
+    else:
+        options["num_replicas"] = replicas
+
+    @serve.deployment(**options)
+    @serve.ingress()
+    class FluxReplica:
+        def __init__(self):
+            self.service = RayService(path, backend, cuda_graph, loras, settings)
+
+        def __serve_build_asgi_app__(self):
+            return create_app(self.service, api_key)
+
+    return FluxReplica.bind()
+
+
+def build_app(args: dict):
+    """``serve run``/``serve deploy`` entry: ``args`` with ``path`` (required) and any of ``ARGS``."""
+    unknown = sorted(set(args) - set(ARGS))
+    if unknown or "path" not in args:
+        raise InvalidInputError(f"fluxrt.serve.ray_app:build_app takes args {list(ARGS)} with path required; got "
+                                f"{sorted(args)}")
+
+    def number(name, kind, default):
+        v = args.get(name, default)
+        try:
+            return kind(v) if v is not None else None
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"build_app: {name} must be a {kind.__name__}, got {v!r}") from None
+
+    settings = ServeSettings(max_batch=number("max_batch", int, 4), batch_wait_ms=number("batch_wait_ms", float, 10),
+                             queue_size=number("queue_size", int, 64), timeout_s=number("timeout_s", float, 300),
+                             max_side=number("max_side", int, 2048))
+    autoscaling = args.get("autoscaling_config")
+    if isinstance(autoscaling, str):
+        autoscaling = json.loads(autoscaling)
+    loras = args.get("loras") or ()
+    cuda_graph = str(args.get("cuda_graph", False)).lower() in ("1", "true", "yes")
+    return deployment(str(args["path"]), args.get("backend"), cuda_graph, loras, settings,
+                      number("replicas", int, 1), number("num_gpus", float, None), autoscaling, args.get("api_key"))
+
+
+def run_ray(path, backend, cuda_graph, loras, settings: ServeSettings, host: str, port: int, api_key: str | None,
+            replicas: int) -> None:
+    """``fluxrt serve --ray``: a local Ray cluster (or ``RAY_ADDRESS``'s), the deployment, until SIGTERM/SIGINT."""
+    import ray
+    from ray import serve
+
+    logging.basicConfig(level=logging.INFO, format="fluxrt serve: %(message)s")
+    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(deployment(str(path), backend, cuda_graph, loras, settings, replicas, api_key=api_key),
+              name="fluxrt", route_prefix="/")
+    log.info("Ray Serve: %d replica(s) of %s on http://%s:%d", replicas, path, host, port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,195 @@
+"""One pipeline behind the images API: loaded and warmed once, called by the batcher's thread, measured.
+
+States: ``loading`` (the pipeline is being loaded and warmed: 503), ``ready``, ``draining`` (SIGTERM: no new
+requests, 503; the accepted ones finish), ``failed`` (loading failed: 503 naming the error; the process
+exits with it).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fluxrt.errors import FluxRTError, NumericError
+from fluxrt.runtime.params import GuidanceIgnoredWarning
+from fluxrt.runtime.png import generation_settings, png_bytes
+from fluxrt.serve.batching import Batcher, Job
+from fluxrt.serve.metrics import Metrics
+from fluxrt.serve.requests import ApiError, ImageRequest, image_request
+
+log = logging.getLogger("fluxrt.serve")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    max_batch: int = 4  # images per pipeline call
+    batch_wait_ms: float = 10.0
+    queue_size: int = 64  # requests accepted and not yet running
+    timeout_s: float = 300.0
+    max_side: int = 2048  # pixels, either side of a requested size
+    log_prompts: bool = False
+
+    def __post_init__(self) -> None:
+        for name, lo in (("max_batch", 1), ("queue_size", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        for name in ("batch_wait_ms", "timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
+        if isinstance(self.max_side, bool) or not isinstance(self.max_side, int) or self.max_side < 16:
+            raise ValueError(f"max_side must be an integer >= 16, got {self.max_side!r}")
+
+
+def prompt_for_log(prompt: str, full: bool) -> str:
+    if full:
+        return repr(prompt)
+    return f"<{len(prompt)} chars, sha256 {hashlib.sha256(prompt.encode()).hexdigest()[:12]}>"
+
+
+class Service:
+    """``load``: a function returning the pipeline (``FluxPipeline.load(...)``), run on a thread of its own so
+    the server answers health checks while it loads; ``model``: what the PNGs record as the model."""
+
+    def __init__(self, load: Callable[[], object], model: str, settings: ServeSettings = ServeSettings()):
+        self.settings, self.model = settings, model
+        self.metrics = Metrics()
+        self.state, self.error = "loading", None
+        self.pipe = None
+        self.batcher: Batcher | None = None
+        self.loader = threading.Thread(target=self.start, args=(load,), name="fluxrt-loader", daemon=True)
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def start(self, load: Callable[[], object], batching: bool = True) -> None:
+        """Load and warm the pipeline; with ``batching``, start fluxrt's batcher (Ray Serve brings its own)."""
+        try:
+            begin = time.perf_counter()
+            self.pipe = load()
+            self.warm()
+            max_batch = self.settings.max_batch
+            if self.pipe.folder.kind == "engines":
+                max_batch = min(max_batch, self.pipe.folder.envelope.batch[2])
+            self.max_batch = max_batch
+            if batching:
+                self.batcher = Batcher(self.run, max_batch, self.settings.batch_wait_ms / 1000, self.settings.queue_size,
+                                       on_batch=self.metrics.batch_size.observe)
+            log.info("ready: %s loaded and warmed in %.1f s", self.model, time.perf_counter() - begin)
+            if self.state == "loading":
+                self.state = "ready"
+        except Exception as e:  # noqa: BLE001 - reported by /readyz and by the server, which exits with it
+            self.error = e if isinstance(e, FluxRTError) else RuntimeError(f"{type(e).__name__}: {e}")
+            self.state = "failed"
+            log.error("loading %s failed: %s", self.model, self.error)
+
+    def warm(self) -> None:
+        """One call of one step at the default size (inside an engine folder's envelope), so the first request
+        does not pay for session set-up, kernel selection and (with --cuda-graph) the graph's capture."""
+        pipe = self.pipe
+        side = 1024
+        if pipe.folder.kind == "engines":
+            lo, _, hi = pipe.folder.envelope.image_side
+            side = min(max(side, lo), hi)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GuidanceIgnoredWarning)
+            p = pipe.params("warm-up", height=side, width=side, num_inference_steps=1, seed=0)
+        pipe.generate(p)
+
+    def drain(self) -> None:
+        """SIGTERM: refuse new requests; the accepted ones finish."""
+        self.state = "draining"
+        if self.batcher is not None:
+            self.batcher.stop(drop_pending=False)
+
+    def interrupt(self) -> None:
+        """SIGINT: refuse new requests and answer the waiting ones 503 at once."""
+        self.state = "draining"
+        if self.batcher is not None:
+            self.batcher.stop(drop_pending=True)
+
+    def busy(self) -> int:
+        return 0 if self.batcher is None else self.batcher.busy()
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def check_ready(self) -> None:
+        if self.state == "ready":
+            return
+        if self.state == "loading":
+            raise ApiError(503, "the model is still loading", type="server_error", headers={"Retry-After": "5"})
+        if self.state == "failed":
+            raise ApiError(503, f"the model failed to load: {self.error}", type="server_error")
+        raise ApiError(503, "the server is shutting down", type="server_error")
+
+    def submit(self, body: dict) -> Job:
+        self.check_ready()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GuidanceIgnoredWarning)  # schnell: guidance_scale accepted, unused
+            request = image_request(body, self.pipe.params, self.max_batch, self.settings.max_side)
+        self.check_memory(request)
+        job = self.batcher.submit(request, self.settings.timeout_s)
+        p = request.params
+        log.info("accepted n=%d %dx%d steps=%d seed=%d prompt=%s", p.num_images_per_prompt, p.width, p.height,
+                 p.num_inference_steps, p.seed, prompt_for_log(request.prompt, self.settings.log_prompts))
+        return job
+
+    def check_memory(self, request: ImageRequest) -> None:
+        """The pipeline's memory estimate for this request alone, before it is queued (a call joining it with
+        others is checked again when made)."""
+        from fluxrt.errors import InvalidInputError
+        from fluxrt.runtime import memory
+
+        try:
+            memory.check(self.pipe.folder, request.params, {k: r.device for k, r in self.pipe.runners.items()})
+        except InvalidInputError as e:
+            raise ApiError(400, str(e), param="size") from None
+
+    # ---- the batcher's thread ---------------------------------------------------------------------
+    def run(self, requests: Sequence[ImageRequest]) -> list[list[str]]:
+        """One pipeline call for ``requests`` (one batch key): each request's PNGs, base64. A lone request is the
+        call ``fluxrt generate`` makes; several are one call whose noise is each request's own, in order."""
+        pipe = self.pipe
+        first = requests[0].params
+        if len(requests) == 1:
+            p, latents = first, None
+        else:
+            p = replace(first, prompts=tuple(r.prompt for r in requests for _ in range(r.n)),
+                        num_images_per_prompt=1, seed=None)
+            latents = np.concatenate([pipe.initial_latents(r.params) for r in requests])  # [B, N, 64]
+        timings: dict[str, float] = {}
+        try:
+            images = pipe.postprocess(pipe.generate(p, latents, timings=timings), "pil")
+        except NumericError as e:
+            self.metrics.errors.labels(kind="numeric").inc()
+            raise ApiError(500, f"generation failed: {e}", type="server_error") from None
+        except Exception as e:  # noqa: BLE001 - a backend failure: the message names the stage
+            self.metrics.errors.labels(kind="backend").inc()
+            log.error("generation failed: %s: %s", type(e).__name__, e)
+            raise ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error") from None
+        for stage, seconds in timings.items():
+            self.metrics.stage_seconds.labels(stage=stage).observe(seconds)
+        out, i = [], 0
+        for r in requests:
+            settings = generation_settings(pipe, r.params, r.prompt, self.model)
+            out.append([base64.b64encode(png_bytes(images[i + k], settings, k)).decode("ascii") for k in range(r.n)])
+            i += r.n
+        return out
+
+
+def load_pipeline(path: Path, backend: str | None, cuda_graph: bool, loras=()) -> Callable[[], object]:
+    def load():
+        from fluxrt.runtime import FluxPipeline
+
+        return FluxPipeline.load(path, backend=backend, cuda_graph=cuda_graph, loras=loras)
+
+    return load

@@ -1,0 +1,360 @@
+"""``fluxrt serve``: real server processes on 127.0.0.1 over the tiny fp32 export, real HTTP clients (urllib,
+raw sockets, the ``openai`` client), every wait bounded.
+
+Images are compared as PNG pixels with what ``FluxPipeline`` gives for the same settings and seed in this
+process (the same graphs, ONNX Runtime on the CPU), batched or not."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+
+START_S = 60  # loading and warming the tiny model takes ~5 s on 2 cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``fluxrt serve`` in a child process; ``url``; ``stop(sig)`` -> (exit status, seconds, stderr)."""
+
+    def __init__(self, folder: Path, *flags: str, wait_ready: bool = True, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "fluxrt.cli", "serve", "--onnx", str(folder), "--port",
+                                      str(self.port), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=dict(os.environ, **(env or {})))
+        self.stderr = ""
+        self.wait("/healthz")
+        if wait_ready:
+            self.wait("/readyz")
+
+    def wait(self, path: str) -> None:
+        deadline = time.monotonic() + START_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{self.url}{path} not 200 within {START_S} s")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> tuple[int, float, str]:
+        begin = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise AssertionError(f"the server did not exit within {timeout} s of {sig!r}: {err[-2000:]}")
+        return self.proc.returncode, time.monotonic() - begin, err
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def post(url: str, body, timeout: float = 60, headers: dict | None = None) -> tuple[int, dict, object]:
+    """(status, JSON body, headers: case-insensitive)"""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/v1/images/generations", data=data,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def get(url: str, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url + path, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def pngs(answer: dict) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in answer["data"]]
+
+
+def metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def pipe(fp32_exports):
+    from fluxrt.runtime import FluxPipeline
+
+    return FluxPipeline.load(fp32_exports["dev"])
+
+
+def reference(pipe, prompt: str, size: str, steps: int, seed: int, n: int = 1, guidance=None) -> list[np.ndarray]:
+    w, h = map(int, size.split("x"))
+    out = pipe(prompt, height=h, width=w, num_inference_steps=steps, seed=seed, num_images_per_prompt=n,
+               guidance_scale=guidance)
+    return [np.asarray(im) for im in out.images]
+
+
+@pytest.fixture(scope="module")
+def server(fp32_exports):
+    with Server(fp32_exports["dev"], "--max-batch", "4", "--batch-wait-ms", "300", "--queue-size", "64") as s:
+        yield s
+
+
+def test_images_equal_the_pipeline_and_carry_their_settings(server, pipe):
+    for body in ({"prompt": "a red circle", "size": "64x48", "num_inference_steps": 2, "seed": 7},
+                 {"prompt": "two of them", "size": "32x32", "num_inference_steps": 1, "seed": 2**64 - 1, "n": 2,
+                  "guidance_scale": 5.0, "model": "flux-dev", "user": "u1", "response_format": "b64_json"}):
+        status, answer, _ = post(server.url, body)
+        assert status == 200, answer
+        assert abs(answer["created"] - time.time()) < 60
+        images = pngs(answer)
+        want = reference(pipe, body["prompt"], body["size"], body["num_inference_steps"], body["seed"],
+                         body.get("n", 1), body.get("guidance_scale"))
+        assert len(images) == len(want) == body.get("n", 1)
+        for i, (image, ref) in enumerate(zip(images, want)):
+            assert image.size == tuple(map(int, body["size"].split("x")))  # width first
+            assert np.array_equal(np.asarray(image.convert("RGB")), ref)
+            assert image.text["fluxrt:prompt"] == body["prompt"]
+            assert json.loads(image.text["fluxrt:seed"]) == body["seed"]
+            assert json.loads(image.text["fluxrt:index"]) == i
+            assert json.loads(image.text["fluxrt:num_images_per_prompt"]) == body.get("n", 1)
+
+
+def test_concurrent_clients_are_batched_and_each_gets_its_own_images(server, pipe):
+    """24 clients at once, three sizes and two step counts: every answer equals its own settings' images, and
+    requests of one setting were coalesced (the batch-size histogram has calls of more than one image)."""
+    before = get(server.url, "/metrics")[1]
+    bodies = [{"prompt": f"prompt {i}", "size": ("32x32", "48x32", "32x64")[i % 3],
+               "num_inference_steps": 1 + i % 2, "seed": 1000 + i, "n": 1 + (i % 5 == 0)} for i in range(24)]
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda b: post(server.url, b, timeout=120), bodies))
+    for body, (status, answer, _) in zip(bodies, answers):
+        assert status == 200, answer
+        want = reference(pipe, body["prompt"], body["size"], body["num_inference_steps"], body["seed"], body["n"])
+        got = [np.asarray(im.convert("RGB")) for im in pngs(answer)]
+        assert len(got) == body["n"]
+        assert all(np.array_equal(g, w) for g, w in zip(got, want)), body
+    after = get(server.url, "/metrics")[1]
+    calls = metric(after, "fluxrt_batch_size_count") - metric(before, "fluxrt_batch_size_count")
+    images = metric(after, "fluxrt_batch_size_sum") - metric(before, "fluxrt_batch_size_sum")
+    assert images == sum(b["n"] for b in bodies) == 29
+    assert calls < len(bodies), f"{calls} calls for {len(bodies)} requests: nothing was batched"
+    single = metric(after, 'fluxrt_batch_size_bucket{le="1.0"}') - metric(before, 'fluxrt_batch_size_bucket{le="1.0"}')
+    assert calls - single >= 1  # calls of more than one image
+
+
+@pytest.mark.parametrize("body, status, param, message", [
+    ({"prompt": "x", "size": "65x64"}, 400, "size", "width must be a positive multiple of 16"),
+    ({"prompt": "x", "size": "1024"}, 400, "size", "size must be a string \"WIDTHxHEIGHT\""),
+    ({"prompt": "x", "size": "4096x4096"}, 400, "size", "at most 2048 pixels"),
+    ({"prompt": "x", "n": 0}, 400, "n", "n must be an integer in [1, 4]"),
+    ({"prompt": "x", "n": 5}, 400, "n", "n must be an integer in [1, 4]"),
+    ({"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps", "in [1, 1000]"),
+    ({"prompt": "x", "num_inference_steps": "4"}, 400, "num_inference_steps", "must be an integer"),
+    ({"prompt": "x", "seed": -1}, 400, "seed", "seed must be an integer in [0, 18446744073709551615]"),
+    ({"prompt": "x", "seed": 2**64}, 400, "seed", "seed must be an integer"),
+    ({"prompt": "x", "guidance_scale": "high"}, 400, "guidance_scale", "finite number"),
+    ({"prompt": "x", "max_sequence_length": 513}, 400, "max_sequence_length", "in [1, 512]"),
+    ({"prompt": "x", "response_format": "url"}, 400, "response_format", "b64_json"),
+    ({"prompt": 3}, 400, "prompt", "prompt must be a non-empty string"),
+    ({"size": "64x64"}, 400, "prompt", "prompt must be a non-empty string"),
+    ({"prompt": "x", "style": "vivid"}, 400, "style", "unknown field 'style'"),
+    ({"prompt": "x", "user": 5}, 400, "user", "user must be a string"),
+    ([1, 2], 400, None, "must be a JSON object"),
+    (b"{not json", 400, None, "not JSON"),
+    (b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413, None, "at most 1048576"),
+    ({"prompt": "x", "size": "32x32", "num_inference_steps": 1, "guidance_scale": 3e38}, 500, None,
+     "stage transformer (ort-cpu, fp32) produced NaN or Inf"),
+])
+def test_errors_in_openai_shape(server, body, status, param, message):
+    got, answer, _ = post(server.url, body)
+    assert got == status, answer
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert error["param"] == param
+    assert message in error["message"], error["message"]
+    assert "Traceback" not in error["message"] and 'File "' not in error["message"]
+    ok, answer, _ = post(server.url, {"prompt": "still alive", "size": "32x32", "num_inference_steps": 1, "seed": 1})
+    assert ok == 200 and len(answer["data"]) == 1
+
+
+def test_health_metrics_and_unknown_routes(server):
+    assert get(server.url, "/healthz") == (200, '{"status":"alive"}')
+    assert get(server.url, "/readyz")[0] == 200
+    status, text = get(server.url, "/metrics")
+    assert status == 200
+    for name in ("fluxrt_requests_total", "fluxrt_request_duration_seconds_bucket", "fluxrt_queue_depth",
+                 "fluxrt_batch_size_bucket", "fluxrt_stage_duration_seconds_bucket", "fluxrt_errors_total"):
+        assert name in text, name
+    assert 'fluxrt_stage_duration_seconds_count{stage="transformer"}' in text
+    status, body = get(server.url, "/v1/nothing")
+    assert status == 404 and json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+def test_openai_client(server, pipe):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    answer = client.images.generate(prompt="a blue square", size="32x48", n=1, response_format="b64_json",
+                                    model="flux-dev", extra_body={"seed": 5, "num_inference_steps": 2})
+    image = Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json)))
+    assert np.array_equal(np.asarray(image.convert("RGB")), reference(pipe, "a blue square", "32x48", 2, 5)[0])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="x", size="33x48", response_format="b64_json")
+    assert e.value.body["param"] == "size"
+
+
+def test_burst_of_connections_is_absorbed(server):
+    """100 connections opened at once are all answered (the listen backlog holds them until accepted)."""
+    def health(_):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return s.recv(64).split(b" ")[1]
+
+    with ThreadPoolExecutor(100) as pool:
+        assert set(pool.map(health, range(100))) == {b"200"}
+
+
+def test_queue_full_timeout_and_disconnect(fp32_exports):
+    """One slow call occupies the worker: a client that disconnects has its queued request dropped (never run),
+    one request past --queue-size gets 429 with Retry-After, and the slow one is answered 504 at --timeout-s."""
+    slow = {"prompt": "slow", "size": "1024x1024", "num_inference_steps": 24, "seed": 1}
+    small = {"prompt": "small", "size": "32x32", "num_inference_steps": 1, "seed": 2}
+    with Server(fp32_exports["dev"], "--queue-size", "1", "--batch-wait-ms", "0", "--timeout-s", "3") as s:
+        slow_answer = []
+        first = threading.Thread(target=lambda: slow_answer.append(post(s.url, slow)))
+        first.start()
+        time.sleep(1.0)  # the slow request is running: the queue is empty
+        raw = socket.create_connection(("127.0.0.1", s.port))
+        data = json.dumps(dict(small, seed=99)).encode()
+        raw.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        time.sleep(0.5)
+        assert metric(get(s.url, "/metrics")[1], "fluxrt_queue_depth") == 1
+        status, answer, headers = post(s.url, small)  # the queue holds one: full
+        assert status == 429 and answer["error"]["type"] == "rate_limit_error", answer
+        assert int(headers["Retry-After"]) >= 1
+        raw.close()  # the queued client goes away
+        time.sleep(1.0)
+        assert metric(get(s.url, "/metrics")[1], "fluxrt_queue_depth") == 0
+        first.join(30)
+        status, answer, _ = slow_answer[0]
+        assert status == 504 and "--timeout-s 3" in answer["error"]["message"], answer
+        deadline = time.monotonic() + 60
+        while metric(get(s.url, "/metrics")[1], "fluxrt_batch_size_count") < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the slow call itself runs to its end
+        assert post(s.url, small)[0] == 200
+        text = get(s.url, "/metrics")[1]
+        assert metric(text, "fluxrt_batch_size_count") == 2  # the slow call and the last: the dropped one never ran
+        assert metric(text, 'fluxrt_errors_total{kind="timeout"}') == 1
+        assert metric(text, 'fluxrt_errors_total{kind="queue_full"}') == 1
+
+
+def test_sigterm_finishes_accepted_requests_and_exits_0(fp32_exports):
+    with Server(fp32_exports["dev"], "--batch-wait-ms", "0") as s:
+        results = []
+        t = threading.Thread(target=lambda: results.append(post(s.url, {"prompt": "in flight", "size": "1024x1024",
+                                                                        "num_inference_steps": 12, "seed": 3})))
+        t.start()
+        time.sleep(1.0)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        status, answer, _ = post(s.url, {"prompt": "late", "size": "32x32", "num_inference_steps": 1})
+        assert status == 503 and "shutting down" in answer["error"]["message"]
+        assert get(s.url, "/readyz")[0] == 503
+        begin = time.monotonic()
+        code, err = s.proc.wait(30), s.proc.stderr.read()
+        t.join(30)
+        assert code == 0, err
+        assert time.monotonic() - begin < 30
+        assert results and results[0][0] == 200 and len(results[0][1]["data"]) == 1
+        assert "Traceback" not in err
+
+
+def test_sigint_exits_without_traceback(fp32_exports):
+    with Server(fp32_exports["dev"]) as s:
+        code, seconds, err = s.stop(signal.SIGINT)
+        assert code == 0 and seconds < 30, err
+        assert "Traceback" not in err and "stopped" in err
+
+
+def test_not_ready_while_loading_then_ready(fp32_exports):
+    with Server(fp32_exports["dev"], wait_ready=False) as s:
+        status, body = get(s.url, "/readyz")
+        code, answer, headers = post(s.url, {"prompt": "too early", "size": "32x32"})
+        if status == 503:  # still loading (the tiny model loads in ~5 s; a fast machine may be done already)
+            assert json.loads(body)["error"]["message"] == "the model is still loading"
+            assert code == 503 and headers["Retry-After"] == "5"
+        s.wait("/readyz")
+        assert post(s.url, {"prompt": "now", "size": "32x32", "num_inference_steps": 1})[0] == 200
+
+
+def test_api_key_and_loopback_rule(fp32_exports, tmp_path):
+    from fluxrt.cli import main
+
+    code = subprocess.run([sys.executable, "-m", "fluxrt.cli", "serve", "--onnx", str(fp32_exports["dev"]),
+                           "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert code.returncode == 2
+    assert "--host 0.0.0.0 listens beyond this machine: give --api-key-file" in code.stderr
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    assert main(["serve", "--onnx", str(fp32_exports["dev"]), "--api-key-file", str(short)]) == 2
+    assert main(["serve", "--onnx", str(fp32_exports["dev"]), "--max-batch", "0"]) == 2
+    key = tmp_path / "key"
+    key.write_text("s3cret-token-0123456789\n")
+    with Server(fp32_exports["dev"], "--api-key-file", str(key)) as s:
+        body = {"prompt": "x", "size": "32x32", "num_inference_steps": 1}
+        status, answer, _ = post(s.url, body)
+        assert status == 401 and "Bearer" in answer["error"]["message"]
+        assert post(s.url, body, headers={"Authorization": "Bearer wrong-token-0123456789"})[0] == 401
+        assert post(s.url, body, headers={"Authorization": "Bearer s3cret-token-0123456789"})[0] == 200
+        assert get(s.url, "/healthz")[0] == 200  # health checks need no key
+
+
+def test_cli_errors_name_flags(fp32_exports, tmp_path, capsys):
+    from fluxrt.cli import main
+
+    assert main(["serve", "--onnx", str(fp32_exports["dev"]), "--queue-size", "0"]) == 2
+    assert "--queue-size must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["serve", "--onnx", str(fp32_exports["dev"]), "--cuda-graph"]) == 2
+    assert "--cuda-graph replays the ort-cuda transformer" in capsys.readouterr().err
+    assert main(["serve", "--onnx", str(tmp_path / "none")]) == 2
+    assert str(tmp_path / "none") in capsys.readouterr().err
