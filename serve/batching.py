@@ -107,7 +107,8 @@ class Batcher:
                 self.drop_gone()
                 if self.pending:
                     head = self.pending[0]
-                    batch = self.joiners(head)
+                    pending = list(self.pending)
+                    batch = [pending[i] for i in groups([j.request for j in pending], self.max_batch)[0]]
                     images = sum(j.request.n for j in batch)
                     left = head.arrived + self.batch_wait_s - time.monotonic()
                     if images >= self.max_batch or left <= 0 or self.stopping:
@@ -121,20 +122,11 @@ class Batcher:
                 else:
                     self.cond.wait(0.5)
 
-    def joiners(self, head: Job) -> list[Job]:
-        batch, images = [head], head.request.n
-        for job in self.pending:
-            if job is not head and job.request.batch_key == head.request.batch_key \
-                    and images + job.request.n <= self.max_batch:
-                batch.append(job)
-                images += job.request.n
-        return batch
-
     def work(self) -> None:
         while (batch := self.take()) is not None:
             start = time.perf_counter()
             try:
-                self.call(batch)
+                call_jobs(self.run_batch, batch, self.on_batch)
             finally:
                 seconds = time.perf_counter() - start
                 self.call_seconds = 0.8 * self.call_seconds + 0.2 * seconds
@@ -142,16 +134,35 @@ class Batcher:
                     self.running = []
                     self.cond.notify_all()
 
-    def call(self, batch: list[Job]) -> None:
-        try:
-            results = self.run_batch([j.request for j in batch])
-            self.on_batch(sum(j.request.n for j in batch))
-        except Exception as e:  # noqa: BLE001 - handed to the request(s) it belongs to
-            if len(batch) == 1:
-                batch[0].future.set_exception(e)
-                return
-            for job in batch:  # once more alone: only the request that fails gets the error
-                self.call([job])
-            return
-        for job, result in zip(batch, results):
-            job.future.set_result(result)
+
+
+def groups(requests: Sequence[ImageRequest], max_batch: int) -> list[list[int]]:
+    """Indices of ``requests`` as pipeline calls: one batch key each, at most ``max_batch`` images, in order of
+    arrival of each call's first request."""
+    calls: list[list] = []  # [batch key, request indices, images]
+    for i, r in enumerate(requests):
+        for call in calls:
+            if call[0] == r.batch_key and call[2] + r.n <= max_batch:
+                call[1].append(i)
+                call[2] += r.n
+                break
+        else:
+            calls.append([r.batch_key, [i], r.n])
+    return [members for _, members, _ in calls]
+
+
+def call_jobs(run: Callable[[Sequence[ImageRequest]], list], jobs: list[Job], on_batch: Callable[[int], None]) -> None:
+    """One pipeline call for ``jobs``, each job's future given its result; a call of several that fails is made
+    again one job at a time, so that only the job that fails gets the error."""
+    try:
+        results = run([j.request for j in jobs])
+    except Exception as e:  # noqa: BLE001 - handed to the request(s) it belongs to
+        if len(jobs) == 1:
+            jobs[0].future.set_exception(e)
+        else:
+            for job in jobs:
+                call_jobs(run, [job], on_batch)
+        return
+    on_batch(sum(j.request.n for j in jobs))
+    for job, result in zip(jobs, results):
+        job.future.set_result(result)

@@ -15,33 +15,15 @@ import logging
 import signal
 import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Sequence
 
 from fluxrt.errors import InvalidInputError
-from fluxrt.serve.batching import Job
-from fluxrt.serve.requests import ApiError, ImageRequest
+from fluxrt.serve.batching import Job, call_jobs, groups
 from fluxrt.serve.service import Service, ServeSettings, load_pipeline
 
 log = logging.getLogger("fluxrt.serve")
 ARGS = ("path", "backend", "cuda_graph", "loras", "replicas", "max_batch", "batch_wait_ms", "queue_size",
         "timeout_s", "max_side", "num_gpus", "autoscaling_config", "api_key")
-
-
-def groups(requests: Sequence[ImageRequest], max_batch: int) -> list[list[int]]:
-    """Indices of ``requests`` as pipeline calls: one batch key each, at most ``max_batch`` images, in order of
-    arrival of each call's first request."""
-    calls: list[list] = []  # [batch key, request indices, images]
-    for i, r in enumerate(requests):
-        for call in calls:
-            if call[0] == r.batch_key and call[2] + r.n <= max_batch:
-                call[1].append(i)
-                call[2] += r.n
-                break
-        else:
-            calls.append([r.batch_key, [i], r.n])
-    return [members for _, members, _ in calls]
 
 
 class RayService(Service):
@@ -51,48 +33,31 @@ class RayService(Service):
         from ray import serve
 
         super().__init__(load_pipeline(Path(path), backend, cuda_graph, loras), path, settings)
-        self.start(load_pipeline(Path(path), backend, cuda_graph, loras), batching=False)
+        self.start(batching=False)
         if self.state == "failed":
             raise RuntimeError(f"fluxrt replica: loading {path} failed: {self.error}")
         self.lock = threading.Lock()  # one pipeline call at a time per replica
+        self.tasks: set[asyncio.Task] = set()  # held until done (the loop keeps only weak references)
 
         @serve.batch(max_batch_size=self.max_batch, batch_wait_timeout_s=settings.batch_wait_ms / 1000)
         async def batched(jobs: list[Job]) -> list[None]:
             live = [j for j in jobs if not j.cancelled]
             for members in groups([j.request for j in live], self.max_batch):
-                call = [live[i] for i in members]
-                await asyncio.to_thread(self.call, call)
+                await asyncio.to_thread(self.call, [live[i] for i in members])
             return [None] * len(jobs)
 
         self.batched = batched
 
     def call(self, jobs: list[Job]) -> None:
         with self.lock:
-            try:
-                results = self.run([j.request for j in jobs])
-            except ApiError as e:
-                if len(jobs) > 1:
-                    for job in jobs:
-                        self.call([job])
-                    return
-                jobs[0].future.set_exception(e)
-                return
-            self.metrics.batch_size.observe(sum(j.request.n for j in jobs))
-            for job, result in zip(jobs, results):
-                job.future.set_result(result)
+            call_jobs(self.run, jobs, self.metrics.batch_size.observe)
 
     def submit(self, body: dict) -> Job:
-        job = self.accept(body)
-        asyncio.get_running_loop().create_task(self.batched(job))
+        job = Job(self.accept(body), deadline=time.monotonic() + self.settings.timeout_s)
+        task = asyncio.get_running_loop().create_task(self.batched(job))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
         return job
-
-    def accept(self, body: dict) -> Job:
-        self.check_ready()
-        from fluxrt.serve.requests import image_request
-
-        request = image_request(body, self.pipe.params, self.max_batch, self.settings.max_side)
-        self.check_memory(request)
-        return Job(request, deadline=time.monotonic() + self.settings.timeout_s, future=Future())
 
     def busy(self) -> int:
         return 0

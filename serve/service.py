@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fluxrt.errors import FluxRTError, NumericError
+from fluxrt.errors import FluxRTError, InvalidInputError, NumericError
+from fluxrt.runtime import memory
 from fluxrt.runtime.params import GuidanceIgnoredWarning
 from fluxrt.runtime.png import generation_settings, png_bytes
 from fluxrt.serve.batching import Batcher, Job
@@ -69,14 +70,15 @@ class Service:
         self.state, self.error = "loading", None
         self.pipe = None
         self.batcher: Batcher | None = None
-        self.loader = threading.Thread(target=self.start, args=(load,), name="fluxrt-loader", daemon=True)
+        self.load = load
+        self.loader = threading.Thread(target=self.start, name="fluxrt-loader", daemon=True)
 
     # ---- lifecycle --------------------------------------------------------------------------------
-    def start(self, load: Callable[[], object], batching: bool = True) -> None:
+    def start(self, batching: bool = True) -> None:
         """Load and warm the pipeline; with ``batching``, start fluxrt's batcher (Ray Serve brings its own)."""
         try:
             begin = time.perf_counter()
-            self.pipe = load()
+            self.pipe = self.load()
             self.warm()
             max_batch = self.settings.max_batch
             if self.pipe.folder.kind == "engines":
@@ -131,12 +133,17 @@ class Service:
             raise ApiError(503, f"the model failed to load: {self.error}", type="server_error")
         raise ApiError(503, "the server is shutting down", type="server_error")
 
-    def submit(self, body: dict) -> Job:
+    def accept(self, body: dict) -> ImageRequest:
+        """The request ``body`` (parsed JSON) checked, its parameters made, its memory estimated: ApiError if not."""
         self.check_ready()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", GuidanceIgnoredWarning)  # schnell: guidance_scale accepted, unused
             request = image_request(body, self.pipe.params, self.max_batch, self.settings.max_side)
         self.check_memory(request)
+        return request
+
+    def submit(self, body: dict) -> Job:
+        request = self.accept(body)
         job = self.batcher.submit(request, self.settings.timeout_s)
         p = request.params
         log.info("accepted n=%d %dx%d steps=%d seed=%d prompt=%s", p.num_images_per_prompt, p.width, p.height,
@@ -146,9 +153,6 @@ class Service:
     def check_memory(self, request: ImageRequest) -> None:
         """The pipeline's memory estimate for this request alone, before it is queued (a call joining it with
         others is checked again when made)."""
-        from fluxrt.errors import InvalidInputError
-        from fluxrt.runtime import memory
-
         try:
             memory.check(self.pipe.folder, request.params, {k: r.device for k, r in self.pipe.runners.items()})
         except InvalidInputError as e:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_calls import cli
 from fluxrt.artifacts import ExportFolder
 from fluxrt.cli import main
 from fluxrt.errors import EngineError, InvalidInputError
@@ -26,13 +27,6 @@ from fluxrt.runtime.ort import OrtRunner
 
 GEN = ["--height", "64", "--width", "64", "--steps", "1", "--max-sequence-length", "16"]
 FLUXRT = "import sys; from fluxrt.cli import main; sys.exit(main(sys.argv[1:]))"  # python -c FLUXRT ARGV...
-
-
-def cli(argv) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main([str(a) for a in argv])
-    return code, err.getvalue()
 
 
 def one_line_error(code: int, stderr: str, *needles: str) -> None:

@@ -3,10 +3,8 @@ start latents and the same images from the same noise; strength's edge cases; th
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import io
 import json
 import shutil
 import warnings
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fluxrt.cli import main
+from cli_calls import cli
 from fluxrt.errors import EngineError, ExportError, InvalidInputError
 from fluxrt.runtime import FluxPipeline, memory, sampling
 from fluxrt.runtime.params import DEFAULT_STRENGTH, GuidanceIgnoredWarning
@@ -309,13 +307,6 @@ def test_folders_without_the_encoder_are_refused_by_name(fp32_exports, tmp_path)
                                           rf"has no vae_encoder plan .*fluxrt build EXPORT --out {engines} "
                                           rf"--components vae_encoder --precision fp16"):
         make_runner(EngineFolder.open(engines), "vae_encoder", "trt")
-
-
-def cli(argv) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main([str(a) for a in argv])
-    return code, err.getvalue()
 
 
 def one_line_error(code: int, stderr: str, *needles: str) -> None:
