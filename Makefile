@@ -14,7 +14,7 @@ EXPORT_PRECISION := $(if $(filter bf16,$(ENGINE_PRECISION)),bf16,fp16)
 BUILD_FLAGS ?=
 FP8_FLAGS ?=
 
-.PHONY: venv demo test engines ort-ops clean
+.PHONY: venv demo test test-all engines ort-ops clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 venv: $(VENV)/.installed
 
 $(OUT)/tiny-dev/model_index.json: | venv
-	$(FLUXRT) tiny-model $(OUT)/tiny-dev --variant dev
+	$(FLUXRT) tiny-model $(OUT)/tiny-dev --trained
 
 $(OUT)/onnx-fp32/manifest.json: $(MODEL)/model_index.json | venv
 	$(FLUXRT) export $(MODEL) --out $(OUT)/onnx-fp32 --precision fp32
@@ -34,10 +34,11 @@ $(OUT)/onnx-fp32/manifest.json: $(MODEL)/model_index.json | venv
 $(OUT)/onnx-$(EXPORT_PRECISION)/manifest.json: $(MODEL)/model_index.json | venv
 	$(FLUXRT) export $(MODEL) --out $(OUT)/onnx-$(EXPORT_PRECISION) --precision $(EXPORT_PRECISION)
 
-# From nothing to an image on the built-in tiny model (ONNX Runtime on the CPU).
+# From nothing to an image on the built-in tiny model, trained on shapes (ONNX Runtime on the CPU).
+DEMO_PROMPT ?= a yellow triangle on a blue background
 demo: $(OUT)/onnx-fp32/manifest.json
-	$(FLUXRT) generate --onnx $(OUT)/onnx-fp32 --backend ort-cpu --prompt "a lighthouse on a cliff at dawn" \
-		--height 256 --width 256 --steps 4 --seed 0 --out $(OUT)/demo.png
+	$(FLUXRT) generate --onnx $(OUT)/onnx-fp32 --backend ort-cpu --prompt "$(DEMO_PROMPT)" \
+		--height 128 --width 128 --steps 12 --seed 0 --out $(OUT)/demo.png
 
 engines: $(OUT)/onnx-$(EXPORT_PRECISION)/manifest.json
 	$(FLUXRT) build $(OUT)/onnx-$(EXPORT_PRECISION) --out $(OUT)/engines-$(ENGINE_PRECISION) \
@@ -66,8 +67,15 @@ $(APT_DIR)/apt.conf: | venv
 		APT_CONFIG=$@.tmp apt-get -qq update && mv $@.tmp $@; \
 	fi
 
+# two workers (CI's two cores), one test file each at a time; the session fixtures are made once (tests/conftest.py)
+TEST_WORKERS ?= 2
 test: venv $(APT_DIR)/apt.conf
-	APT_CONFIG=$(APT_DIR)/apt.conf $(PY) -m pytest -q
+	APT_CONFIG=$(APT_DIR)/apt.conf $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# the default suite and the slow tests (the hash-seed reproducibility exports, external data, bench-synthetic's
+# property draws): about 5 minutes more
+test-all: venv $(APT_DIR)/apt.conf
+	APT_CONFIG=$(APT_DIR)/apt.conf $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "slow or not slow"
 
 clean:
 	rm -rf $(OUT)

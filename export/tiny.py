@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,6 +33,7 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_cha
                 layers_per_block=1, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
                 scaling_factor=0.3611, shift_factor=0.1159, sample_size=64)
+TRAINED = Path(__file__).parent / "trained"  # the shipped trained tiny models, one folder per variant (train/)
 
 
 def perturb(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
@@ -43,8 +45,9 @@ def perturb(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Mod
     return module.eval()
 
 
-def build_pipeline(variant: str, seed: int, tokenizer_dir: Path):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+def text_encoders(seed: int, tokenizer_dir: Path):
+    """The tiny CLIP and T5 with their tokenizers (written to ``tokenizer_dir``): ``(clip, clip_tokenizer, t5,
+    t5_tokenizer, generator)``, the generator the one that perturbed them, for the modules made after them."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
     from fluxrt.export.tokenizers_tiny import write_tiny_tokenizers
@@ -64,21 +67,41 @@ def build_pipeline(variant: str, seed: int, tokenizer_dir: Path):
         relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
         pad_token_id=tok2.pad_token_id, eos_token_id=tok2.eos_token_id, decoder_start_token_id=0,
         is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False))
+    for m in (clip, t5):
+        perturb(m, g)
+    return clip, tok, t5, tok2, g
+
+
+def build_pipeline(variant: str, seed: int, tokenizer_dir: Path):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    clip, tok, t5, tok2, g = text_encoders(seed, tokenizer_dir)
     transformer = FluxTransformer2DModel(**TINY_TRANSFORMER, guidance_embeds=variant == "dev")
     vae = AutoencoderKL(**TINY_VAE)
-    for m in (clip, t5, transformer, vae):
+    for m in (transformer, vae):
         perturb(m, g)
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS[variant]), vae=vae,
                         text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
                         transformer=transformer)
 
 
-def write_tiny_checkpoint(out: str | Path, variant: str = "dev", seed: int = 0) -> Path:
-    """Write the tiny checkpoint to ``out`` (which must not exist or be empty), atomically."""
-    if variant not in VARIANTS:
-        raise CheckpointError(f"variant {variant!r} is not one of {VARIANTS}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise CheckpointError(f"seed must be an integer in [0, 2**63 - 1] (torch's generator), got {seed!r}")
+def save_checkpoint(pipe, staging: Path, tokenizer_dir: Path, max_shard_size: str | None) -> Path:
+    """``pipe`` saved by diffusers into ``staging / "model"`` with the tokenizer files real FLUX folders carry
+    (from ``tokenizer_dir``); the transformer sharded at ``max_shard_size`` when given."""
+    pipe.save_pretrained(staging / "model", safe_serialization=True)
+    # save_pretrained rewrites tokenizers as tokenizer.json; put back the files real FLUX folders carry
+    for sub, trained in (("tokenizer", "clip"), ("tokenizer_2", "t5")):
+        shutil.rmtree(staging / "model" / sub)
+        shutil.copytree(tokenizer_dir / trained, staging / "model" / sub)
+    if max_shard_size is not None:  # sharded, so the index path is the one the tiny model exercises
+        shutil.rmtree(staging / "model" / "transformer")
+        pipe.transformer.save_pretrained(staging / "model" / "transformer", max_shard_size=max_shard_size)
+    return staging / "model"
+
+
+def write_checkpoint(out: str | Path, make: Callable[[Path], Path]) -> Path:
+    """``make(staging)`` writes a checkpoint folder somewhere inside the fresh folder ``staging`` and returns
+    it; it becomes ``out`` (which must not exist or be empty) by one rename, so ``out`` is whole or absent."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"tiny-model output {out} already exists and is not an empty folder")
@@ -86,18 +109,32 @@ def write_tiny_checkpoint(out: str | Path, variant: str = "dev", seed: int = 0) 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         with quiet_hf():
-            pipe = build_pipeline(variant, seed, staging / "_tokenizers")
-            pipe.save_pretrained(staging / "model", safe_serialization=True)
-            # save_pretrained rewrites tokenizers as tokenizer.json; put back the files real FLUX folders carry
-            for sub, trained in (("tokenizer", "clip"), ("tokenizer_2", "t5")):
-                shutil.rmtree(staging / "model" / sub)
-                shutil.move(staging / "_tokenizers" / trained, staging / "model" / sub)
-            # shard the transformer too, so the index path is the one the tiny model exercises
-            shutil.rmtree(staging / "model" / "transformer")
-            pipe.transformer.save_pretrained(staging / "model" / "transformer", max_shard_size="200KB")
-            if out.exists():
-                out.rmdir()
-            (staging / "model").rename(out)
+            made = make(staging)
+        if out.exists():
+            out.rmdir()
+        made.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def write_tiny_checkpoint(out: str | Path, variant: str = "dev", seed: int = 0, trained: bool = False) -> Path:
+    """Write the tiny checkpoint to ``out`` (which must not exist or be empty), atomically: seeded random
+    weights, or with ``trained`` the shipped trained model (``TRAINED``; dev only, no seed)."""
+    if variant not in VARIANTS:
+        raise CheckpointError(f"variant {variant!r} is not one of {VARIANTS}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise CheckpointError(f"seed must be an integer in [0, 2**63 - 1] (torch's generator), got {seed!r}")
+    if trained:
+        source = TRAINED / variant
+        if not (source / "model_index.json").is_file():
+            have = sorted(p.name for p in TRAINED.iterdir() if (p / "model_index.json").is_file()) if TRAINED.is_dir() else []
+            raise CheckpointError(f"no trained tiny {variant} model ships with fluxrt (trained: {have}); "
+                                  f"train one with fluxrt train-tiny")
+        return write_checkpoint(out, lambda staging: Path(shutil.copytree(source, staging / "model")))
+
+    def make(staging: Path) -> Path:
+        pipe = build_pipeline(variant, seed, staging / "_tokenizers")
+        return save_checkpoint(pipe, staging, staging / "_tokenizers", max_shard_size="200KB")
+
+    return write_checkpoint(out, make)

@@ -25,8 +25,33 @@ BACKEND_CHOICES = ("ort-cpu", "ort-cuda", "trt", "torch")  # fluxrt.runtime.back
 def cmd_tiny_model(args: argparse.Namespace) -> None:
     from fluxrt.export.tiny import write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(args.dir, variant=args.variant, seed=args.seed)
-    print(f"wrote tiny FLUX.1-{args.variant} checkpoint (seed {args.seed}) to {path}")
+    if args.trained and args.seed is not None:
+        raise UsageError("--seed draws random weights; --trained writes the shipped trained model: give one")
+    seed = 0 if args.seed is None else args.seed
+    path = write_tiny_checkpoint(args.dir, variant=args.variant, seed=seed, trained=args.trained)
+    what = "trained" if args.trained else f"seed {seed}"
+    print(f"wrote tiny FLUX.1-{args.variant} checkpoint ({what}) to {path}")
+
+
+def cmd_train_tiny(args: argparse.Namespace) -> None:
+    from fluxrt.train.tiny import TrainSettings, train_tiny
+
+    if args.steps_scale is not None and not 0 < args.steps_scale <= 100:
+        raise UsageError(f"--steps-scale must be in (0, 100], got {args.steps_scale}")
+    if args.device not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no CUDA device; use --device cpu")
+    settings = TrainSettings(seed=args.seed)
+    if args.steps_scale is not None:
+        settings = settings.scaled(args.steps_scale)
+    start = time.perf_counter()
+    path = train_tiny(args.out, args.device, settings, say=lambda line: print(f"fluxrt train-tiny: {line}",
+                                                                             file=sys.stderr, flush=True))
+    print(f"wrote trained tiny FLUX.1-dev checkpoint to {path} in {time.perf_counter() - start:.0f} s")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -178,17 +203,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError(flag_names("serve", str(e))) from None
     api_key = read_api_key(args.api_key_file, args.host)
     loras = [parse_lora(text) for text in args.lora or ()]
+    choices = list(args.lora_choice or ())
+    for f in choices:
+        if not f.is_file():
+            raise UsageError(f"--lora-choice {f}: LoRA file does not exist")
+    from fluxrt.serve.service import lora_names
+
+    lora_names(choices)  # distinct names, checked before anything loads
     if args.ray:
         from fluxrt.serve.ray_app import run_ray
 
-        run_ray(path, args.backend, args.cuda_graph, loras, settings, args.host, args.port, api_key, args.replicas)
+        run_ray(path, args.backend, args.cuda_graph, loras, settings, args.host, args.port, api_key, args.replicas,
+                choices)
         return
     folder_kind = "engines" if args.engines else "export"
     from fluxrt.artifacts import open_folder
 
     if open_folder(path).kind != folder_kind:  # the folder is checked before the server listens
         raise UsageError(f"--{'engines' if args.engines else 'onnx'} {path} is not an {folder_kind} folder")
-    service = Service(load_pipeline(path, args.backend, args.cuda_graph, loras), str(path), settings)
+    service = Service(load_pipeline(path, args.backend, args.cuda_graph, loras), str(path), settings, choices)
     code = serve(service, args.host, args.port, api_key)
     sys.stderr.flush()
     sys.stdout.flush()
@@ -337,6 +370,41 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png")
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from fluxrt.bench.serve import ServeBenchSettings, bench_serve
+
+    try:
+        import fastapi  # noqa: F401 - the server needs the serve extra
+    except ImportError as e:
+        raise UsageError(f"fluxrt bench-serve runs fluxrt serve, which needs the serve extra: {e}") from None
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is not a folder; name a folder for bench-serve.json and bench-serve.md")
+    check_writable([args.out / "bench-serve.json"])
+    try:
+        width, height = (int(v) for v in args.size.split("x"))
+        concurrency = tuple(int(v) for v in args.concurrency.split(","))
+    except ValueError:
+        raise UsageError(f"--size must be WIDTHxHEIGHT and --concurrency N[,N...], got {args.size!r} and "
+                         f"{args.concurrency!r}") from None
+    try:
+        settings = ServeBenchSettings(width=width, height=height, steps=args.steps, requests=args.requests,
+                                      concurrency=concurrency, max_batch=args.max_batch,
+                                      batch_wait_ms=args.batch_wait_ms, warmup=args.warmup)
+    except ValueError as e:
+        raise UsageError(flag_names("bench-serve", str(e))) from None
+    kind = "engines" if args.engines else "onnx"
+    folder_kind = "engines" if args.engines else "export"
+    from fluxrt.artifacts import open_folder
+
+    folder = args.engines or args.onnx
+    if open_folder(folder).kind != folder_kind:
+        raise UsageError(f"--{kind} {folder} is not an {folder_kind} folder")
+    report = bench_serve(folder, kind, args.backend, args.cuda_graph, settings, args.out,
+                         say=lambda line: print(f"fluxrt bench-serve: {line}", file=sys.stderr))
+    print(f"wrote {args.out / 'bench-serve.json'}, bench-serve.md: " +
+          ", ".join(f"{k} {v:.3f}" for k, v in report["summary"].items() if v is not None))
+
+
 def cmd_bench_synthetic(args: argparse.Namespace) -> None:
     from fluxrt.bench import synthetic
 
@@ -429,6 +497,8 @@ FLAGS = {
                  "seed": "--seed", "strength": "--strength"},
     "serve": {"max_batch": "--max-batch", "batch_wait_ms": "--batch-wait-ms", "queue_size": "--queue-size",
               "timeout_s": "--timeout-s", "max_side": "--max-side"},
+    "bench-serve": {"width": "--size", "height": "--size", "steps": "--steps", "requests": "--requests",
+                    "concurrency": "--concurrency", "max_batch": "--max-batch", "warmup": "--warmup"},
     "build": {"ShapeEnvelope.batch": "--batch", "ShapeEnvelope.text_length": "--text-length",
               "ShapeEnvelope.image_side": "--image-side", "BuildSettings.precision": "--precision",
               "BuildSettings.optimization_level": "--optimization-level", "BuildSettings.components": "--components",
@@ -458,8 +528,18 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("dir", type=Path, help="folder to write; must not exist or be empty")
     t.add_argument("--variant", choices=("dev", "schnell"), default="dev", help="dev (guidance input) or schnell "
                                                                               "(default dev)")
-    t.add_argument("--seed", type=int, default=0, help="weights' random seed, 0..2**63-1 (default 0)")
+    t.add_argument("--seed", type=int, help="weights' random seed, 0..2**63-1 (default 0)")
+    t.add_argument("--trained", action="store_true", help="the shipped trained model (dev; draws shapes: make demo) "
+                                                          "instead of random weights")
     t.set_defaults(func=cmd_tiny_model)
+
+    tt = sub.add_parser("train-tiny", help="train the tiny model on fluxrt's shapes data (needs the export extra)")
+    tt.add_argument("out", type=Path, help="checkpoint folder to write; must not exist or be empty")
+    tt.add_argument("--device", default="cpu", help="cpu or cuda (default cpu; the shipped model: cuda, an H200)")
+    tt.add_argument("--seed", type=int, default=0, help="data, initialization and sampling seed (default 0)")
+    tt.add_argument("--steps-scale", type=float, help="every phase's steps times this, (0, 100] (default 1: the "
+                                                      "recipe in fluxrt/train/tiny.py)")
+    tt.set_defaults(func=cmd_train_tiny)
 
     e = sub.add_parser("export", help="export a checkpoint's networks to ONNX")
     e.add_argument("checkpoint", type=Path, help="diffusers-layout FLUX.1 folder")
@@ -553,6 +633,24 @@ def parser() -> argparse.ArgumentParser:
     y.add_argument("rest", nargs=argparse.REMAINDER)
     y.set_defaults(func=cmd_bench_synthetic)
 
+    bs = sub.add_parser("bench-serve", help="direct pipeline calls against fluxrt serve (with and without batching) "
+                                            "at several concurrencies: latency and images/s; JSON, markdown")
+    src = bs.add_mutually_exclusive_group(required=True)
+    src.add_argument("--onnx", type=Path, help="export folder written by fluxrt export")
+    src.add_argument("--engines", type=Path, help="engine folder written by fluxrt build")
+    bs.add_argument("--backend", choices=BACKEND_CHOICES[:-1], help="default: trt for --engines, ort-cpu for --onnx")
+    bs.add_argument("--cuda-graph", action="store_true", help="ort-cuda: replay the transformer from CUDA graphs")
+    bs.add_argument("--out", type=Path, required=True, help="folder for bench-serve.json and bench-serve.md")
+    bs.add_argument("--size", default="64x64", help="WIDTHxHEIGHT pixels (default 64x64)")
+    bs.add_argument("--steps", type=int, default=4, help="sampling steps per request, >= 1 (default 4)")
+    bs.add_argument("--requests", type=int, default=32, help="requests per row, >= 1 (default 32)")
+    bs.add_argument("--concurrency", default="1,4,16", help="client counts, comma-separated (default 1,4,16)")
+    bs.add_argument("--max-batch", type=int, default=8, help="the batching server's --max-batch, >= 1 (default 8)")
+    bs.add_argument("--batch-wait-ms", type=float, default=10.0, help="the batching server's --batch-wait-ms "
+                                                                      "(default 10)")
+    bs.add_argument("--warmup", type=int, default=2, help="untimed requests per mode first, >= 0 (default 2)")
+    bs.set_defaults(func=cmd_bench_serve)
+
     v = sub.add_parser("serve", help="serve OpenAI's images API over one pipeline (needs the serve extra)")
     src = v.add_mutually_exclusive_group(required=True)
     src.add_argument("--onnx", type=Path, help="export folder written by fluxrt export")
@@ -576,6 +674,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--log-prompts", action="store_true", help="log prompts in full (default: length and hash)")
     v.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA merged for every request "
                                                                          "(repeatable)")
+    v.add_argument("--lora-choice", action="append", type=Path, metavar="FILE", help="a LoRA requests may ask for "
+                                                                                  "by name (the file's stem) in their "
+                                                                                  "lora field (repeatable)")
     v.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (needs ray[serve])")
     v.add_argument("--replicas", type=int, default=1, help="--ray: pipeline replicas, one GPU each where there are "
                                                            "GPUs (default 1)")

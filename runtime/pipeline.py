@@ -129,6 +129,22 @@ class FluxPipeline:
         self._loads += 1
         return name
 
+    def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> list[str]:
+        """Exactly the LoRAs ``loras`` ((file, scale), ...), in that order, in place of those loaded: one merge (one
+        new session on ONNX Runtime) however many change; the images those of a fresh pipeline loaded with them.
+        Returns their names, as ``load_lora`` gives them."""
+        read = []
+        for path, scale in loras:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+                raise InvalidInputError(f"LoRA scale must be a finite number, got {scale!r}")
+            read.append((path, read_lora(path, self.folder.transformer_config()), float(scale)))
+        named = {}
+        for k, (path, lora, scale) in enumerate(read):
+            named[f"{Path(path).stem or 'lora'}-{self._loads + k + 1}"] = (lora, scale)
+        self._set_loras(named)
+        self._loads += len(read)
+        return list(named)
+
     def unload_lora(self, name: str | None = None) -> None:
         """Remove the LoRA ``name`` (a name ``load_lora`` returned), or every one with None: the transformer
         computes with the others exactly as if only they had been loaded, in their order."""

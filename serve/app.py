@@ -27,6 +27,7 @@ from fluxrt.serve.service import Service
 
 log = logging.getLogger("fluxrt.serve")
 DISCONNECT_POLL_S = 0.25
+DRAIN_BYTES = 4 * MAX_BODY_BYTES  # an oversized body up to this is read before the 413; a larger one is cut off
 ERROR_KINDS = {400: "invalid_request", 401: "unauthorized", 413: "too_large", 429: "queue_full", 499: "disconnected",
                503: "not_ready",
                504: "timeout"}
@@ -40,6 +41,9 @@ async def read_body(request: Request) -> bytes:
     """The body, refused with 413 past MAX_BODY_BYTES (by its Content-Length, else as it streams in)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        if int(declared) <= DRAIN_BYTES:  # read and dropped, so that a client still sending sees the answer
+            async for _ in request.stream():
+                pass
         raise ApiError(413, f"the request body is {declared} bytes; at most {MAX_BODY_BYTES} are accepted")
     chunks, size = [], 0
     async for chunk in request.stream():

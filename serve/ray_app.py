@@ -22,17 +22,18 @@ from fluxrt.serve.batching import Job, call_jobs, groups
 from fluxrt.serve.service import Service, ServeSettings, load_pipeline
 
 log = logging.getLogger("fluxrt.serve")
-ARGS = ("path", "backend", "cuda_graph", "loras", "replicas", "max_batch", "batch_wait_ms", "queue_size",
+ARGS = ("path", "backend", "cuda_graph", "loras", "lora_choices", "replicas", "max_batch", "batch_wait_ms", "queue_size",
         "timeout_s", "max_side", "num_gpus", "autoscaling_config", "api_key")
 
 
 class RayService(Service):
     """A replica's service: the pipeline loaded in the constructor; requests go through ``@serve.batch``."""
 
-    def __init__(self, path: str, backend: str | None, cuda_graph: bool, loras, settings: ServeSettings):
+    def __init__(self, path: str, backend: str | None, cuda_graph: bool, loras, settings: ServeSettings,
+                 lora_choices=()):
         from ray import serve
 
-        super().__init__(load_pipeline(Path(path), backend, cuda_graph, loras), path, settings)
+        super().__init__(load_pipeline(Path(path), backend, cuda_graph, loras), path, settings, lora_choices)
         self.start(batching=False)
         if self.state == "failed":
             raise RuntimeError(f"fluxrt replica: loading {path} failed: {self.error}")
@@ -65,7 +66,7 @@ class RayService(Service):
 
 def deployment(path: str, backend: str | None = None, cuda_graph: bool = False, loras=(),
                settings: ServeSettings = ServeSettings(), replicas: int = 1, num_gpus: float | None = None,
-               autoscaling_config: dict | None = None, api_key: str | None = None):
+               autoscaling_config: dict | None = None, api_key: str | None = None, lora_choices=()):
     """The bound Serve application. ``num_gpus``: per replica (default 1 where the cluster has GPUs, else 0);
     ``autoscaling_config``: Serve's, passed through (``replicas`` is then its initial count)."""
     import ray
@@ -86,7 +87,7 @@ def deployment(path: str, backend: str | None = None, cuda_graph: bool = False, 
     @serve.ingress()
     class FluxReplica:
         def __init__(self):
-            self.service = RayService(path, backend, cuda_graph, loras, settings)
+            self.service = RayService(path, backend, cuda_graph, loras, settings, lora_choices)
 
         def __serve_build_asgi_app__(self):
             return create_app(self.service, api_key)
@@ -117,11 +118,12 @@ def build_app(args: dict):
     loras = args.get("loras") or ()
     cuda_graph = str(args.get("cuda_graph", False)).lower() in ("1", "true", "yes")
     return deployment(str(args["path"]), args.get("backend"), cuda_graph, loras, settings,
-                      number("replicas", int, 1), number("num_gpus", float, None), autoscaling, args.get("api_key"))
+                      number("replicas", int, 1), number("num_gpus", float, None), autoscaling, args.get("api_key"),
+                      args.get("lora_choices") or ())
 
 
 def run_ray(path, backend, cuda_graph, loras, settings: ServeSettings, host: str, port: int, api_key: str | None,
-            replicas: int) -> None:
+            replicas: int, lora_choices=()) -> None:
     """``fluxrt serve --ray``: a local Ray cluster (or ``RAY_ADDRESS``'s), the deployment, until SIGTERM/SIGINT."""
     import ray
     from ray import serve
@@ -129,7 +131,8 @@ def run_ray(path, backend, cuda_graph, loras, settings: ServeSettings, host: str
     logging.basicConfig(level=logging.INFO, format="fluxrt serve: %(message)s")
     ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(str(path), backend, cuda_graph, loras, settings, replicas, api_key=api_key),
+    serve.run(deployment(str(path), backend, cuda_graph, loras, settings, replicas, api_key=api_key,
+                         lora_choices=lora_choices),
               name="fluxrt", route_prefix="/")
     log.info("Ray Serve: %d replica(s) of %s on http://%s:%d", replicas, path, host, port)
     stop = threading.Event()

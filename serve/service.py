@@ -21,7 +21,8 @@ import numpy as np
 
 from fluxrt.errors import FluxRTError, InvalidInputError, NumericError
 from fluxrt.runtime import memory
-from fluxrt.runtime.params import GuidanceIgnoredWarning
+from fluxrt.runtime.backends import check_optional
+from fluxrt.runtime.params import GuidanceIgnoredWarning, InitImage
 from fluxrt.runtime.png import generation_settings, png_bytes
 from fluxrt.serve.batching import Batcher, Job
 from fluxrt.serve.metrics import Metrics
@@ -64,8 +65,12 @@ class Service:
     """``load``: a function returning the pipeline (``FluxPipeline.load(...)``), run on a thread of its own so
     the server answers health checks while it loads; ``model``: what the PNGs record as the model."""
 
-    def __init__(self, load: Callable[[], object], model: str, settings: ServeSettings = ServeSettings()):
+    def __init__(self, load: Callable[[], object], model: str, settings: ServeSettings = ServeSettings(),
+                 lora_choices: Sequence[Path] = ()):
         self.settings, self.model = settings, model
+        self.lora_choices = lora_names(lora_choices)  # name -> file: what a request's lora field may name
+        self.base_loras: list = []  # the pipeline's own (--lora), (file, scale) in load order
+        self.applied: tuple = ()  # the request LoRAs merged now
         self.metrics = Metrics()
         self.state, self.error = "loading", None
         self.pipe = None
@@ -79,6 +84,7 @@ class Service:
         try:
             begin = time.perf_counter()
             self.pipe = self.load()
+            self.base_loras = [(Path(lora.path), scale) for lora, scale in self.pipe.loras.values()]
             self.warm()
             max_batch = self.settings.max_batch
             if self.pipe.folder.kind == "engines":
@@ -107,6 +113,11 @@ class Service:
             warnings.simplefilter("ignore", GuidanceIgnoredWarning)
             p = pipe.params("warm-up", height=side, width=side, num_inference_steps=1, seed=0)
         pipe.generate(p)
+        if "vae_encoder" in pipe.folder.components():  # image-to-image's encoder: its session made now too
+            pipe.vae_encoder().activate()
+        for name in self.lora_choices:  # each offered LoRA read against the model, and the swap made once
+            self.use_loras(((name, 1.0),))
+        self.use_loras(())
 
     def drain(self) -> None:
         """SIGTERM: refuse new requests; the accepted ones finish."""
@@ -138,7 +149,13 @@ class Service:
         self.check_ready()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", GuidanceIgnoredWarning)  # schnell: guidance_scale accepted, unused
-            request = image_request(body, self.pipe.params, self.max_batch, self.settings.max_side)
+            request = image_request(body, self.pipe.params, self.max_batch, self.settings.max_side,
+                                    2 * self.pipe.dims.vae_scale_factor, self.lora_choices)
+        if request.image is not None:
+            try:
+                check_optional(self.pipe.folder, "vae_encoder")
+            except FluxRTError as e:
+                raise ApiError(400, str(e), param="image") from None
         self.check_memory(request)
         return request
 
@@ -154,25 +171,32 @@ class Service:
         """The pipeline's memory estimate for this request alone, before it is queued (a call joining it with
         others is checked again when made)."""
         try:
-            memory.check(self.pipe.folder, request.params, {k: r.device for k, r in self.pipe.runners.items()})
+            memory.check(self.pipe.folder, request.params, {k: r.device for k, r in self.pipe.runners.items()},
+                         0 if request.image is None else request.image.count)
         except InvalidInputError as e:
             raise ApiError(400, str(e), param="size") from None
 
     # ---- the batcher's thread ---------------------------------------------------------------------
     def run(self, requests: Sequence[ImageRequest]) -> list[list[str]]:
         """One pipeline call for ``requests`` (one batch key): each request's PNGs, base64. A lone request is the
-        call ``fluxrt generate`` makes; several are one call whose noise is each request's own, in order."""
+        call ``fluxrt generate`` makes; several are one call whose noise is each request's own, in order (and,
+        image-to-image, each image its own)."""
         pipe = self.pipe
         first = requests[0].params
+        init = requests[0].image
         if len(requests) == 1:
             p, latents = first, None
         else:
             p = replace(first, prompts=tuple(r.prompt for r in requests for _ in range(r.n)),
                         num_images_per_prompt=1, seed=None)
             latents = np.concatenate([pipe.initial_latents(r.params) for r in requests])  # [B, N, 64]
+            if init is not None:  # one image per prompt of the call: each request's, for each of its images
+                init = InitImage(np.concatenate([np.repeat(r.image.pixels, r.n, axis=0) for r in requests]),
+                                 init.strength)
         timings: dict[str, float] = {}
         try:
-            images = pipe.postprocess(pipe.generate(p, latents, timings=timings), "pil")
+            self.use_loras(requests[0].loras)
+            images = pipe.postprocess(pipe.generate(p, latents, timings=timings, image=init), "pil")
         except NumericError as e:
             self.metrics.errors.labels(kind="numeric").inc()
             raise ApiError(500, f"generation failed: {e}", type="server_error") from None
@@ -185,9 +209,33 @@ class Service:
         out, i = [], 0
         for r in requests:
             settings = generation_settings(pipe, r.params, r.prompt, self.model)
+            if r.image is not None:
+                settings.update(r.image.to_json())
             out.append([base64.b64encode(png_bytes(images[i + k], settings, k)).decode("ascii") for k in range(r.n)])
             i += r.n
         return out
+
+
+    def use_loras(self, wanted: tuple) -> None:
+        """The pipeline's LoRAs made the server's own followed by ``wanted`` ((name, scale), ...), in one merge,
+        when they differ from what is merged now: the images are those of a pipeline loaded with exactly these
+        files (``fluxrt generate --lora ...``)."""
+        if wanted == self.applied:
+            return
+        self.pipe.set_loras(self.base_loras + [(self.lora_choices[name], scale) for name, scale in wanted])
+        self.applied = wanted
+
+
+def lora_names(files: Sequence[Path]) -> dict[str, Path]:
+    """``--lora-choice`` files by name (their stems), which must differ."""
+    names: dict[str, Path] = {}
+    for f in files:
+        f = Path(f)
+        if f.stem in names:
+            raise InvalidInputError(f"--lora-choice {f} and {names[f.stem]} have the same name {f.stem!r} (the file's "
+                                    f"stem, what requests name): rename one")
+        names[f.stem] = f
+    return names
 
 
 def load_pipeline(path: Path, backend: str | None, cuda_graph: bool, loras=()) -> Callable[[], object]:

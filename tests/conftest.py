@@ -3,14 +3,21 @@ dev model's fp16 and bf16 exports, written once per test session; fluxrt's ONNX 
 
 Each fixture's two halves (dev and schnell; fp16 and bf16) are written at once, one in a child process:
 an export uses one core, and the files are the same wherever they are written (exports are reproducible
-whatever the hash seed, tests/test_hard_inputs.py)."""
+whatever the hash seed, tests/test_hard_inputs.py).
+
+With pytest-xdist (``make test`` runs two workers, one test file each at a time), every session fixture here is
+made once for all workers: the first to need it makes it under a lock, in a folder beside the workers' own, and
+the others wait for it and use it."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from filelock import FileLock
 
 from child_process import Child
 
@@ -26,40 +33,59 @@ EXPORT = ("import sys; from fluxrt.export.checkpoint import Checkpoint; "
           "ExportRequest(tuple(sys.argv[4].split(',')), sys.argv[3]))")
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder ``name`` that ``make(folder)`` fills, made once per test run however many xdist workers ask."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, which holds each worker's
+    root = base / f"shared-{name}"
+    with FileLock(str(base / f"shared-{name}.lock")):
+        if not (root / ".made").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            make(root)
+            (root / ".made").touch()
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     from fluxrt.export.tiny import write_tiny_checkpoint
 
-    root = tmp_path_factory.mktemp("tiny")
-    with Child(WRITE_TINY, root / "schnell", "schnell", 1) as schnell:
-        write_tiny_checkpoint(root / "dev", variant="dev", seed=0)
-        schnell.wait()
+    def make(root: Path) -> None:
+        with Child(WRITE_TINY, root / "schnell", "schnell", 1) as schnell:
+            write_tiny_checkpoint(root / "dev", variant="dev", seed=0)
+            schnell.wait()
+
+    root = made_once(tmp_path_factory, "tiny", make)
     return {v: root / v for v in ("dev", "schnell")}
+
+
+def export_pair(tmp_path_factory, name: str, child: tuple, here: tuple) -> Path:
+    """Two exports at once, ``child`` = (checkpoint, folder name, precision) in a child process, ``here`` in this one."""
+    from fluxrt.export.checkpoint import Checkpoint
+    from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
+
+    def make(root: Path) -> None:
+        with Child(EXPORT, child[0], root / child[1], child[2], EVERY_COMPONENT) as other:
+            export_checkpoint(Checkpoint.open(here[0]), root / here[1],
+                              ExportRequest(tuple(EVERY_COMPONENT.split(",")), here[2]))
+            other.wait()
+
+    return made_once(tmp_path_factory, name, make)
 
 
 @pytest.fixture(scope="session")
 def fp32_exports(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
-    from fluxrt.export.checkpoint import Checkpoint
-    from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
-
-    root = tmp_path_factory.mktemp("onnx")
-    with Child(EXPORT, tiny_checkpoints["dev"], root / "dev", "fp32", EVERY_COMPONENT) as dev:
-        export_checkpoint(Checkpoint.open(tiny_checkpoints["schnell"]), root / "schnell",
-                          ExportRequest(tuple(EVERY_COMPONENT.split(",")), "fp32"))
-        dev.wait()
+    root = export_pair(tmp_path_factory, "onnx", (tiny_checkpoints["dev"], "dev", "fp32"),
+                       (tiny_checkpoints["schnell"], "schnell", "fp32"))
     return {v: root / v for v in ("dev", "schnell")}
 
 
 @pytest.fixture(scope="session")
 def half_exports(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
-    from fluxrt.export.checkpoint import Checkpoint
-    from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
-
-    root = tmp_path_factory.mktemp("half")
-    with Child(EXPORT, tiny_checkpoints["dev"], root / "bf16", "bf16", EVERY_COMPONENT) as bf16:
-        export_checkpoint(Checkpoint.open(tiny_checkpoints["dev"]), root / "fp16",
-                          ExportRequest(tuple(EVERY_COMPONENT.split(",")), "fp16"))
-        bf16.wait()
+    root = export_pair(tmp_path_factory, "half", (tiny_checkpoints["dev"], "bf16", "bf16"),
+                       (tiny_checkpoints["dev"], "fp16", "fp16"))
     return {p: root / p for p in ("fp16", "bf16")}
 
 
@@ -72,4 +98,5 @@ def ops_library(tmp_path_factory) -> Path:
 
     if os.environ.get(ort_ops.ENV_LIBRARY):
         return Path(os.environ[ort_ops.ENV_LIBRARY])
-    return ort_build.build(tmp_path_factory.mktemp("ort-ops") / ort_ops.LIBRARY_NAME, cuda=False)
+    root = made_once(tmp_path_factory, "ort-ops", lambda root: ort_build.build(root / ort_ops.LIBRARY_NAME, cuda=False))
+    return root / ort_ops.LIBRARY_NAME

@@ -128,6 +128,7 @@ def test_kernel_classes_and_report_rows():
     assert all(c in row for c in KERNEL_COLUMNS) and row["attention"] == 0.0
 
 
+@pytest.mark.slow
 def test_synthetic_vae_follows_the_exporters_precision_rule(tmp_path, monkeypatch):
     """bench-synthetic times the graphs the exporter would write: a half-precision export keeps the VAE in
     fp32 (fluxrt.components.component_precision), so its VAE rows run an fp32 graph."""

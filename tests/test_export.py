@@ -184,6 +184,7 @@ def test_cli_export_error_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_external_data_is_fingerprinted_and_a_changed_byte_refused(tiny_checkpoints, fp32_exports, tmp_path, capsys):
     """A graph's fingerprint covers its external data file: the same graph saved with external data gives
     the same images, and one byte changed in NAME.onnx.data is refused by name, through the API and the CLI."""
@@ -241,6 +242,7 @@ def test_folders_of_an_older_format_are_refused(fp32_exports, tmp_path):
         ExportFolder.open(out).verified_graph("clip")
 
 
+@pytest.mark.slow
 def test_strided_initializers_are_written_contiguously_with_the_same_bytes(tiny_checkpoints, tmp_path):
     """The ort-kernels transformer's linears reach the writer as transposed (strided) NumPy views, which NumPy writes
     element by element (100 MB/s: four of the five minutes of the full FLUX export). write_program hands the writer

@@ -358,6 +358,7 @@ def test_outputs_carry_per_stage_timings(fp32_exports):
     assert t["clip"] + t["t5"] + t["transformer"] + t["vae_decoder"] <= t["total"]
 
 
+@pytest.mark.slow
 def test_exports_are_reproducible_whatever_the_hash_seed(tiny_checkpoints, fp32_exports, tmp_path):
     """Item 16: two exports of one checkpoint give the same bytes. torch writes the graphs' symbolic range
     constraints in set order, which follows Python's hash seed; seeds 0 and 1 gave two vae_encoder.onnx."""

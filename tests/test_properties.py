@@ -316,7 +316,7 @@ def test_tiny_model(tmp_path_factory, variant, seed, out_state):
 # ---------------------------------------------------------------- export
 
 
-@settings(PROPERTY, max_examples=8)
+@settings(PROPERTY, max_examples=4)
 @given(corruption=draw_corruption(CHECKPOINT_CORRUPTIONS),
        precision=option(["fp32", "fp16", "bf16"], ["fp64"]),
        components=option(["clip", "t5", "clip,t5"], ["clip,unet", ",", "vae_decoder"]),
@@ -516,6 +516,7 @@ def test_bench(fp32_exports, tmp_path_factory, corruption, runs, draw, out_place
 # ---------------------------------------------------------------- bench-synthetic
 
 
+@pytest.mark.slow
 @settings(PROPERTY, max_examples=5)
 @example(draw={"--plan": (True, "transformer:1+1"), "--precisions": (True, "fp32"), "--modes": (True, "ort"),
                "--height": (True, "32"), "--width": (True, "32"), "--text": (True, "8"), "--iters": (True, "1")})

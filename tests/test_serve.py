@@ -42,6 +42,7 @@ class Server:
     """``fluxrt serve`` in a child process; ``url``; ``stop(sig)`` -> (exit status, seconds, stderr)."""
 
     def __init__(self, folder: Path, *flags: str, wait_ready: bool = True, env: dict | None = None):
+        self.folder = folder
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "fluxrt.cli", "serve", "--onnx", str(folder), "--port",
@@ -133,9 +134,48 @@ def reference(pipe, prompt: str, size: str, steps: int, seed: int, n: int = 1, g
 
 
 @pytest.fixture(scope="module")
-def server(fp32_exports):
-    with Server(fp32_exports["dev"], "--max-batch", "4", "--batch-wait-ms", "300", "--queue-size", "64") as s:
+def style_lora(fp32_exports, tmp_path_factory) -> Path:
+    """A kohya LoRA the server offers by name ("style")."""
+    from test_lora import kohya_file
+
+    from fluxrt.artifacts import ExportFolder
+
+    path = tmp_path_factory.mktemp("serve-lora") / "style.safetensors"
+    kohya_file(path, ExportFolder.open(fp32_exports["dev"]).transformer_config(), alpha=8.0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(fp32_exports, style_lora):
+    with Server(fp32_exports["dev"], "--max-batch", "4", "--batch-wait-ms", "300", "--queue-size", "64",
+                "--lora-choice", str(style_lora)) as s:
         yield s
+
+
+def test_a_request_picks_an_offered_lora_and_the_next_one_is_without_it(server, pipe, style_lora):
+    """``lora`` names a --lora-choice file: the images are a pipeline's with that file at that scale; the request
+    after it, without one, gets the base images again; two requests at once with different LoRAs each get theirs."""
+    from fluxrt.runtime import FluxPipeline
+
+    styled = FluxPipeline.load(server.folder, loras=[(style_lora, 0.7)])
+    base = {"prompt": "a styled heron", "size": "32x32", "num_inference_steps": 2, "seed": 9}
+    bodies = [dict(base, lora=[{"name": "style", "scale": 0.7}]), base, dict(base, seed=10, lora=[{"name": "style"}])]
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda b: post(server.url, b, timeout=120), bodies))
+    full = FluxPipeline.load(server.folder, loras=[(style_lora, 1.0)])
+    for body, (status, answer, _), reference_pipe in zip(bodies, answers, (styled, pipe, full)):
+        assert status == 200, answer
+        want = reference(reference_pipe, body["prompt"], body["size"], 2, body["seed"])[0]
+        image = pngs(answer)[0]
+        assert np.array_equal(np.asarray(image.convert("RGB")), want), body.get("lora")
+        assert len(json.loads(image.text["fluxrt:loras"])) == (1 if "lora" in body else 0)
+    assert not np.array_equal(reference(styled, base["prompt"], "32x32", 2, 9)[0], reference(pipe, base["prompt"],
+                                                                                             "32x32", 2, 9)[0])
+    for lora, message in (([{"name": "nope"}], "'nope' is not offered by this server; it offers ['style']"),
+                          ([{"name": "style", "scale": "x"}], "scale must be a finite number"),
+                          ({"name": "style"}, "lora must be a list"), ([{"name": "style", "weight": 1}], "each lora")):
+        status, answer, _ = post(server.url, dict(base, lora=lora))
+        assert status == 400 and answer["error"]["param"] == "lora" and message in answer["error"]["message"], answer
 
 
 def test_images_equal_the_pipeline_and_carry_their_settings(server, pipe):
@@ -215,6 +255,54 @@ def test_errors_in_openai_shape(server, body, status, param, message):
     assert "Traceback" not in error["message"] and 'File "' not in error["message"]
     ok, answer, _ = post(server.url, {"prompt": "still alive", "size": "32x32", "num_inference_steps": 1, "seed": 1})
     assert ok == 200 and len(answer["data"]) == 1
+
+
+def png_b64(pixels: np.ndarray, fmt: str = "PNG", mode: str = "RGB") -> str:
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(out, format=fmt)
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def test_image_to_image_equals_the_pipeline_batched_or_not(server, pipe):
+    """``image`` + ``strength``: the PNGs are FluxPipeline's image-to-image images from asarray(image) / 255, the
+    size taken from the image; three such requests at once (two sharing a call) each get their own."""
+    rng = np.random.default_rng(4)
+    pictures = [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(3)]
+    bodies = [{"prompt": f"redraw {i}", "image": ("data:image/png;base64," if i == 1 else "") + png_b64(pic),
+               "strength": 0.7, "num_inference_steps": 3, "seed": 40 + i, "n": 1 + (i == 2)}
+              for i, pic in enumerate(pictures)]
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda b: post(server.url, b, timeout=120), bodies))
+    for body, pic, (status, answer, _) in zip(bodies, pictures, answers):
+        assert status == 200, answer
+        want = pipe(body["prompt"], image=pic.astype(np.float32) / 255, strength=0.7, num_inference_steps=3,
+                    seed=body["seed"], num_images_per_prompt=body["n"]).images
+        got = pngs(answer)
+        assert len(got) == body["n"]
+        for image, ref in zip(got, want):
+            assert image.size == (48, 32)
+            assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(ref)), body["prompt"]
+            assert json.loads(image.text["fluxrt:strength"]) == 0.7
+            assert len(image.text["fluxrt:image_sha256"]) == 64
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    ({"image": "not base64!"}, "image", "image is not valid base64"),
+    ({"image": base64.b64encode(b"GIF89a....").decode()}, "image", "cannot be decoded"),
+    ({"image": 5}, "image", "image must be a base64 string"),
+    ({"size": "64x64"}, "image", "fluxrt does not resize"),
+    ({"strength": 0}, "strength", "runs none of the"),
+    ({"strength": 1.5}, "strength", "strength must be a finite number in [0, 1]"),
+    ({"strength": "half"}, "strength", "strength must be a number"),
+    ({"image": None, "strength": 0.5}, "strength", "it needs image"),
+])
+def test_image_to_image_errors(server, fields, param, message):
+    body = dict({"prompt": "x", "image": png_b64(np.zeros((32, 48, 3), np.uint8)), "num_inference_steps": 2},
+                **fields)
+    status, answer, _ = post(server.url, body)
+    assert status == 400, answer
+    assert answer["error"]["param"] == param
+    assert message in answer["error"]["message"], answer["error"]["message"]
 
 
 def test_health_metrics_and_unknown_routes(server):
@@ -358,3 +446,25 @@ def test_cli_errors_name_flags(fp32_exports, tmp_path, capsys):
     assert "--cuda-graph replays the ort-cuda transformer" in capsys.readouterr().err
     assert main(["serve", "--onnx", str(tmp_path / "none")]) == 2
     assert str(tmp_path / "none") in capsys.readouterr().err
+
+
+def test_bench_serve_writes_rows_for_every_mode_and_concurrency(fp32_exports, tmp_path):
+    """``fluxrt bench-serve`` on the tiny model: direct calls, the server without and with batching, at two
+    concurrencies; every request answered; the JSON's summary is the rows' arithmetic."""
+    from cli_calls import cli
+
+    out = tmp_path / "bench"
+    code, stderr = cli(["bench-serve", "--onnx", fp32_exports["dev"], "--out", out, "--size", "32x32", "--steps", "1",
+                        "--requests", "6", "--concurrency", "1,3", "--max-batch", "3", "--warmup", "1"])
+    assert code == 0, stderr
+    report = json.loads((out / "bench-serve.json").read_text())
+    rows = {(r["mode"], r["concurrency"]): r for r in report["rows"]}
+    assert set(rows) == {(m, c) for m in ("direct", "server", "server+batching") for c in (1, 3)}
+    assert all(r["failed"] == 0 and r["requests"] == 6 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows.values())
+    s = report["summary"]
+    assert s["overhead_p50_ms"] == pytest.approx(rows[("server", 1)]["p50_ms"] - rows[("direct", 1)]["p50_ms"])
+    assert s["batching_throughput_ratio_c3"] == pytest.approx(rows[("server+batching", 3)]["images_per_s"]
+                                                              / rows[("server", 3)]["images_per_s"])
+    assert "| server+batching | 3 |" in (out / "bench-serve.md").read_text()
+    code, stderr = cli(["bench-serve", "--onnx", fp32_exports["dev"], "--out", out, "--concurrency", "1,x"])
+    assert code == 2 and "--concurrency" in stderr

@@ -1,0 +1,219 @@
+"""``fluxrt bench-serve``: direct pipeline calls against ``fluxrt serve`` on the same machine and model, at
+several concurrencies, the server with batching (``--max-batch N``) and without (``--max-batch 1``).
+
+Per row: p50/p99 request latency, images per second over the level's wall time.  Direct calls are made from
+``concurrency`` threads on one in-process pipeline (which serves many threads); server requests from
+``concurrency`` HTTP clients (``http.client``, one connection each) to a real server process on 127.0.0.1.
+The server's overhead is its p50 at concurrency 1 without batching minus the direct p50: HTTP, JSON, the queue,
+the PNG encoding and base64.  Writes ``bench-serve.json`` and ``bench-serve.md``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fluxrt.files import atomic_write_json, atomic_write_text
+
+
+@dataclass(frozen=True)
+class ServeBenchSettings:
+    width: int = 64
+    height: int = 64
+    steps: int = 4
+    requests: int = 32  # per concurrency level and mode
+    concurrency: tuple = (1, 4, 16)
+    max_batch: int = 8
+    batch_wait_ms: float = 10.0
+    warmup: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("width", "height", "steps", "requests", "max_batch", "warmup"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "warmup" else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if name == 'warmup' else 1}, got {v!r}")
+        if not self.concurrency or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
+                                       for c in self.concurrency):
+            raise ValueError(f"concurrency must be integers >= 1, got {self.concurrency!r}")
+
+
+def percentiles(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean())}
+
+
+def drive(call, n: int, concurrency: int) -> dict:
+    """``n`` calls of ``call(i)`` from ``concurrency`` threads: latencies and images per second."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    next_i = iter(range(n))
+
+    def worker():
+        while True:
+            with lock:
+                i = next(next_i, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            try:
+                call(i)
+            except Exception as e:  # noqa: BLE001 - counted and reported, the run goes on
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - start)
+
+    begin = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - begin
+    row = dict(percentiles(latencies) if latencies else {}, images_per_s=len(latencies) / wall, wall_s=wall,
+               requests=n, failed=len(errors))
+    if errors:
+        row["first_error"] = errors[0]
+    return row
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, folder: Path, kind: str, backend: str | None, cuda_graph: bool, flags: list[str]):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "fluxrt.cli", "serve", f"--{kind}", str(folder), "--port", str(self.port),
+               *flags]
+        if backend:
+            cmd += ["--backend", backend]
+        if cuda_graph:
+            cmd.append("--cuda-graph")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fluxrt serve exited {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        self.close()
+        raise RuntimeError("fluxrt serve was not ready within 600 s")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+
+
+def server_call(port: int, body_of):
+    local = threading.local()
+
+    def call(i: int) -> None:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn.request("POST", "/v1/images/generations", json.dumps(body_of(i)),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+
+    return call
+
+
+def bench_serve(folder: Path, kind: str, backend: str | None, cuda_graph: bool, s: ServeBenchSettings,
+                out: Path, say=print) -> dict:
+    from fluxrt.runtime import FluxPipeline
+
+    size = f"{s.width}x{s.height}"
+
+    def body(i: int) -> dict:
+        return {"prompt": f"a red circle on a blue background {i}", "size": size, "num_inference_steps": s.steps,
+                "seed": s.seed + i}
+
+    rows = []
+    pipe = FluxPipeline.load(folder, backend=backend, cuda_graph=cuda_graph)
+
+    def direct(i: int) -> None:
+        b = body(i)
+        pipe(b["prompt"], height=s.height, width=s.width, num_inference_steps=s.steps, seed=b["seed"])
+
+    for i in range(s.warmup):
+        direct(i)
+    for c in s.concurrency:
+        rows.append(dict(mode="direct", concurrency=c, **drive(direct, s.requests, c)))
+        say(f"direct c={c}: {rows[-1]}")
+    del pipe
+    for mode, max_batch in (("server", 1), ("server+batching", s.max_batch)):
+        server = ServerProcess(folder, kind, backend, cuda_graph, ["--max-batch", str(max_batch), "--batch-wait-ms",
+                                                                  str(s.batch_wait_ms), "--queue-size", "1024"])
+        try:
+            call = server_call(server.port, body)
+            for i in range(s.warmup):
+                call(i)
+            for c in s.concurrency:
+                rows.append(dict(mode=mode, concurrency=c, max_batch=max_batch, **drive(call, s.requests, c)))
+                say(f"{mode} c={c}: {rows[-1]}")
+        finally:
+            server.close()
+    report = {"settings": asdict(s), "folder": str(folder), "backend": backend or "default", "cuda_graph": cuda_graph,
+              "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "node": platform.node()},
+              "rows": rows, "summary": summary(rows)}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "bench-serve.json", report)
+    atomic_write_text(out / "bench-serve.md", markdown(report))
+    return report
+
+
+def summary(rows: list[dict]) -> dict:
+    at = {(r["mode"], r["concurrency"]): r for r in rows}
+    out = {}
+    if ("direct", 1) in at and ("server", 1) in at and "p50_ms" in at[("server", 1)]:
+        out["overhead_p50_ms"] = at[("server", 1)]["p50_ms"] - at[("direct", 1)]["p50_ms"]
+    for (mode, c), r in at.items():
+        if mode == "server+batching" and ("server", c) in at:
+            base = at[("server", c)]["images_per_s"]
+            out[f"batching_throughput_ratio_c{c}"] = r["images_per_s"] / base if base else None
+    return out
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"# fluxrt bench-serve: {report['folder']} ({report['backend']}), {s['width']}x{s['height']}, "
+             f"{s['steps']} steps, {s['requests']} requests per row", "",
+             "| mode | concurrency | p50 ms | p99 ms | images/s | failed |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in report["rows"]:
+        lines.append(f"| {r['mode']} | {r['concurrency']} | {r.get('p50_ms', float('nan')):.1f} | "
+                     f"{r.get('p99_ms', float('nan')):.1f} | {r['images_per_s']:.2f} | {r['failed']} |")
+    lines += ["", "Summary: " + ", ".join(f"{k} {v:.3f}" for k, v in report["summary"].items() if v is not None), ""]
+    return "\n".join(lines)
