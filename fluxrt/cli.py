@@ -598,7 +598,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--library", choices=("tensorrt", "tensorrt-rtx"), help="default: tensorrt if installed, "
                                                                            "else tensorrt-rtx")
     b.add_argument("--components", help="comma-separated subset of clip,t5,transformer,vae_decoder,vae_encoder "
-                                        "(default: every graph the export has)")
+                                        "(default: the text-to-image stages clip,t5,transformer,vae_decoder; add "
+                                        "vae_encoder for image-to-image)")
     add_calibration_flags(b, "fp8 from an fp16/bf16 export: ")
     b.set_defaults(func=cmd_build)
 

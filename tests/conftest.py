@@ -55,31 +55,40 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     def make(root: Path) -> None:
         with Child(WRITE_TINY, root / "schnell", "schnell", 1) as schnell:
             write_tiny_checkpoint(root / "dev", variant="dev", seed=0)
+            write_tiny_checkpoint(root / "trained", trained=True)  # the shipped trained model (a copy)
             schnell.wait()
 
     root = made_once(tmp_path_factory, "tiny", make)
-    return {v: root / v for v in ("dev", "schnell")}
+    return {v: root / v for v in ("dev", "schnell", "trained")}
 
 
-def export_pair(tmp_path_factory, name: str, child: tuple, here: tuple) -> Path:
-    """Two exports at once, ``child`` = (checkpoint, folder name, precision) in a child process, ``here`` in this one."""
+def export_pair(tmp_path_factory, name: str, child: tuple, here: tuple, *more: tuple) -> Path:
+    """Exports at once, ``child`` (and ``more``) = (checkpoint, folder name, precision) in child processes, ``here``
+    in this one."""
+    from contextlib import ExitStack
+
     from fluxrt.export.checkpoint import Checkpoint
     from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
 
     def make(root: Path) -> None:
-        with Child(EXPORT, child[0], root / child[1], child[2], EVERY_COMPONENT) as other:
+        with ExitStack() as stack:
+            others = [stack.enter_context(Child(EXPORT, c[0], root / c[1], c[2], EVERY_COMPONENT))
+                      for c in (child, *more)]
             export_checkpoint(Checkpoint.open(here[0]), root / here[1],
                               ExportRequest(tuple(EVERY_COMPONENT.split(",")), here[2]))
-            other.wait()
+            for other in others:
+                other.wait()
 
     return made_once(tmp_path_factory, name, make)
 
 
 @pytest.fixture(scope="session")
 def fp32_exports(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """dev and schnell (seeded random weights) and the shipped trained model, fp32."""
     root = export_pair(tmp_path_factory, "onnx", (tiny_checkpoints["dev"], "dev", "fp32"),
-                       (tiny_checkpoints["schnell"], "schnell", "fp32"))
-    return {v: root / v for v in ("dev", "schnell")}
+                       (tiny_checkpoints["schnell"], "schnell", "fp32"),
+                       (tiny_checkpoints["trained"], "trained", "fp32"))
+    return {v: root / v for v in ("dev", "schnell", "trained")}
 
 
 @pytest.fixture(scope="session")

@@ -43,12 +43,12 @@ def diffusers_img2img(tiny_checkpoints):
     from diffusers import FluxImg2ImgPipeline
 
     return {v: FluxImg2ImgPipeline.from_pretrained(tiny_checkpoints[v], local_files_only=True)
-            for v in ("dev", "schnell")}
+            for v in ("dev", "schnell", "trained")}
 
 
 @pytest.fixture(scope="module")
 def pipes(fp32_exports):
-    return {v: FluxPipeline.load(fp32_exports[v], backend="ort-cpu") for v in ("dev", "schnell")}
+    return {v: FluxPipeline.load(fp32_exports[v], backend="ort-cpu") for v in ("dev", "schnell", "trained")}
 
 
 # (variant, prompts, images per prompt, height, width, steps, strength, image kind)
@@ -59,11 +59,12 @@ CASES = [
     ("dev", ["a koi pond", "two cats under neon lights"], 1, 32, 48, 5, 0.5, "list"),  # one image per prompt
     ("dev", ["a paper boat"], 2, 32, 32, 3, 0.7, "array"),  # one image for both images of the prompt
     ("schnell", ["a red bicycle"], 1, 48, 32, 4, 0.6, "array"),
+    ("trained", ["a red circle on a blue background"], 1, 64, 64, 6, 0.6, "array"),  # the trained weights
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=["nonsquare-0.6", "pil-1.0", "one-step-0.25", "per-prompt", "n2-0.7",
-                                             "schnell"])
+                                             "schnell", "trained"])
 def test_images_equal_diffusers_img2img(case, diffusers_img2img, pipes, monkeypatch):
     """diffusers draws its noise with ``randn_tensor(shape, generator)`` after encoding the image; the encoding is
     made the posterior mean (``retrieve_latents`` with ``sample_mode="argmax"``, the exported encoder's output)

@@ -31,7 +31,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["dev", "schnell"])
+@pytest.mark.parametrize("variant", ["dev", "schnell", "trained"])
 @pytest.mark.parametrize("case", CASES, ids=["1step", "batch-nonsquare", "7steps"])
 def test_images_equal_diffusers(variant, case, tiny_checkpoints, fp32_exports):
     from diffusers import FluxPipeline as DiffusersFlux
@@ -53,7 +53,7 @@ def test_images_equal_diffusers(variant, case, tiny_checkpoints, fp32_exports):
     assert want.std() > 1e-3  # the comparison is not between two blank images
 
 
-@pytest.mark.parametrize("variant", ["dev", "schnell"])
+@pytest.mark.parametrize("variant", ["dev", "schnell", "trained"])
 def test_denoise_and_decode_equal_diffusers_loop(variant, tiny_checkpoints, fp32_exports):
     """The free functions the pipeline, the benchmarks and FP8 calibration share, fed diffusers' own prompt
     embeddings: ``loop.denoise`` ends where diffusers' denoising loop ends (its last step callback), and

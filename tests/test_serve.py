@@ -96,7 +96,11 @@ def post(url: str, body, timeout: float = 60, headers: dict | None = None) -> tu
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read()), r.headers
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read()), e.headers
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw), e.headers
+        except ValueError:  # not fluxrt's answer (Ray Serve's proxy answers a lost replica in plain text)
+            return e.code, {"raw": raw.decode(errors="replace")}, e.headers
 
 
 def get(url: str, path: str) -> tuple[int, str]:

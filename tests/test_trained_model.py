@@ -45,25 +45,18 @@ SCENES = grid()
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, Path]:
-    """The trained checkpoint and its fp32, fp16 and fp32 ort-kernels exports (two at a time), and the FP8
-    folder quantized from the last."""
-    from fluxrt.export.tiny import write_tiny_checkpoint
-
+def trained(tiny_checkpoints, fp32_exports, tmp_path_factory) -> dict[str, Path]:
+    """The trained checkpoint, its fp32 export (the session's) and its fp16 and fp32 ort-kernels exports (at once)."""
     root = tmp_path_factory.mktemp("trained")
-    ckpt = write_tiny_checkpoint(root / "ckpt", trained=True)
-    out = {"ckpt": ckpt}
+    ckpt = tiny_checkpoints["trained"]
     with Child(EXPORT, ckpt, root / "fp16", "fp16", "portable") as fp16:
-        with Child(EXPORT, ckpt, root / "kernels", "fp32", "ort-kernels") as kernels:
-            from fluxrt.export.checkpoint import Checkpoint
-            from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
+        from fluxrt.export.checkpoint import Checkpoint
+        from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
 
-            export_checkpoint(Checkpoint.open(ckpt), root / "fp32", ExportRequest(("clip", "t5", "transformer", "vae"),
-                                                                                   "fp32"))
-            kernels.wait()
+        export_checkpoint(Checkpoint.open(ckpt), root / "kernels",
+                          ExportRequest(("clip", "t5", "transformer", "vae"), "fp32", attention="ort-kernels"))
         fp16.wait()
-    out.update(fp32=root / "fp32", fp16=root / "fp16", kernels=root / "kernels")
-    return out
+    return {"ckpt": ckpt, "fp32": fp32_exports["trained"], "fp16": root / "fp16", "kernels": root / "kernels"}
 
 
 @pytest.fixture(scope="module")
