@@ -67,9 +67,8 @@ $(APT_DIR)/apt.conf: | venv
 		APT_CONFIG=$@.tmp apt-get -qq update && mv $@.tmp $@; \
 	fi
 
-# three workers on CI's two cores (many tests wait on servers and child processes), one test file each at a
-# time; the session fixtures are made once (tests/conftest.py)
-TEST_WORKERS ?= 3
+# two workers (CI's two cores), one test file each at a time; the session fixtures are made once (tests/conftest.py)
+TEST_WORKERS ?= 2
 test: venv $(APT_DIR)/apt.conf
 	APT_CONFIG=$(APT_DIR)/apt.conf $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 

@@ -383,7 +383,7 @@ def test_queue_full_timeout_and_disconnect(fp32_exports):
 def test_sigterm_finishes_accepted_requests_and_exits_0(fp32_exports):
     with Server(fp32_exports["dev"], "--batch-wait-ms", "0") as s:
         results = []
-        t = threading.Thread(target=lambda: results.append(post(s.url, {"prompt": "in flight", "size": "1024x1024",
+        t = threading.Thread(target=lambda: results.append(post(s.url, {"prompt": "in flight", "size": "768x768",
                                                                         "num_inference_steps": 12, "seed": 3})))
         t.start()
         time.sleep(1.0)
