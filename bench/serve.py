@@ -4,8 +4,18 @@ several concurrencies, the server with batching (``--max-batch N``) and without 
 Per row: p50/p99 request latency, images per second over the level's wall time.  Direct calls are made from
 ``concurrency`` threads on one in-process pipeline (which serves many threads); server requests from
 ``concurrency`` HTTP clients (``http.client``, one connection each) to a real server process on 127.0.0.1.
-The server's overhead is its p50 at concurrency 1 without batching minus the direct p50: HTTP, JSON, the queue,
-the PNG encoding and base64.  Writes ``bench-serve.json`` and ``bench-serve.md``.
+
+The server's overhead (HTTP, JSON, validation, the queue, the PNG encoding and base64: all but the pipeline call)
+is measured request by request: the server reports the seconds of the pipeline call it made for a request, the
+call a direct user makes (``Server-Timing: generate;dur=MS``), and the overhead is the client's latency minus
+that; rows of the server carry its p50/p99, and the summary's ``overhead_p50_ms`` is the unbatched server's at
+concurrency 1.  (The difference of the direct and server p50s, taken minutes apart, is reported beside it: on a
+GPU a launch-bound small model's own time drifts more than the overhead between two runs.)
+
+Each server is warmed before it is timed: ``warmup`` requests alone, then, with batching, ``warmup`` rounds of k
+requests sent at once for every k up to ``--max-batch`` (each batch size's first call pays the backend's per-shape
+set-up, on ONNX Runtime CUDA cuDNN's algorithm search, which is not what the rows measure).  Writes
+``bench-serve.json`` and ``bench-serve.md``.
 """
 
 from __future__ import annotations
@@ -58,8 +68,10 @@ def percentiles(seconds: list[float]) -> dict:
 
 
 def drive(call, n: int, concurrency: int) -> dict:
-    """``n`` calls of ``call(i)`` from ``concurrency`` threads: latencies and images per second."""
+    """``n`` calls of ``call(i)`` from ``concurrency`` threads: latencies and images per second; where ``call``
+    returns the seconds the server spent in its pipeline call, the overhead (latency minus those) too."""
     latencies: list[float] = []
+    overheads: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
     next_i = iter(range(n))
@@ -72,13 +84,16 @@ def drive(call, n: int, concurrency: int) -> dict:
                 return
             start = time.perf_counter()
             try:
-                call(i)
+                generate_s = call(i)
             except Exception as e:  # noqa: BLE001 - counted and reported, the run goes on
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
                 continue
+            took = time.perf_counter() - start
             with lock:
-                latencies.append(time.perf_counter() - start)
+                latencies.append(took)
+                if generate_s is not None:
+                    overheads.append(took - generate_s)
 
     begin = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -89,6 +104,9 @@ def drive(call, n: int, concurrency: int) -> dict:
     wall = time.perf_counter() - begin
     row = dict(percentiles(latencies) if latencies else {}, images_per_s=len(latencies) / wall, wall_s=wall,
                requests=n, failed=len(errors))
+    if overheads:
+        ms = np.asarray(overheads) * 1000
+        row.update(overhead_p50_ms=float(np.percentile(ms, 50)), overhead_p99_ms=float(np.percentile(ms, 99)))
     if errors:
         row["first_error"] = errors[0]
     return row
@@ -147,8 +165,20 @@ def server_call(port: int, body_of):
         data = response.read()
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+        return generation_seconds(response.getheader("Server-Timing"))
 
     return call
+
+
+def generation_seconds(header: str | None) -> float:
+    """The ``generate`` metric's seconds in a Server-Timing header (``generate;dur=MS``)."""
+    for metric in (header or "").split(","):
+        name, *params = (part.strip() for part in metric.split(";"))
+        if name == "generate":
+            for param in params:
+                if param.startswith("dur="):
+                    return float(param[4:]) / 1000
+    raise RuntimeError(f"the server's answer has no Server-Timing generate;dur=MS (got {header!r})")
 
 
 def bench_serve(folder: Path, kind: str, backend: str | None, cuda_graph: bool, s: ServeBenchSettings,
@@ -179,8 +209,7 @@ def bench_serve(folder: Path, kind: str, backend: str | None, cuda_graph: bool, 
                                                                   str(s.batch_wait_ms), "--queue-size", "1024"])
         try:
             call = server_call(server.port, body)
-            for i in range(s.warmup):
-                call(i)
+            warm_server(call, max_batch, s.warmup)
             for c in s.concurrency:
                 rows.append(dict(mode=mode, concurrency=c, max_batch=max_batch, **drive(call, s.requests, c)))
                 say(f"{mode} c={c}: {rows[-1]}")
@@ -195,11 +224,22 @@ def bench_serve(folder: Path, kind: str, backend: str | None, cuda_graph: bool, 
     return report
 
 
+def warm_server(call, max_batch: int, rounds: int) -> None:
+    """``rounds`` requests alone, then with batching ``rounds`` rounds of k requests at once for k = 2..max_batch."""
+    for i in range(rounds):
+        call(i)
+    for k in range(2, max_batch + 1):
+        for _ in range(rounds):
+            drive(call, k, k)
+
+
 def summary(rows: list[dict]) -> dict:
     at = {(r["mode"], r["concurrency"]): r for r in rows}
     out = {}
-    if ("direct", 1) in at and ("server", 1) in at and "p50_ms" in at[("server", 1)]:
-        out["overhead_p50_ms"] = at[("server", 1)]["p50_ms"] - at[("direct", 1)]["p50_ms"]
+    if ("server", 1) in at and "overhead_p50_ms" in at[("server", 1)]:
+        out["overhead_p50_ms"] = at[("server", 1)]["overhead_p50_ms"]
+        if ("direct", 1) in at:
+            out["server_minus_direct_p50_ms"] = at[("server", 1)]["p50_ms"] - at[("direct", 1)]["p50_ms"]
     for (mode, c), r in at.items():
         if mode == "server+batching" and ("server", c) in at:
             base = at[("server", c)]["images_per_s"]
@@ -211,9 +251,11 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# fluxrt bench-serve: {report['folder']} ({report['backend']}), {s['width']}x{s['height']}, "
              f"{s['steps']} steps, {s['requests']} requests per row", "",
-             "| mode | concurrency | p50 ms | p99 ms | images/s | failed |", "| --- | --- | --- | --- | --- | --- |"]
+             "| mode | concurrency | p50 ms | p99 ms | images/s | server overhead p50 / p99 ms | failed |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
+        overhead = (f"{r['overhead_p50_ms']:.2f} / {r['overhead_p99_ms']:.2f}" if "overhead_p50_ms" in r else "")
         lines.append(f"| {r['mode']} | {r['concurrency']} | {r.get('p50_ms', float('nan')):.1f} | "
-                     f"{r.get('p99_ms', float('nan')):.1f} | {r['images_per_s']:.2f} | {r['failed']} |")
+                     f"{r.get('p99_ms', float('nan')):.1f} | {r['images_per_s']:.2f} | {overhead} | {r['failed']} |")
     lines += ["", "Summary: " + ", ".join(f"{k} {v:.3f}" for k, v in report["summary"].items() if v is not None), ""]
     return "\n".join(lines)

@@ -111,13 +111,14 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
             answered(e.status, began)
             return error_response(e)
         answered(200, began)
-        return {"created": int(time.time()), "data": [{"b64_json": png} for png in result]}
+        return JSONResponse({"created": int(time.time()), "data": [{"b64_json": png} for png in result.pngs]},
+                            headers={"Server-Timing": f"generate;dur={result.generate_s * 1000:.3f}"})
 
     return app
 
 
-async def wait_for(job, request: Request, timeout_s: float) -> list[str]:
-    """The job's images; its queued work dropped when the client disconnects or the time is up."""
+async def wait_for(job, request: Request, timeout_s: float):
+    """The job's Generated (its images); its queued work dropped when the client disconnects or the time is up."""
     future = asyncio.wrap_future(job.future)
     deadline = time.monotonic() + timeout_s
     while True:

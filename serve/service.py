@@ -32,6 +32,17 @@ log = logging.getLogger("fluxrt.serve")
 
 
 @dataclass(frozen=True)
+class Generated:
+    """One request's answer: its PNGs (base64) and the seconds of the pipeline call that made them (the call a
+    direct ``FluxPipeline`` user makes: generate and the PIL images; shared when the request was batched). The
+    HTTP answer reports it as ``Server-Timing: generate;dur=MS``, so a client can tell the server's overhead (all
+    but the call) from the generation, request by request."""
+
+    pngs: list
+    generate_s: float
+
+
+@dataclass(frozen=True)
 class ServeSettings:
     max_batch: int = 4  # images per pipeline call
     batch_wait_ms: float = 10.0
@@ -177,8 +188,8 @@ class Service:
             raise ApiError(400, str(e), param="size") from None
 
     # ---- the batcher's thread ---------------------------------------------------------------------
-    def run(self, requests: Sequence[ImageRequest]) -> list[list[str]]:
-        """One pipeline call for ``requests`` (one batch key): each request's PNGs, base64. A lone request is the
+    def run(self, requests: Sequence[ImageRequest]) -> list[Generated]:
+        """One pipeline call for ``requests`` (one batch key): each request's PNGs, base64, and the call's time. A lone request is the
         call ``fluxrt generate`` makes; several are one call whose noise is each request's own, in order (and,
         image-to-image, each image its own)."""
         pipe = self.pipe
@@ -196,7 +207,9 @@ class Service:
         timings: dict[str, float] = {}
         try:
             self.use_loras(requests[0].loras)
+            began = time.perf_counter()  # what a direct call does: generate and make the PIL images
             images = pipe.postprocess(pipe.generate(p, latents, timings=timings, image=init), "pil")
+            generate_s = time.perf_counter() - began
         except NumericError as e:
             self.metrics.errors.labels(kind="numeric").inc()
             raise ApiError(500, f"generation failed: {e}", type="server_error") from None
@@ -211,7 +224,8 @@ class Service:
             settings = generation_settings(pipe, r.params, r.prompt, self.model)
             if r.image is not None:
                 settings.update(r.image.to_json())
-            out.append([base64.b64encode(png_bytes(images[i + k], settings, k)).decode("ascii") for k in range(r.n)])
+            out.append(Generated([base64.b64encode(png_bytes(images[i + k], settings, k)).decode("ascii")
+                                  for k in range(r.n)], generate_s))
             i += r.n
         return out
 

@@ -109,3 +109,28 @@ def ops_library(tmp_path_factory) -> Path:
         return Path(os.environ[ort_ops.ENV_LIBRARY])
     root = made_once(tmp_path_factory, "ort-ops", lambda root: ort_build.build(root / ort_ops.LIBRARY_NAME, cuda=False))
     return root / ort_ops.LIBRARY_NAME
+
+
+@pytest.fixture(scope="session")
+def kernels_dev(tiny_checkpoints, fp32_exports, tmp_path_factory) -> Path:
+    """The fp32 dev export with its transformer re-exported ``--attention ort-kernels`` (``fluxrt export
+    --components transformer`` into a copy of the portable export): the folder test_ort_kernels' toolkit test and
+    test_fp8_kernels' quantize tests read. Read-only: a test that changes it copies it first."""
+    from fluxrt.export.checkpoint import Checkpoint
+    from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
+
+    def make(root: Path) -> None:
+        shutil.copytree(fp32_exports["dev"], root / "kernels")
+        export_checkpoint(Checkpoint.open(tiny_checkpoints["dev"]), root / "kernels",
+                          ExportRequest(("transformer",), "fp32", attention="ort-kernels"))
+
+    return made_once(tmp_path_factory, "kernels-dev", make) / "kernels"
+
+
+@pytest.fixture(scope="session")
+def deep_kernels_transformer(tmp_path_factory) -> Path:
+    """test_ort_kernels' 2+3-block ort-kernels transformer graph (fp32), exported once for its tests and
+    test_fp8_kernels'. Read-only."""
+    from test_ort_kernels import export_kernels_transformer
+
+    return made_once(tmp_path_factory, "deep-kernels", export_kernels_transformer) / "t.onnx"

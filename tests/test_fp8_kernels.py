@@ -289,11 +289,11 @@ def test_quantizer_scale_must_be_a_positive_scalar(ops_library):
 # ---- the rewritten transformer against the Q/DQ graph of the same calibration --------------------------
 
 @pytest.fixture(scope="module")
-def kernels_graph(tmp_path_factory, ops_library, monkeypatch_module):
+def kernels_graph(tmp_path_factory, ops_library, monkeypatch_module, deep_kernels_transformer):
     """The tiny 2+3-block ort-kernels transformer (fp32), its selected linears and one max calibration."""
     monkeypatch_module.setenv(ort_ops.ENV_LIBRARY, str(ops_library))
     tmp = tmp_path_factory.mktemp("fp8-kernels")
-    model = onnx.load(str(export_kernels_transformer(tmp)))
+    model = onnx.load(str(deep_kernels_transformer))
     selected, _ = fp8.select_linears(fp8.find_linears(model, "t"), "transformer", "t")
     linears = fp8_ort.kernel_linears(model, selected, "t")
     args = transformer_args()
@@ -526,21 +526,15 @@ FLAGS = ["--calibration-prompts", "2", "--calibration-steps", "2", "--calibratio
 
 
 @pytest.fixture(scope="module")
-def kernels_exports(tiny_checkpoints, fp32_exports, ops_library, tmp_path_factory, monkeypatch_module):
-    """An fp32 ort-kernels export of the tiny dev model and its FP8 export (``fluxrt quantize``)."""
-    import shutil
-
+def kernels_exports(kernels_dev, ops_library, tmp_path_factory, monkeypatch_module):
+    """An fp32 ort-kernels export of the tiny dev model (the session's, read-only) and its FP8 export (``fluxrt
+    quantize``)."""
     from fluxrt.cli import main
-    from fluxrt.export.checkpoint import Checkpoint
-    from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
 
     monkeypatch_module.setenv(ort_ops.ENV_LIBRARY, str(ops_library))
-    root = tmp_path_factory.mktemp("kernels")
-    source = shutil.copytree(fp32_exports["dev"], root / "fp32")
-    export_checkpoint(Checkpoint.open(tiny_checkpoints["dev"]), source,
-                      ExportRequest(("transformer",), "fp32", attention="ort-kernels"))
-    assert main(["quantize", str(source), "--out", str(root / "fp8"), *FLAGS]) == 0
-    return source, root / "fp8"
+    out = tmp_path_factory.mktemp("kernels") / "fp8"
+    assert main(["quantize", str(kernels_dev), "--out", str(out), *FLAGS]) == 0
+    return kernels_dev, out
 
 
 def test_quantize_writes_an_fp8_kernels_export_close_to_its_source(kernels_exports):

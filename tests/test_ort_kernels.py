@@ -388,12 +388,12 @@ def export_kernels_transformer(tmp_path, config=TINY_DEEP, precision="fp32"):
     return tmp_path / "t.onnx"
 
 
-def test_kernels_export_op_census_and_output(ops_library, tmp_path):
+def test_kernels_export_op_census_and_output(ops_library, deep_kernels_transformer):
     """Per double block 3 NormRope (q, k, v), 4 AdaLayerNorm, 4 GatedResidual, 2 BiasGelu; per
     single block 2, 1, 1, 1; no RotaryEmbedding, FastGelu, RMS norm or stock LayerNorm left but the output norm; no
     concatenation as wide as the single blocks' cat(attention, mlp); the graph's output on ONNX
     Runtime equals diffusers'."""
-    path = export_kernels_transformer(tmp_path)
+    path = deep_kernels_transformer
     model = onnx.load(str(path))
     ops = collections.Counter((n.domain or "", n.op_type) for n in model.graph.node)
     assert ops[("fluxrt", "NormRope")] == 2 * 3 + 3 * 2
@@ -416,7 +416,7 @@ def test_kernels_export_op_census_and_output(ops_library, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_kernels_export_through_the_toolkit(ops_library, tiny_checkpoints, fp32_exports, tmp_path, monkeypatch):
+def test_kernels_export_through_the_toolkit(ops_library, kernels_dev, fp32_exports, tmp_path, monkeypatch):
     """``fluxrt export --attention ort-kernels`` (API path): the runtime registers the library and
     makes the portable export's images; without the library it names the build command; TensorRT
     builds are refused."""
@@ -424,14 +424,9 @@ def test_kernels_export_through_the_toolkit(ops_library, tiny_checkpoints, fp32_
 
     from fluxrt.components import ShapeEnvelope
     from fluxrt.engines.folder import BuildSettings, build_folder
-    from fluxrt.export.checkpoint import Checkpoint
-    from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
     from fluxrt.runtime import FluxPipeline
 
-    folder = tmp_path / "kernels"
-    shutil.copytree(fp32_exports["dev"], folder)
-    export_checkpoint(Checkpoint.open(tiny_checkpoints["dev"]), folder,
-                      ExportRequest(("transformer",), "fp32", attention="ort-kernels"))
+    folder = kernels_dev  # the fp32 export with its transformer re-exported --attention ort-kernels
     assert json.loads((folder / "manifest.json").read_text())["components"]["transformer"]["attention"] == "ort-kernels"
     args = dict(prompt=["a red fox in the snow", "a lighthouse"], height=48, width=80, num_inference_steps=3,
                 max_sequence_length=24, output_type="np",
@@ -512,9 +507,9 @@ def test_cuda_kernels_equal_cpu_kernels(ops_library, op, make, attrs, elem):
 
 
 @pytest.mark.gpu
-def test_cuda_kernels_transformer_equals_cpu_and_replays_in_a_cuda_graph(ops_library, tmp_path):
+def test_cuda_kernels_transformer_equals_cpu_and_replays_in_a_cuda_graph(ops_library, deep_kernels_transformer):
     require_cuda_library(ops_library)
-    path = export_kernels_transformer(tmp_path)
+    path = deep_kernels_transformer
     args = transformer_args()
     feed = {k: args[k].numpy() for k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
                                          "img_ids", "txt_ids", "guidance")}

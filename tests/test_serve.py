@@ -29,6 +29,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
+from fluxrt.bench.serve import generation_seconds  # noqa: E402  (the bench client reads the header the server writes)
+
 START_S = 60  # loading and warming the tiny model takes ~5 s on 2 cores
 
 
@@ -186,9 +188,13 @@ def test_images_equal_the_pipeline_and_carry_their_settings(server, pipe):
     for body in ({"prompt": "a red circle", "size": "64x48", "num_inference_steps": 2, "seed": 7},
                  {"prompt": "two of them", "size": "32x32", "num_inference_steps": 1, "seed": 2**64 - 1, "n": 2,
                   "guidance_scale": 5.0, "model": "flux-dev", "user": "u1", "response_format": "b64_json"}):
-        status, answer, _ = post(server.url, body)
+        began = time.perf_counter()
+        status, answer, headers = post(server.url, body)
+        took = time.perf_counter() - began
         assert status == 200, answer
         assert abs(answer["created"] - time.time()) < 60
+        generate_s = generation_seconds(headers["Server-Timing"])  # the pipeline call's share of the latency
+        assert 0 < generate_s < took, (headers["Server-Timing"], took)
         images = pngs(answer)
         want = reference(pipe, body["prompt"], body["size"], body["num_inference_steps"], body["seed"],
                          body.get("n", 1), body.get("guidance_scale"))
@@ -200,6 +206,13 @@ def test_images_equal_the_pipeline_and_carry_their_settings(server, pipe):
             assert json.loads(image.text["fluxrt:seed"]) == body["seed"]
             assert json.loads(image.text["fluxrt:index"]) == i
             assert json.loads(image.text["fluxrt:num_images_per_prompt"]) == body.get("n", 1)
+
+
+def test_server_timing_header_is_read_or_refused_by_name():
+    assert generation_seconds("total;dur=9, generate;dur=12.5;desc=x") == pytest.approx(0.0125)
+    for header in (None, "", "total;dur=3", "generate"):
+        with pytest.raises(RuntimeError, match="no Server-Timing generate;dur=MS"):
+            generation_seconds(header)
 
 
 def test_concurrent_clients_are_batched_and_each_gets_its_own_images(server, pipe):
@@ -348,7 +361,7 @@ def test_burst_of_connections_is_absorbed(server):
 def test_queue_full_timeout_and_disconnect(fp32_exports):
     """One slow call occupies the worker: a client that disconnects has its queued request dropped (never run),
     one request past --queue-size gets 429 with Retry-After, and the slow one is answered 504 at --timeout-s."""
-    slow = {"prompt": "slow", "size": "1024x1024", "num_inference_steps": 24, "seed": 1}
+    slow = {"prompt": "slow", "size": "768x768", "num_inference_steps": 24, "seed": 1}
     small = {"prompt": "small", "size": "32x32", "num_inference_steps": 1, "seed": 2}
     with Server(fp32_exports["dev"], "--queue-size", "1", "--batch-wait-ms", "0", "--timeout-s", "3") as s:
         slow_answer = []
@@ -454,7 +467,8 @@ def test_cli_errors_name_flags(fp32_exports, tmp_path, capsys):
 
 def test_bench_serve_writes_rows_for_every_mode_and_concurrency(fp32_exports, tmp_path):
     """``fluxrt bench-serve`` on the tiny model: direct calls, the server without and with batching, at two
-    concurrencies; every request answered; the JSON's summary is the rows' arithmetic."""
+    concurrencies; every request answered, the server's overhead per request (latency minus its Server-Timing
+    generation time) positive and below the latency; the JSON's summary is the rows' arithmetic."""
     from cli_calls import cli
 
     out = tmp_path / "bench"
@@ -465,8 +479,13 @@ def test_bench_serve_writes_rows_for_every_mode_and_concurrency(fp32_exports, tm
     rows = {(r["mode"], r["concurrency"]): r for r in report["rows"]}
     assert set(rows) == {(m, c) for m in ("direct", "server", "server+batching") for c in (1, 3)}
     assert all(r["failed"] == 0 and r["requests"] == 6 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows.values())
+    for mode in ("server", "server+batching"):  # latency minus the server's own pipeline-call time, per request
+        for c in (1, 3):
+            r = rows[(mode, c)]
+            assert 0 < r["overhead_p50_ms"] <= r["overhead_p99_ms"] and r["overhead_p50_ms"] < r["p50_ms"], r
     s = report["summary"]
-    assert s["overhead_p50_ms"] == pytest.approx(rows[("server", 1)]["p50_ms"] - rows[("direct", 1)]["p50_ms"])
+    assert s["overhead_p50_ms"] == rows[("server", 1)]["overhead_p50_ms"]
+    assert s["server_minus_direct_p50_ms"] == pytest.approx(rows[("server", 1)]["p50_ms"] - rows[("direct", 1)]["p50_ms"])
     assert s["batching_throughput_ratio_c3"] == pytest.approx(rows[("server+batching", 3)]["images_per_s"]
                                                               / rows[("server", 3)]["images_per_s"])
     assert "| server+batching | 3 |" in (out / "bench-serve.md").read_text()

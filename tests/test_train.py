@@ -6,6 +6,7 @@ The judge is tested on the renderer's own pictures (every scene passes) and on p
 from __future__ import annotations
 
 import json
+import platform
 
 import numpy as np
 import pytest
@@ -81,6 +82,7 @@ def test_train_tiny_writes_a_checkpoint_diffusers_and_fluxrt_open(tmp_path):
     record = json.loads((out / "training.json").read_text())
     assert record["settings"]["flow_steps"] == 3 and len(record["flow_loss"]) == 1 and len(record["distill_loss"]) == 1
     assert {"torch", "diffusers", "transformers"} <= set(record["versions"])
+    assert record["device"] == "cpu" and record["device_name"] == (platform.processor() or platform.machine())
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     assert vae_config["shift_factor"] == round(record["vae_factors"]["shift_factor"], 6)
     assert vae_config["latent_channels"] == 16 and vae_config["norm_num_groups"] == 32

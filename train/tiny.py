@@ -216,6 +216,15 @@ def versions() -> dict:
             "transformers": transformers.__version__, "numpy": np.__version__}
 
 
+def device_name(dev) -> str:
+    """The processor the recipe ran on: the GPU's name (torch.cuda.get_device_name) or the CPU's."""
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return platform.processor() or platform.machine()
+
+
 def train_tiny(out: str | Path, device: str = "cpu", settings: TrainSettings = TrainSettings(),
                say=lambda line: None) -> Path:
     """Train and write the checkpoint folder ``out`` (atomically; it must not exist or be empty)."""
@@ -237,7 +246,8 @@ def train_tiny(out: str | Path, device: str = "cpu", settings: TrainSettings = T
         clip, clip_tok, t5, t5_tok, _ = text_encoders(settings.seed, staging / "_tokenizers")
         torch.manual_seed(settings.seed)
         gen = torch.Generator().manual_seed(settings.seed)
-        record = {"settings": asdict(settings), "device": str(dev), "versions": versions(),
+        record = {"settings": asdict(settings), "device": str(dev), "device_name": device_name(dev),
+                  "versions": versions(),
                   "text_encoders": "fluxrt.export.tiny.text_encoders(seed), frozen"}
         images, caption_index = {}, {}
         scenes = all_scenes()

@@ -4,7 +4,7 @@
 #   bash docs/benchmarks/h200_full.sh setup            # wheels (onnxruntime-gpu from /tmp/carry, .gpu/wheels), op library
 #   bash docs/benchmarks/h200_full.sh start ROOT OUT   # prepare, export bf16, quantize fp8, run: in the background
 #   bash docs/benchmarks/h200_full.sh poll ROOT OUT    # the log's tail; copies OUT's files to $OUT when done
-#   bash docs/benchmarks/h200_full.sh gpu-tests        # the GPU tests of the FP8 kernels (log in $OUT)
+#   bash docs/benchmarks/h200_full.sh gpu-tests        # the GPU tests of fluxrt's kernels, FP8 too (log in $OUT)
 # FP8_ATTENTION=1 quantizes with --fp8-attention; PRECISIONS (default bf16,fp8) and TORCH_MODES pick the rows;
 # CALIBRATION_STEPS (default 1) the sampling steps FP8 is calibrated on; PROFILE=N profiles N transformer steps of
 # every row under CUPTI (kernel time by kind in results.md).
@@ -18,7 +18,7 @@ case "$1" in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       /tmp/carry/*.whl "$repo"/.gpu/wheels/*.whl
     rm -rf $pkg && mkdir -p $pkg && cp -r "$repo/fluxrt" $pkg/fluxrt
-    for stage in export engines runtime bench; do ln -s "$repo/$stage" $pkg/fluxrt/$stage; done
+    for stage in export engines runtime bench serve train; do ln -s "$repo/$stage" $pkg/fluxrt/$stage; done
     cd /tmp && python3 -m fluxrt.cli ort-ops build --out /tmp/ops/libfluxrt_ort_ops.so --cuda-archs 90 \
       --ort-include "$repo/.gpu/ort-include"
     python3 -c "import torch, onnxruntime as o, diffusers; print(torch.__version__, o.__version__, o.get_available_providers(), diffusers.__version__)"
@@ -43,5 +43,7 @@ case "$1" in
     tail -c 6000 $root.log; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
     mkdir -p "$OUT/full"; cp $root.log "$OUT/full/run.log"; cp $out/* "$OUT/full/" 2>/dev/null; true ;;
   gpu-tests)
-    cd "$repo" && python3 -m pytest tests/test_fp8_kernels.py -m gpu -q -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 ;;
+    # from /tmp: in the checkout, its fluxrt/ folder (the shared layer alone) would shadow /tmp/pkg's package
+    cd /tmp && python3 -m pytest "$repo/tests/test_fp8_kernels.py" "$repo/tests/test_ort_kernels.py" -m gpu -q -s \
+      -p no:cacheprovider --rootdir "$repo" 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 ;;
 esac

@@ -752,18 +752,35 @@ template <typename T> __device__ __forceinline__ void store8(T* p, const float* 
   *reinterpret_cast<Vec8<T>*>(p) = a;
 }
 
-// FP8 outputs: v / qscale to the nearest E4M3 value, saturated (the host's e4m3_from_float).
+// FP8 outputs: v / qscale to the nearest E4M3 value, saturated (the host's e4m3_from_float). The quotient is taken
+// from the reciprocal, inv = 1 / qscale rounded on the host, and one FMA correction (Markstein's): q0 = v * inv,
+// q = q0 + (v - q0 * qscale) * inv is v / qscale correctly rounded wherever the remainder does not underflow, and
+// where it does (|v| < 2^-100) the E4M3 code is 0 either way; an infinite q0 (overflow or v infinite) saturates as
+// the division's would. One multiply and two FMAs instead of an IEEE division per element: these kernels were
+// bound by the division's reciprocal on the special-function units beside GELU's exponential. E4M3 pairs are
+// converted by one instruction (cvt.rn.satfinite.e4m3x2.f32 on sm_89+), the first element in the low byte.
+struct QScale {
+  float s = 1.f, inv = 1.f;
+};
+inline QScale qscale_of(float s) { return QScale{s, 1.f / s}; }
+
+__device__ __forceinline__ float div_by(float v, QScale q) {
+  const float q0 = __fmul_rn(v, q.inv);
+  return isinf(q0) ? q0 : __fmaf_rn(__fmaf_rn(-q0, q.s, v), q.inv, q0);
+}
 __device__ __forceinline__ uint8_t to_e4m3(float v) { return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3); }
 
 // One output element / eight adjacent ones, in O: T as computed, or uint8_t (E4M3) after / qscale.
-template <typename O> __device__ __forceinline__ O out1(float v, float) { return from_f<O>(v); }
-template <> __device__ __forceinline__ uint8_t out1<uint8_t>(float v, float qscale) { return to_e4m3(v / qscale); }
-template <typename O> __device__ __forceinline__ void out8(O* p, const float* in, float) { store8(p, in); }
-template <> __device__ __forceinline__ void out8<uint8_t>(uint8_t* p, const float* in, float qscale) {
+template <typename O> __device__ __forceinline__ O out1(float v, QScale) { return from_f<O>(v); }
+template <> __device__ __forceinline__ uint8_t out1<uint8_t>(float v, QScale q) { return to_e4m3(div_by(v, q)); }
+template <typename O> __device__ __forceinline__ void out8(O* p, const float* in, QScale) { store8(p, in); }
+template <> __device__ __forceinline__ void out8<uint8_t>(uint8_t* p, const float* in, QScale q) {
   uint2 packed;
-  uint8_t* b = reinterpret_cast<uint8_t*>(&packed);
+  uint16_t* pairs = reinterpret_cast<uint16_t*>(&packed);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) b[i] = to_e4m3(in[i] / qscale);
+  for (int i = 0; i < 4; ++i)
+    pairs[i] = __nv_cvt_float2_to_fp8x2(make_float2(div_by(in[2 * i], q), div_by(in[2 * i + 1], q)), __NV_SATFINITE,
+                                        __NV_E4M3);
   *reinterpret_cast<uint2*>(p) = packed;
 }
 
@@ -772,7 +789,7 @@ template <> __device__ __forceinline__ void out8<uint8_t>(uint8_t* p, const floa
 template <typename T, typename O = T>
 __global__ void norm_rope_vec8_kernel(const T* x0, const T* b0, const T* w0, const T* x1, const T* b1, const T* w1,
                                       const float* cos, const float* sin, O* y, int64_t B, int64_t L0, int64_t L1,
-                                      int64_t H, int D, float eps, int64_t s0, int64_t s1, float qscale = 1.f) {
+                                      int64_t H, int D, float eps, int64_t s0, int64_t s1, QScale qscale = {}) {
   const int tpr = D / 8;  // threads per head row
   const int64_t L = L0 + L1;
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -820,7 +837,7 @@ __global__ void norm_rope_vec8_kernel(const T* x0, const T* b0, const T* w0, con
 // is read three times (mean, variance about it, output), the last two from cache.
 template <typename T, typename O = T>
 __global__ void ada_norm_vec8_kernel(const T* x, const T* scale, const T* shift, O* y, int64_t rows, int64_t L,
-                                     int64_t C, float eps, float qscale = 1.f) {
+                                     int64_t C, float eps, QScale qscale = {}) {
   const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (r >= rows) return;
   const int lane = threadIdx.x % 32;
@@ -861,7 +878,7 @@ __device__ __forceinline__ float gelu_tanh(float v) {
 // BiasGelu: gelu_tanh(x + bias), eight elements per thread when C is a multiple of 8, else one.
 template <typename T, typename O = T>
 __global__ void bias_gelu_kernel(const T* x, const T* bias, O* y, int64_t n, int64_t C, bool vec8, int64_t xs,
-                                 float qscale = 1.f) {
+                                 QScale qscale = {}) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   if (vec8) {
     float v[8], u[8];
@@ -886,7 +903,7 @@ __global__ void bias_gelu_kernel(const T* x, const T* bias, O* y, int64_t n, int
 // QuantizeFp8: x / qscale to E4M3, eight elements per thread when n is a multiple of 8, else one. With a column
 // window, x's rows of C elements lie xs apart.
 template <typename T>
-__global__ void quantize_kernel(const T* x, uint8_t* y, int64_t n, bool vec8, float qscale, int64_t C, int64_t xs) {
+__global__ void quantize_kernel(const T* x, uint8_t* y, int64_t n, bool vec8, QScale qscale, int64_t C, int64_t xs) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   if (vec8) {
     float v[8];
@@ -980,7 +997,7 @@ template <typename T>
 OrtStatusPtr ada_norm_fp8_cuda(cudaStream_t st, const Attrs& a, const AdaNormArgs& p, float qscale, void* y) {
   if (p.rows > 0)
     ada_norm_vec8_kernel<T, uint8_t><<<blocks_for(p.rows), 32 * kWarps, 0, st>>>(
-        ptr<T>(p.x), ptr<T>(p.scale), ptr<T>(p.shift), static_cast<uint8_t*>(y), p.rows, p.L, p.C, a.epsilon, qscale);
+        ptr<T>(p.x), ptr<T>(p.scale), ptr<T>(p.shift), static_cast<uint8_t*>(y), p.rows, p.L, p.C, a.epsilon, qscale_of(qscale));
   return cuda_status("AdaLayerNormFp8");
 }
 
@@ -991,7 +1008,7 @@ OrtStatusPtr bias_gelu_fp8_cuda(cudaStream_t st, const BiasGeluArgs& p, float qs
                     reinterpret_cast<uintptr_t>(y) % 8 == 0;
   if (n > 0)
     bias_gelu_kernel<T, uint8_t><<<grid_for(vec8 ? n / 8 : n), 256, 0, st>>>(
-        ptr<T>(p.x), ptr<T>(p.bias), static_cast<uint8_t*>(y), n, p.C, vec8, p.stride, qscale);
+        ptr<T>(p.x), ptr<T>(p.bias), static_cast<uint8_t*>(y), n, p.C, vec8, p.stride, qscale_of(qscale));
   return cuda_status("BiasGeluFp8");
 }
 
@@ -1003,7 +1020,7 @@ OrtStatusPtr quantize_cuda(cudaStream_t st, const In& x, int64_t stride, float q
   const int64_t c = windowed ? C : n, xs = windowed ? stride : n;  // contiguous: one flat row
   const bool vec8 = c % 8 == 0 && xs % 8 == 0 && aligned16({x.data}) && reinterpret_cast<uintptr_t>(y) % 8 == 0;
   if (n > 0)
-    quantize_kernel<T><<<grid_for(vec8 ? n / 8 : n), 256, 0, st>>>(ptr<T>(x), static_cast<uint8_t*>(y), n, vec8, qscale,
+    quantize_kernel<T><<<grid_for(vec8 ? n / 8 : n), 256, 0, st>>>(ptr<T>(x), static_cast<uint8_t*>(y), n, vec8, qscale_of(qscale),
                                                                    c, xs);
   return cuda_status("QuantizeFp8");
 }
@@ -1220,7 +1237,7 @@ OrtStatusPtr norm_rope_fp8_cuda(cudaStream_t st, const Attrs& a, const NormRopeA
     const int64_t threads = rows * (p.D / 8);
     norm_rope_vec8_kernel<T, uint8_t><<<unsigned((threads + 255) / 256), 256, 0, st>>>(
         ptr<T>(p.x0), ptr<T>(p.b0), ptr<T>(p.w0), ptr<T>(p.x1), ptr<T>(p.b1), ptr<T>(p.w1), ptr<float>(p.cos),
-        ptr<float>(p.sin), static_cast<uint8_t*>(y), p.B, p.L0, p.L1, p.H, int(p.D), a.epsilon, p.s0, p.s1, qscale);
+        ptr<float>(p.sin), static_cast<uint8_t*>(y), p.B, p.L0, p.L1, p.H, int(p.D), a.epsilon, p.s0, p.s1, qscale_of(qscale));
   }
   return cuda_status("NormRopeFp8");
 }
