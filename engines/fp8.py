@@ -118,6 +118,7 @@ class Fp8Settings:
     backend: str = "ort-cpu"  # the runtime backend that runs the sampling loop: ort-cpu or ort-cuda
     fp8_attention: bool = False  # attention in FP8 too (fp8_ort: cuDNN's FP8 attention); ort-kernels exports only
     fused_products: bool = True  # linears sharing a quantized input as one matrix product (fp8_ort, ort-kernels)
+    fast_accumulation: bool = False  # cuBLASLt's FP8 fast accumulation in every Fp8Linear (fp8_ort, ort-kernels)
 
     def __post_init__(self) -> None:
         check_positive_int("num_prompts", self.num_prompts)
@@ -140,6 +141,8 @@ class Fp8Settings:
             raise ValueError(f"Fp8Settings.fp8_attention must be True or False, got {self.fp8_attention!r}")
         if not isinstance(self.fused_products, bool):
             raise ValueError(f"Fp8Settings.fused_products must be True or False, got {self.fused_products!r}")
+        if not isinstance(self.fast_accumulation, bool):
+            raise ValueError(f"Fp8Settings.fast_accumulation must be True or False, got {self.fast_accumulation!r}")
 
     def resolve(self, variant: str) -> dict:
         """These settings with the variant's defaults filled in."""
@@ -184,6 +187,10 @@ def check_calibration(settings: Fp8Settings, export: ExportFolder) -> None:
         raise EngineError(f"Fp8Settings.fused_products: fused products are a rewrite onto fluxrt's own FP8 ops, for a "
                           f"transformer exported with --attention ort-kernels; {export.root} has attention "
                           f"{attention or 'portable'}, whose FP8 graph has none to turn off")
+    if settings.fast_accumulation and attention != "ort-kernels":
+        raise EngineError(f"Fp8Settings.fast_accumulation: fast accumulation is an attribute of fluxrt's own FP8 "
+                          f"product (Fp8Linear), for a transformer exported with --attention ort-kernels; {export.root} "
+                          f"has attention {attention or 'portable'} (TensorRT picks its own accumulation)")
     top = export.dims.t5_max_length
     if resolved["max_sequence_length"] > top:
         raise EngineError(f"Fp8Settings.max_sequence_length {resolved['max_sequence_length']} exceeds the {top} T5 "
@@ -424,10 +431,11 @@ def quantize_with_modelopt(quantize, source: Path, out: Path, feeds, selected: d
 
 
 def quantize_kernels(source: Path, feeds, selected: dict[str, str], backend: str, what: str, attention: bool = False,
-                     fuse: bool = True):
+                     fuse: bool = True, fast_accumulation: bool = False):
     """An ort-kernels graph on fluxrt's FP8 ops (fp8_ort): calibrated by running it, with the op library,
     on ``feeds``; returns (model, module paths quantized, module paths left out). ``attention``: FP8 attention
-    too; ``fuse``: linears sharing a quantized input as one product."""
+    too; ``fuse``: linears sharing a quantized input as one product; ``fast_accumulation``: cuBLASLt's FP8 fast
+    accumulation in every product."""
     import onnx
 
     from fluxrt.engines import fp8_ort
@@ -441,7 +449,8 @@ def quantize_kernels(source: Path, feeds, selected: dict[str, str], backend: str
     # the weights are read in place from the source's data file (memory-mapped, on every core); the
     # initializers the rewrite keeps stay external until write_graph copies their bytes
     scales = fp8_ort.Scales(amax, fp8_ort.weight_amax(model, linears, source.parent))
-    fp8_ort.fp8_graph(model, linears, scales, source.parent, attention=attention, fuse=fuse)
+    fp8_ort.fp8_graph(model, linears, scales, source.parent, attention=attention, fuse=fuse,
+                      fast_accumulation=fast_accumulation)
     return model, sorted(lin.path for lin in linears), []
 
 
@@ -737,7 +746,8 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
             from fluxrt.engines import fp8_ort
 
             model, done, missed = quantize_kernels(source, feeds, selected, settings.backend, what,
-                                                   settings.fp8_attention, settings.fused_products)
+                                                   settings.fp8_attention, settings.fused_products,
+                                                   settings.fast_accumulation)
             factor, stored = 1.0, len(done)
             products, fused = fp8_ort.count_fp8_linears(model), fp8_ort.fused_products(model)
         else:
@@ -769,7 +779,9 @@ def calibrate_fp8(export_dir: str | Path, out_onnx: str | Path, *, component: st
                           activations="per tensor, scale = max |x| over all samples / 448",
                           weights="per output channel, scale = max |w| / 448",
                           graph="fluxrt FP8 ops (Fp8Linear on cuBLASLt)" if kernels else "QuantizeLinear/DequantizeLinear",
-                          **(dict(matrix_products=products, fused_products=fused) if kernels else {}),
+                          **(dict(matrix_products=products, fused_products=fused,
+                                  accumulation=("FP8 fast accumulation (cuBLASLt CUBLASLT_MATMUL_DESC_FAST_ACCUM)"
+                                                if settings.fast_accumulation else "float32")) if kernels else {}),
                           attention=("FP8 (Fp8Attention: cuDNN's FP8 attention; q, k, v, output per tensor, "
                                      "probabilities as p * 448)") if settings.fp8_attention else "source precision",
                           modelopt_scale_factor=factor,  # applied to ModelOpt's scales; see rescale_to_fp8_range

@@ -23,6 +23,9 @@ block linears on FP8 tensor cores (cuBLASLt) and, on the CPU, on the reference k
    the ``NormRope`` that makes them (``NormRopeFp8``) or a ``QuantizeFp8``, each with its calibrated scale;
    the output written in E4M3 straight into the FP8 linears that read it (the double blocks' ``Split`` into
    text and image rows done by the op), at one scale: the largest amax of those linears' inputs.
+Fast accumulation (``fast_accumulation=True``, ``fluxrt quantize --fp8-fast-accumulation``): every ``Fp8Linear``
+   asks cuBLASLt for FP8 fast accumulation (the tensor cores' accumulator throughout, as torchao's FP8 inference
+   does); the CPU reference accumulates in float32 either way.
 5. Fused products (``fuse=True``, the default): the FP8 linears that read one quantized input (a single
    block's q, k, v and MLP projections; a double block stream's q, k and v) become one ``Fp8Linear`` over
    their weights stacked along N, each consumer reading its own columns of the product in place (the ops'
@@ -306,11 +309,12 @@ def attention_inputs(model) -> list[str]:
 
 
 def fp8_graph(model, linears: Sequence[Linear], scales: Scales, folder: str | Path | None = None,
-              attention: bool = False, fuse: bool = True):
+              attention: bool = False, fuse: bool = True, fast_accumulation: bool = False):
     """Rewrite ``model`` in place onto fluxrt's FP8 ops (see the module doc); return it.  Weights stored as
     external data are read from ``folder``; the initializers the rewrite keeps stay where they are stored.
     ``attention``: attention in FP8 too (``scales`` then holds the amax of every attention's q, k and v).
-    ``fuse``: the linears sharing a quantized input as one matrix product (step 5)."""
+    ``fuse``: the linears sharing a quantized input as one matrix product (step 5).  ``fast_accumulation``: every
+    ``Fp8Linear`` with ``fast_accumulation=1`` (cuBLASLt's FP8 fast accumulation on CUDA; see the op library)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -376,6 +380,10 @@ def fp8_graph(model, linears: Sequence[Linear], scales: Scales, folder: str | Pa
         paths = {lin.node: lin.path for lin in linears}
         new_inits += fuse_products(nodes, {**index.inits, **{t.name: t for t in new_inits}}, stored, paths, dtype,
                                    folder)
+    if fast_accumulation:
+        for n in nodes:
+            if n.domain == ORT_OPS_DOMAIN and n.op_type == "Fp8Linear":
+                n.attribute.append(helper.make_attribute("fast_accumulation", 1))
     del graph.node[:]
     graph.node.extend(nodes)
     used = {t for n in nodes for t in n.input}

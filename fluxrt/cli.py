@@ -252,7 +252,8 @@ def calibration(args: argparse.Namespace):
                  height=args.calibration_size, width=args.calibration_size,
                  max_sequence_length=args.calibration_text_length, backend=args.calibration_backend,
                  fp8_attention=args.fp8_attention or None,
-                 fused_products=False if args.no_fused_products else None)
+                 fused_products=False if args.no_fused_products else None,
+                 fast_accumulation=args.fp8_fast_accumulation or None)
     base = FULL_CALIBRATION if args.full_calibration else QUICK_CALIBRATION
     try:
         return replace(base, **{k: v for k, v in given.items() if v is not None})
@@ -292,6 +293,10 @@ def add_calibration_flags(p: argparse.ArgumentParser, when: str) -> None:
     p.add_argument("--no-fused-products", action="store_true",
                    help=f"{when}one FP8 matrix product per linear, rather than one for the linears that read the same "
                         f"input (q, k, v and the MLP of a single block); for comparing, ort-kernels exports")
+    p.add_argument("--fp8-fast-accumulation", action="store_true",
+                   help=f"{when}cuBLASLt's FP8 fast accumulation in every FP8 product (the tensor cores' accumulator "
+                        f"throughout, never promoted to float32: faster on Hopper, less exact; what torchao's FP8 "
+                        f"inference uses); for --attention ort-kernels exports")
 
 
 def cmd_ort_ops(args: argparse.Namespace) -> None:
@@ -486,7 +491,8 @@ CALIBRATION_FLAGS = {"Fp8Settings.num_prompts": "--calibration-prompts",
                      "Fp8Settings.height": "--calibration-size", "Fp8Settings.width": "--calibration-size",
                      "Fp8Settings.max_sequence_length": "--calibration-text-length",
                      "Fp8Settings.backend": "--calibration-backend", "Fp8Settings.fp8_attention": "--fp8-attention",
-                     "Fp8Settings.fused_products": "--no-fused-products"}
+                     "Fp8Settings.fused_products": "--no-fused-products",
+                     "Fp8Settings.fast_accumulation": "--fp8-fast-accumulation"}
 # the API's names (keywords, settings fields) in messages, as each command's flags
 FLAGS = {
     "tiny-model": {"seed": "--seed", "variant": "--variant"},

@@ -246,7 +246,7 @@ def test_record_sidecar_and_untouched_export(quantized, dev):
     assert record["source"]["file"] == source.name
     assert record["settings"] == dict(num_prompts=4, num_inference_steps=3, height=64, width=64,
                                       max_sequence_length=16, guidance_scale=3.5, seed=0, backend="ort-cpu",
-                                      fp8_attention=False, fused_products=True)
+                                      fp8_attention=False, fused_products=True, fast_accumulation=False)
     assert record["prompts"] == bundled_prompts()[:4] and record["num_samples"] == 12
     assert record["library"]["name"] == "nvidia-modelopt" and record["library"]["version"]
     assert record["data_file"] is None and record["component"] == "transformer"

@@ -5,7 +5,7 @@
 #   bash docs/benchmarks/h200_full.sh start ROOT OUT   # prepare, export bf16, quantize fp8, run: in the background
 #   bash docs/benchmarks/h200_full.sh poll ROOT OUT    # the log's tail; copies OUT's files to $OUT when done
 #   bash docs/benchmarks/h200_full.sh gpu-tests        # the GPU tests of fluxrt's kernels, FP8 too (log in $OUT)
-# FP8_ATTENTION=1 quantizes with --fp8-attention; PRECISIONS (default bf16,fp8) and TORCH_MODES pick the rows;
+# FP8_ATTENTION=1 quantizes with --fp8-attention, FP8_FAST=1 with --fp8-fast-accumulation; PRECISIONS (default bf16,fp8) and TORCH_MODES pick the rows;
 # CALIBRATION_STEPS (default 1) the sampling steps FP8 is calibrated on; PROFILE=N profiles N transformer steps of
 # every row under CUPTI (kernel time by kind in results.md).
 set -uo pipefail
@@ -33,7 +33,7 @@ case "$1" in
       python3 -m fluxrt.bench.full export $root --precision bf16 --device cuda
       date; python3 -m fluxrt.cli quantize $root/onnx-bf16 --out $root/onnx-fp8 --calibration-prompts 1 \
         --calibration-steps ${CALIBRATION_STEPS:-1} --calibration-size 1024 --calibration-text-length 512 --calibration-backend ort-cuda \
-        ${FP8_ATTENTION:+--fp8-attention}
+        ${FP8_ATTENTION:+--fp8-attention} ${FP8_FAST:+--fp8-fast-accumulation}
       date; df -h /tmp
       python3 -m fluxrt.bench.full run $root --out $out --precisions ${PRECISIONS:-bf16,fp8} --torch ${TORCH_MODES:-eager,compile,torchao-fp8} --device cuda --iters 5 --generation-iters 2 --profile ${PROFILE:-0}
       date; echo FULL-DONE" > $root.log 2>&1 < /dev/null &

@@ -26,8 +26,12 @@
 //     bias T [N]: y = (x . w^T) * x_scale * w_scale + bias, float32 accumulation, in bias's type T.
 //     On CUDA: one cuBLASLt FP8 matrix product (Hopper or newer), the per-output-channel weight
 //     scales and the bias applied in its epilogue; K and N multiples of 16; T bfloat16 or float16. The first call
-//     of a shape times up to 8 of cuBLASLt's heuristic candidates and keeps the fastest (FLUXRT_FP8_AUTOTUNE=0:
-//     the heuristic's first; inside a CUDA graph capture, always its first).
+//     of a shape times up to 16 of cuBLASLt's heuristic candidates and keeps the fastest (FLUXRT_FP8_AUTOTUNE=0:
+//     the heuristic's first; inside a CUDA graph capture, always its first).                attr fast_accumulation
+//     fast_accumulation 1 (default 0): on CUDA, cuBLASLt's FP8 fast accumulation (CUBLASLT_MATMUL_DESC_FAST_ACCUM:
+//     the tensor cores' own accumulator throughout, never promoted to float32 on the way; faster, less exact, what
+//     torchao's FP8 inference products use) where cuBLASLt has it for the shape, float32 accumulation where it has
+//     not (on the H200: none for 64 rows by K = 12288). The CPU reference accumulates in float32 either way.
 //   QuantizeFp8(x, scale) -> E4M3               x T [...]
 //   AdaLayerNormFp8(x, scale, shift, quant_scale) -> E4M3     AdaLayerNorm, its output quantized
 //   BiasGeluFp8(x, bias?, quant_scale) -> E4M3                 BiasGelu, its output quantized
@@ -163,6 +167,7 @@ struct Attrs {
   float clamp = 0.f;
   float scale = 0.f;  // Fp8Attention's softmax scale; 0: 1/sqrt(head size)
   int64_t col_start = 0, col_count = 0;  // the column window (see the top); count 0: the whole last axis
+  int64_t fast_accum = 0;  // Fp8Linear's fast_accumulation
 };
 
 size_t element_size(ONNXTensorElementDataType t) {
@@ -346,6 +351,7 @@ struct Fp8LinearArgs {
   In x, x_scale, w, w_scale, bias;
   float xs = 1.f;
   int64_t M = 0, K = 0, N = 0;
+  bool fast_accum = false;  // the fast_accumulation attribute (CUDA only)
 };
 
 OrtStatusPtr check_fp8_linear(Fp8LinearArgs* p) {
@@ -1086,7 +1092,7 @@ template <> cudaDataType_t cuda_type<float>() { return CUDA_R_32F; }
 template <> cudaDataType_t cuda_type<__half>() { return CUDA_R_16F; }
 template <> cudaDataType_t cuda_type<__nv_bfloat16>() { return CUDA_R_16BF; }
 
-constexpr int kCandidates = 8;  // cuBLASLt's heuristic's algorithms timed per new shape (FLUXRT_FP8_AUTOTUNE=0: its first)
+constexpr int kCandidates = 16;  // cuBLASLt's heuristic's algorithms timed per new shape (FLUXRT_FP8_AUTOTUNE=0: its first)
 
 // The fastest of the heuristic's candidates on this product, timed on the stream with the call's own operands (y is
 // overwritten by the call right after). Not inside a CUDA graph capture: there the heuristic's first is taken.
@@ -1142,6 +1148,8 @@ OrtStatusPtr make_plan(cublasLtHandle_t handle, const Fp8LinearArgs& p, cudaData
   RETURN_IF(set(CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec, sizeof vec));
   RETURN_IF(set(CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue));
   RETURN_IF(set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &out, sizeof out));
+  const int8_t fast = p.fast_accum ? 1 : 0;
+  RETURN_IF(set(CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof fast));
   // the heuristic wants the scale and bias pointers set (they are set again before every product)
   const int64_t rows = std::max<int64_t>(p.M, 1);
   if (cudaMalloc(&plan->x_scales, rows * sizeof(float)) != cudaSuccess) return cuda_status("Fp8Linear");
@@ -1159,8 +1167,17 @@ OrtStatusPtr make_plan(cublasLtHandle_t handle, const Fp8LinearArgs& p, cudaData
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
   cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
   int found = 0;
-  const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->c, plan->c, pref,
-                                                          kCandidates, results, &found);
+  cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->c, plan->c, pref,
+                                                    kCandidates, results, &found);
+  if (p.fast_accum && (s != CUBLAS_STATUS_SUCCESS || found == 0)) {
+    // cuBLASLt has fast accumulation for some shapes only (on the H200 none for 64 rows by K = 12288): this product
+    // accumulates in float32, as the op's documentation says
+    const int8_t exact = 0;
+    RETURN_IF(set(CUBLASLT_MATMUL_DESC_FAST_ACCUM, &exact, sizeof exact));
+    found = 0;
+    s = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->c, plan->c, pref, kCandidates,
+                                       results, &found);
+  }
   cublasLtMatmulPreferenceDestroy(pref);
   if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
     int dev = 0, major = 0, minor = 0;
@@ -1450,6 +1467,10 @@ OrtStatusPtr compute(const Kernel& k, OrtKernelContext* ctx) {
     }
     case Kind::Fp8Linear: {
       Fp8LinearArgs p{in[0], in[1], in[2], in[3], in[4]};
+      if (k.attrs.fast_accum != 0 && k.attrs.fast_accum != 1) {
+        return Status::error(op.name, "fast_accumulation must be 0 or 1, got " + std::to_string(k.attrs.fast_accum));
+      }
+      p.fast_accum = k.attrs.fast_accum == 1;
       RETURN_IF(check_fp8_linear(&p));
       RETURN_IF(get_output(ctx, linear_shape(p), &y));
       if (!cuda) return fp8_linear_cpu(p, static_cast<float*>(y)), nullptr;
@@ -1553,6 +1574,7 @@ OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp* base, const OrtApi*, 
   k->attrs.scale = attr_float(info, "scale", 0.f);
   k->attrs.col_start = attr_int(info, "column_start", 0);
   k->attrs.col_count = attr_int(info, "column_count", 0);
+  k->attrs.fast_accum = attr_int(info, "fast_accumulation", 0);
   *out = k;
   return nullptr;
 }
