@@ -8,8 +8,10 @@ Per row: p50/p99 request latency, images per second over the level's wall time. 
 The server's overhead (HTTP, JSON, validation, the queue, the PNG encoding and base64: all but the pipeline call)
 is measured request by request: the server reports the seconds of the pipeline call it made for a request, the
 call a direct user makes (``Server-Timing: generate;dur=MS``), and the overhead is the client's latency minus
-that; rows of the server carry its p50/p99, and the summary's ``overhead_p50_ms`` is the unbatched server's at
-concurrency 1.  (The difference of the direct and server p50s, taken minutes apart, is reported beside it: on a
+that; rows of the server carry its p50/p99 and the p50 of its parts, from the server's other Server-Timing
+metrics: ``parse`` (body read, parsed, checked, queued), ``queue`` (waiting for its call), ``encode`` (PNG and
+base64) and ``outside`` (the latency less the server's own ``server`` time: HTTP both ways, the answer's JSON and
+the client); the summary's ``overhead_p50_ms`` is the unbatched server's at concurrency 1.  (The difference of the direct and server p50s, taken minutes apart, is reported beside it: on a
 GPU a launch-bound small model's own time drifts more than the overhead between two runs.)
 
 Each server is warmed before it is timed: ``warmup`` requests alone, then, with batching, ``warmup`` rounds of k
@@ -67,11 +69,16 @@ def percentiles(seconds: list[float]) -> dict:
             "mean_ms": float(ms.mean())}
 
 
+OVERHEAD_PARTS = ("parse", "queue", "encode", "outside")
+
+
 def drive(call, n: int, concurrency: int) -> dict:
     """``n`` calls of ``call(i)`` from ``concurrency`` threads: latencies and images per second; where ``call``
-    returns the seconds the server spent in its pipeline call, the overhead (latency minus those) too."""
+    returns the server's timings (:func:`server_timings`), the overhead (latency minus the pipeline call) and its
+    parts too."""
     latencies: list[float] = []
     overheads: list[float] = []
+    parts: dict[str, list[float]] = {k: [] for k in OVERHEAD_PARTS}
     errors: list[str] = []
     lock = threading.Lock()
     next_i = iter(range(n))
@@ -84,7 +91,7 @@ def drive(call, n: int, concurrency: int) -> dict:
                 return
             start = time.perf_counter()
             try:
-                generate_s = call(i)
+                timings = call(i)
             except Exception as e:  # noqa: BLE001 - counted and reported, the run goes on
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
@@ -92,8 +99,11 @@ def drive(call, n: int, concurrency: int) -> dict:
             took = time.perf_counter() - start
             with lock:
                 latencies.append(took)
-                if generate_s is not None:
-                    overheads.append(took - generate_s)
+                if timings is not None:
+                    overheads.append(took - timings["generate"])
+                    for k in ("parse", "queue", "encode"):
+                        parts[k].append(timings.get(k, float("nan")))
+                    parts["outside"].append(took - timings.get("server", float("nan")))
 
     begin = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -106,7 +116,8 @@ def drive(call, n: int, concurrency: int) -> dict:
                requests=n, failed=len(errors))
     if overheads:
         ms = np.asarray(overheads) * 1000
-        row.update(overhead_p50_ms=float(np.percentile(ms, 50)), overhead_p99_ms=float(np.percentile(ms, 99)))
+        row.update(overhead_p50_ms=float(np.percentile(ms, 50)), overhead_p99_ms=float(np.percentile(ms, 99)),
+                   overhead_parts_p50_ms={k: float(np.percentile(np.asarray(v) * 1000, 50)) for k, v in parts.items()})
     if errors:
         row["first_error"] = errors[0]
     return row
@@ -165,20 +176,31 @@ def server_call(port: int, body_of):
         data = response.read()
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
-        return generation_seconds(response.getheader("Server-Timing"))
+        return server_timings(response.getheader("Server-Timing"))
 
     return call
 
 
-def generation_seconds(header: str | None) -> float:
-    """The ``generate`` metric's seconds in a Server-Timing header (``generate;dur=MS``)."""
+def server_timings(header: str | None) -> dict[str, float]:
+    """Seconds by metric name in a Server-Timing header (``name;dur=MS, ...``); ``generate`` must be there."""
+    out = {}
     for metric in (header or "").split(","):
         name, *params = (part.strip() for part in metric.split(";"))
-        if name == "generate":
-            for param in params:
-                if param.startswith("dur="):
-                    return float(param[4:]) / 1000
-    raise RuntimeError(f"the server's answer has no Server-Timing generate;dur=MS (got {header!r})")
+        for param in params:
+            if param.startswith("dur="):
+                try:
+                    out[name] = float(param[4:]) / 1000
+                except ValueError:
+                    raise RuntimeError(f"the server's Server-Timing {name} has a duration that is not a number "
+                                       f"(got {header!r})") from None
+    if "generate" not in out:
+        raise RuntimeError(f"the server's answer has no Server-Timing generate;dur=MS (got {header!r})")
+    return out
+
+
+def generation_seconds(header: str | None) -> float:
+    """The ``generate`` metric's seconds in a Server-Timing header (``generate;dur=MS``)."""
+    return server_timings(header)["generate"]
 
 
 def bench_serve(folder: Path, kind: str, backend: str | None, cuda_graph: bool, s: ServeBenchSettings,
@@ -251,11 +273,15 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# fluxrt bench-serve: {report['folder']} ({report['backend']}), {s['width']}x{s['height']}, "
              f"{s['steps']} steps, {s['requests']} requests per row", "",
-             "| mode | concurrency | p50 ms | p99 ms | images/s | server overhead p50 / p99 ms | failed |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| mode | concurrency | p50 ms | p99 ms | images/s | server overhead p50 / p99 ms | of it, p50 ms: "
+             "parse / queue / encode / outside | failed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
         overhead = (f"{r['overhead_p50_ms']:.2f} / {r['overhead_p99_ms']:.2f}" if "overhead_p50_ms" in r else "")
+        parts = " / ".join(f"{r['overhead_parts_p50_ms'][k]:.2f}" for k in OVERHEAD_PARTS) \
+            if "overhead_parts_p50_ms" in r else ""
         lines.append(f"| {r['mode']} | {r['concurrency']} | {r.get('p50_ms', float('nan')):.1f} | "
-                     f"{r.get('p99_ms', float('nan')):.1f} | {r['images_per_s']:.2f} | {overhead} | {r['failed']} |")
+                     f"{r.get('p99_ms', float('nan')):.1f} | {r['images_per_s']:.2f} | {overhead} | {parts} | "
+                     f"{r['failed']} |")
     lines += ["", "Summary: " + ", ".join(f"{k} {v:.3f}" for k, v in report["summary"].items() if v is not None), ""]
     return "\n".join(lines)

@@ -205,9 +205,10 @@ def rope_axes(head_dim: int) -> tuple[int, int, int]:
     return axes
 
 
-def transformer_bfl_to_diffusers(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+def transformer_bfl_to_diffusers(sd: dict[str, torch.Tensor], axes_dims_rope=None) -> tuple[dict[str, torch.Tensor], dict]:
     """A BFL transformer (optionally under ``model.diffusion_model.``) as a diffusers
-    ``FluxTransformer2DModel`` state dict, and the config to build that model with."""
+    ``FluxTransformer2DModel`` state dict, and the config to build that model with. ``axes_dims_rope``: the rotary
+    axes (not in the weights; they must sum to the weights' head size), default FLUX.1's rule (:func:`rope_axes`)."""
     sd = strip_prefix(sd)
     require_kind(sd, "transformer")
     what = "BFL transformer"
@@ -230,9 +231,19 @@ def transformer_bfl_to_diffusers(sd: dict[str, torch.Tensor]) -> tuple[dict[str,
         joint_attention_dim=shape_of(sd, "txt_in.weight", what)[1],
         pooled_projection_dim=shape_of(sd, "vector_in.in_layer.weight", what)[1],
         guidance_embeds=lay.guidance,
-        axes_dims_rope=list(rope_axes(head_dim)),
+        axes_dims_rope=list(rope_axes(head_dim)) if axes_dims_rope is None else given_axes(axes_dims_rope, head_dim),
     )
     return converted, config
+
+
+def given_axes(axes, head_dim: int) -> list[int]:
+    if (not isinstance(axes, (list, tuple)) or len(axes) != 3
+            or any(isinstance(a, bool) or not isinstance(a, int) or a <= 0 or a % 2 for a in axes)):
+        raise CheckpointError(f"axes_dims_rope must be three positive even integers, got {axes!r}")
+    if sum(axes) != head_dim:
+        raise CheckpointError(f"axes_dims_rope {list(axes)} sums to {sum(axes)}, but the weights' attention head size "
+                              f"is {head_dim}: the rotary axes must cover the head")
+    return list(axes)
 
 
 # ---- autoencoder ------------------------------------------------------------------------------
@@ -314,8 +325,8 @@ def norm_groups(channels: tuple[int, ...], given: int | None) -> int:
         if any(c % BFL_NORM_GROUPS for c in channels):
             raise CheckpointError(
                 f"BFL autoencoder: norm_num_groups is not stored in the file; BFL's value {BFL_NORM_GROUPS} does not "
-                f"divide the channel counts {list(channels)}: "
-                f"pass norm_num_groups (a divisor of {math.gcd(*channels)})")
+                f"divide the channel counts {list(channels)}, so BFL's code cannot build this autoencoder: "
+                f"converting it needs norm_num_groups (a divisor of {math.gcd(*channels)})")
         return BFL_NORM_GROUPS
     if given <= 0 or any(c % given for c in channels):
         raise CheckpointError(f"norm_num_groups={given} does not divide the autoencoder's channel counts "

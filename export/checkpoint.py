@@ -56,6 +56,7 @@ class Checkpoint:
         ckpt = cls(root, Path(transformer_file) if transformer_file else None, Path(vae_file) if vae_file else None)
         ckpt.dims()  # validates the configs now rather than halfway through an export
         ckpt.check_configs()
+        ckpt.check_variant()
         ckpt.check_tokenizers()
         return ckpt
 
@@ -80,6 +81,29 @@ class Checkpoint:
                 raise CheckpointError(f"{self.root / encoder}/config.json: vocab_size must be a positive integer, "
                                       f"got {vocab!r}")
             check_checkpoint_tokenizer(self.root / sub, kind, vocab)
+
+    def check_variant(self) -> None:
+        """A BFL transformer's variant is its weights' (guidance_in: dev): the folder's scheduler (dynamic shifting:
+        dev) and transformer config, where there is one, must be of the same variant, not silently mixed in."""
+        if not self.transformer_file:
+            return
+        dev = self._bfl_transformer()[1]["guidance_embeds"]
+        variant = "dev" if dev else "schnell"
+        scheduler = self.config("scheduler")
+        if bool(scheduler.get("use_dynamic_shifting", False)) != dev:
+            raise CheckpointError(
+                f"{self.transformer_file} holds FLUX.1-{variant} weights (guidance_in "
+                f"{'present' if dev else 'absent'}), but {self.root / 'scheduler'}/scheduler_config.json is a "
+                f"FLUX.1-{'schnell' if dev else 'dev'} scheduler (use_dynamic_shifting "
+                f"{scheduler.get('use_dynamic_shifting', False)}): give the folder of the {variant} variant")
+        folder = self.root / "transformer" / "config.json"
+        if folder.is_file():
+            given = read_json(folder, "transformer config", CheckpointError).get("guidance_embeds", False)
+            if bool(given) != dev:
+                raise CheckpointError(
+                    f"{self.transformer_file} holds FLUX.1-{variant} weights (guidance_in "
+                    f"{'present' if dev else 'absent'}), but {folder} says guidance_embeds {given}: give the folder "
+                    f"of the {variant} variant")
 
     def check_configs(self) -> None:
         """The diffusers models' configs against their classes: every key a parameter, integers integers."""
@@ -191,20 +215,30 @@ class Checkpoint:
 
     # ---- BFL single files ---------------------------------------------------------------------
     def _bfl_transformer(self, load: bool = False) -> tuple[dict, dict]:
+        """The file's transformer. Its rotary axes are not in the weights, only their sum (the head size): the
+        folder's ``axes_dims_rope`` where it has a transformer config, which must sum to the weights' head size,
+        else FLUX.1's rule (:func:`bfl.rope_axes`)."""
         state = self._bfl_state(self.transformer_file, "transformer", load)
+        folder = self.root / "transformer" / "config.json"
+        axes = read_json(folder, "transformer config", CheckpointError).get("axes_dims_rope") \
+            if folder.is_file() else None
         try:
-            return bfl.transformer_bfl_to_diffusers(state)
+            converted, config = bfl.transformer_bfl_to_diffusers(state, axes_dims_rope=axes)
         except ValueError as e:
             raise CheckpointError(f"transformer {self.transformer_file}: {e}") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"transformer {self.transformer_file}: {e}" + (f" ({folder})" if axes else "")) \
+                from None
+        return converted, config
 
     def _bfl_vae(self, load: bool = False) -> tuple[dict, dict]:
+        """The file's autoencoder as BFL's code builds it, whatever the folder's vae/config.json says: GroupNorm of
+        32 groups and FLUX.1's latent scale and shift (none of them stored in the file)."""
         state = self._bfl_state(self.vae_file, "vae", load)
-        kwargs = {}
-        diffusers_vae = self.root / "vae" / "config.json"
-        if diffusers_vae.is_file():
-            cfg = read_json(diffusers_vae, "vae config", CheckpointError)
-            kwargs = {k: cfg[k] for k in ("scaling_factor", "shift_factor", "norm_num_groups") if k in cfg}
-        return bfl.vae_bfl_to_diffusers(state, **kwargs)
+        try:
+            return bfl.vae_bfl_to_diffusers(state)
+        except CheckpointError as e:
+            raise CheckpointError(f"autoencoder {self.vae_file}: {e}") from None
 
     @staticmethod
     def _bfl_state(path: Path, kind: str, load: bool) -> dict:

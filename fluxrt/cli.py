@@ -198,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         settings = ServeSettings(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                                  queue_size=args.queue_size, timeout_s=args.timeout_s, max_side=args.max_side,
-                                 log_prompts=args.log_prompts)
+                                 log_prompts=args.log_prompts, png_compress_level=args.png_compress_level)
     except ValueError as e:
         raise UsageError(flag_names("serve", str(e))) from None
     api_key = read_api_key(args.api_key_file, args.host)
@@ -502,7 +502,7 @@ FLAGS = {
                  "max_sequence_length": "--max-sequence-length", "height": "--height", "width": "--width",
                  "seed": "--seed", "strength": "--strength"},
     "serve": {"max_batch": "--max-batch", "batch_wait_ms": "--batch-wait-ms", "queue_size": "--queue-size",
-              "timeout_s": "--timeout-s", "max_side": "--max-side"},
+              "timeout_s": "--timeout-s", "max_side": "--max-side", "png_compress_level": "--png-compress-level"},
     "bench-serve": {"width": "--size", "height": "--size", "steps": "--steps", "requests": "--requests",
                     "concurrency": "--concurrency", "max_batch": "--max-batch", "warmup": "--warmup"},
     "build": {"ShapeEnvelope.batch": "--batch", "ShapeEnvelope.text_length": "--text-length",
@@ -677,6 +677,9 @@ def parser() -> argparse.ArgumentParser:
                                                                   "(default 300)")
     v.add_argument("--max-side", type=int, default=2048, help="the largest image side a request may ask, >= 16 "
                                                               "pixels (default 2048)")
+    v.add_argument("--png-compress-level", type=int, default=1, help="zlib level 0-9 of the answers' PNGs (default 1: "
+                                                                     "the same pixels as 6, fluxrt generate's, "
+                                                                     "encoded ~6x faster, ~15%% larger)")
     v.add_argument("--api-key-file", type=Path, help="file holding the bearer token clients must send")
     v.add_argument("--log-prompts", action="store_true", help="log prompts in full (default: length and hash)")
     v.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA merged for every request "

@@ -29,8 +29,10 @@ def png_info(settings: dict, index: int):
     return info
 
 
-def png_bytes(image, settings: dict, index: int) -> bytes:
-    """One PIL image as PNG file bytes with ``settings`` and its ``index`` among the call's images."""
+def png_bytes(image, settings: dict, index: int, compress_level: int = 6) -> bytes:
+    """One PIL image as PNG file bytes with ``settings`` and its ``index`` among the call's images; zlib's
+    ``compress_level`` 0-9 (6, PIL's default, is what ``fluxrt generate`` writes; the pixels are the same at
+    every level)."""
     out = io.BytesIO()
-    image.save(out, format="PNG", pnginfo=png_info(settings, index))
+    image.save(out, format="PNG", pnginfo=png_info(settings, index), compress_level=compress_level)
     return out.getvalue()

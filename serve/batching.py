@@ -30,6 +30,11 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)  # -> list of per-image results (see Batcher.run)
     cancelled: bool = False  # the client went away, or timed out: not run if not started
+    started: float | None = None  # time.monotonic() when its pipeline call began
+
+    def queued_s(self) -> float:
+        """Seconds from its arrival to the start of its pipeline call (0 if it has not started)."""
+        return 0.0 if self.started is None else self.started - self.arrived
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -154,6 +159,9 @@ def groups(requests: Sequence[ImageRequest], max_batch: int) -> list[list[int]]:
 def call_jobs(run: Callable[[Sequence[ImageRequest]], list], jobs: list[Job], on_batch: Callable[[int], None]) -> None:
     """One pipeline call for ``jobs``, each job's future given its result; a call of several that fails is made
     again one job at a time, so that only the job that fails gets the error."""
+    now = time.monotonic()
+    for job in jobs:
+        job.started = job.started or now
     try:
         results = run([j.request for j in jobs])
     except Exception as e:  # noqa: BLE001 - handed to the request(s) it belongs to

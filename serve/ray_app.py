@@ -23,7 +23,7 @@ from fluxrt.serve.service import Service, ServeSettings, load_pipeline
 
 log = logging.getLogger("fluxrt.serve")
 ARGS = ("path", "backend", "cuda_graph", "loras", "lora_choices", "replicas", "max_batch", "batch_wait_ms", "queue_size",
-        "timeout_s", "max_side", "num_gpus", "autoscaling_config", "api_key")
+        "timeout_s", "max_side", "png_compress_level", "num_gpus", "autoscaling_config", "api_key")
 
 
 class RayService(Service):
@@ -111,7 +111,8 @@ def build_app(args: dict):
 
     settings = ServeSettings(max_batch=number("max_batch", int, 4), batch_wait_ms=number("batch_wait_ms", float, 10),
                              queue_size=number("queue_size", int, 64), timeout_s=number("timeout_s", float, 300),
-                             max_side=number("max_side", int, 2048))
+                             max_side=number("max_side", int, 2048),
+                             png_compress_level=number("png_compress_level", int, 1))
     autoscaling = args.get("autoscaling_config")
     if isinstance(autoscaling, str):
         autoscaling = json.loads(autoscaling)

@@ -267,7 +267,8 @@ def test_vae_mismatches_are_named(ae_single):
 
 def test_vae_groups_that_cannot_be_known(ae_single):
     with pytest.raises(CheckpointError, match=r"norm_num_groups is not stored .* 32 does not divide the channel counts "
-                                              r"\[8, 8, 16, 16\]: pass norm_num_groups \(a divisor of 8\)"):
+                                              r"\[8, 8, 16, 16\], so BFL's code cannot build this autoencoder: converting it "
+                                              r"needs norm_num_groups \(a divisor of 8\)"):
         bfl.vae_bfl_to_diffusers(ae_single)
     with pytest.raises(CheckpointError, match=r"norm_num_groups=16 does not divide .* \[8, 8, 16, 16\]"):
         bfl.vae_bfl_to_diffusers(ae_single, norm_num_groups=16)

@@ -64,19 +64,64 @@ def write_bfl_files(root, out_dir):
     return out_dir / "flux1-tiny.safetensors", out_dir / "ae.safetensors"
 
 
-@pytest.mark.parametrize("variant", ["dev", "schnell"])
+@pytest.mark.parametrize("variant", ["dev", "schnell", "trained"])
 def test_bfl_single_files_load_back_to_same_weights(variant, tiny_checkpoints, tmp_path):
+    """The transformer from a BFL file equals the folder's; the autoencoder too where BFL's architecture can express
+    it (the trained tiny model's: 32-group norms), read as BFL's code builds it (32 groups, FLUX.1's latent scale and
+    shift) whatever the folder says. The random tiny VAEs (8 and 16 channels) are no BFL autoencoder: refused."""
     root = tiny_checkpoints[variant]
     tr_file, ae_file = write_bfl_files(root, tmp_path)
     plain = Checkpoint.open(root)
+    if variant != "trained":
+        with pytest.raises(CheckpointError, match=rf"autoencoder {ae_file}: BFL autoencoder: .*BFL's value 32 does not "
+                                                  rf"divide the channel counts \[8, 8, 16, 16\], so BFL's code cannot "
+                                                  rf"build this autoencoder"):
+            Checkpoint.open(root, transformer_file=tr_file, vae_file=ae_file)
+        ae_file = None
     single = Checkpoint.open(root, transformer_file=tr_file, vae_file=ae_file)
     assert single.dims() == plain.dims()  # variant told from the file's guidance weights
+    assert single.transformer_config()["axes_dims_rope"] == plain.config("transformer")["axes_dims_rope"]
     for load in ("load_transformer", "load_vae"):
         a = getattr(plain, load)(torch.float32).state_dict()
         b = getattr(single, load)(torch.float32).state_dict()
         assert set(a) == set(b)
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    if ae_file:
+        folder, bfl_cfg = plain.vae_config(), single.vae_config()
+        assert (folder["scaling_factor"], folder["shift_factor"]) != (0.3611, 0.1159)  # the trained model's own
+        assert (bfl_cfg["scaling_factor"], bfl_cfg["shift_factor"], bfl_cfg["norm_num_groups"]) == (0.3611, 0.1159, 32)
+
+
+def test_bfl_transformer_variant_and_rotary_axes_must_agree_with_the_folder(tiny_checkpoints, tmp_path):
+    """A dev file beside a schnell folder (scheduler or transformer config) is refused, naming both; rotary axes come
+    from the folder's config when it has one, and must sum to the weights' head size."""
+    tr_file = write_bfl_files(tiny_checkpoints["dev"], tmp_path)[0]
+    schnell = shutil.copytree(tiny_checkpoints["schnell"], tmp_path / "schnell")
+    with pytest.raises(CheckpointError, match=rf"{tr_file} holds FLUX.1-dev weights \(guidance_in present\), but "
+                                              rf"{schnell / 'scheduler'}/scheduler_config.json is a FLUX.1-schnell "
+                                              rf"scheduler \(use_dynamic_shifting False\): give the folder of the dev"):
+        Checkpoint.open(schnell, transformer_file=tr_file)
+    shutil.copy(tiny_checkpoints["dev"] / "scheduler" / "scheduler_config.json", schnell / "scheduler")
+    with pytest.raises(CheckpointError, match=rf"holds FLUX.1-dev weights .* but {schnell / 'transformer'}/config.json "
+                                              rf"says guidance_embeds False"):
+        Checkpoint.open(schnell, transformer_file=tr_file)
+    shutil.rmtree(schnell / "transformer")  # no transformer config: FLUX.1's rotary rule for the head size
+    assert Checkpoint.open(schnell, transformer_file=tr_file).transformer_config()["axes_dims_rope"] == [4, 14, 14]
+    dev = shutil.copytree(tiny_checkpoints["dev"], tmp_path / "dev")
+    config = json.loads((dev / "transformer" / "config.json").read_text())
+    head = config["attention_head_dim"]
+    assert head == 32
+    for axes, message in (([4, 12, 16], None),
+                          ([head // 4, head // 4, head // 4], rf"axes_dims_rope \[{head // 4}, {head // 4}, "
+                                                              rf"{head // 4}\] sums to {3 * (head // 4)}, but the "
+                                                              rf"weights' attention head size is {head}")):
+        (dev / "transformer" / "config.json").write_text(json.dumps(dict(config, axes_dims_rope=axes)))
+        if message is None:
+            assert Checkpoint.open(dev, transformer_file=tr_file).transformer_config()["axes_dims_rope"] == axes
+        else:
+            with pytest.raises(CheckpointError, match=rf"transformer {tr_file}: {message}"):
+                Checkpoint.open(dev, transformer_file=tr_file)
 
 
 def test_missing_shard_is_named(tiny_checkpoints, tmp_path):

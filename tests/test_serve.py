@@ -29,7 +29,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
-from fluxrt.bench.serve import generation_seconds  # noqa: E402  (the bench client reads the header the server writes)
+from fluxrt.bench.serve import generation_seconds, server_timings  # noqa: E402  (the bench client reads the header the server writes)
 
 START_S = 60  # loading and warming the tiny model takes ~5 s on 2 cores
 
@@ -117,6 +117,18 @@ def pngs(answer: dict) -> list[Image.Image]:
     return [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in answer["data"]]
 
 
+def zlib_level_class(png: bytes) -> int:
+    """The compression class zlib writes in its stream header (FLEVEL: 0 for levels 0-1, 1 for 2-5, 2 for 6,
+    3 for 7-9), read from the PNG's first IDAT chunk."""
+    at = 8  # past the signature: chunks are length, type, data, CRC
+    while at < len(png):
+        length = int.from_bytes(png[at:at + 4], "big")
+        if png[at + 4:at + 8] == b"IDAT":
+            return png[at + 9] >> 6
+        at += 12 + length
+    raise AssertionError("no IDAT chunk")
+
+
 def metric(text: str, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -195,6 +207,12 @@ def test_images_equal_the_pipeline_and_carry_their_settings(server, pipe):
         assert abs(answer["created"] - time.time()) < 60
         generate_s = generation_seconds(headers["Server-Timing"])  # the pipeline call's share of the latency
         assert 0 < generate_s < took, (headers["Server-Timing"], took)
+        t = server_timings(headers["Server-Timing"])  # the server's phases, each within its whole
+        assert list(t) == ["parse", "queue", "generate", "encode", "server"], headers["Server-Timing"]
+        assert min(t.values()) >= 0 and t["encode"] > 0
+        assert t["parse"] + t["queue"] + t["generate"] + t["encode"] <= t["server"] + 1e-4 < took + 1e-4
+        # --png-compress-level's default, 1: zlib's fastest class (the pixels are the same at every level)
+        assert {zlib_level_class(base64.b64decode(d["b64_json"])) for d in answer["data"]} == {0}
         images = pngs(answer)
         want = reference(pipe, body["prompt"], body["size"], body["num_inference_steps"], body["seed"],
                          body.get("n", 1), body.get("guidance_scale"))
@@ -210,9 +228,12 @@ def test_images_equal_the_pipeline_and_carry_their_settings(server, pipe):
 
 def test_server_timing_header_is_read_or_refused_by_name():
     assert generation_seconds("total;dur=9, generate;dur=12.5;desc=x") == pytest.approx(0.0125)
+    assert server_timings("parse;dur=0.5, generate;dur=12.5;desc=x, queue") == {"parse": 0.0005, "generate": 0.0125}
     for header in (None, "", "total;dur=3", "generate"):
         with pytest.raises(RuntimeError, match="no Server-Timing generate;dur=MS"):
             generation_seconds(header)
+    with pytest.raises(RuntimeError, match="Server-Timing encode has a duration that is not a number"):
+        server_timings("generate;dur=1, encode;dur=fast")
 
 
 def test_concurrent_clients_are_batched_and_each_gets_its_own_images(server, pipe):
@@ -361,7 +382,7 @@ def test_burst_of_connections_is_absorbed(server):
 def test_queue_full_timeout_and_disconnect(fp32_exports):
     """One slow call occupies the worker: a client that disconnects has its queued request dropped (never run),
     one request past --queue-size gets 429 with Retry-After, and the slow one is answered 504 at --timeout-s."""
-    slow = {"prompt": "slow", "size": "768x768", "num_inference_steps": 24, "seed": 1}
+    slow = {"prompt": "slow", "size": "1024x1024", "num_inference_steps": 48, "seed": 1}  # ~5 s on a fast CPU
     small = {"prompt": "small", "size": "32x32", "num_inference_steps": 1, "seed": 2}
     with Server(fp32_exports["dev"], "--queue-size", "1", "--batch-wait-ms", "0", "--timeout-s", "3") as s:
         slow_answer = []
@@ -396,8 +417,9 @@ def test_queue_full_timeout_and_disconnect(fp32_exports):
 def test_sigterm_finishes_accepted_requests_and_exits_0(fp32_exports):
     with Server(fp32_exports["dev"], "--batch-wait-ms", "0") as s:
         results = []
-        t = threading.Thread(target=lambda: results.append(post(s.url, {"prompt": "in flight", "size": "768x768",
-                                                                        "num_inference_steps": 12, "seed": 3})))
+        # ~4 s on a fast CPU (1.5 s at 768x768 and 24 steps was done before the SIGTERM on one)
+        t = threading.Thread(target=lambda: results.append(post(s.url, {"prompt": "in flight", "size": "1024x1024",
+                                                                        "num_inference_steps": 40, "seed": 3})))
         t.start()
         time.sleep(1.0)
         s.proc.send_signal(signal.SIGTERM)
@@ -445,12 +467,13 @@ def test_api_key_and_loopback_rule(fp32_exports, tmp_path):
     assert main(["serve", "--onnx", str(fp32_exports["dev"]), "--max-batch", "0"]) == 2
     key = tmp_path / "key"
     key.write_text("s3cret-token-0123456789\n")
-    with Server(fp32_exports["dev"], "--api-key-file", str(key)) as s:
+    with Server(fp32_exports["dev"], "--api-key-file", str(key), "--png-compress-level", "9") as s:
         body = {"prompt": "x", "size": "32x32", "num_inference_steps": 1}
         status, answer, _ = post(s.url, body)
         assert status == 401 and "Bearer" in answer["error"]["message"]
         assert post(s.url, body, headers={"Authorization": "Bearer wrong-token-0123456789"})[0] == 401
-        assert post(s.url, body, headers={"Authorization": "Bearer s3cret-token-0123456789"})[0] == 200
+        status, answer, _ = post(s.url, body, headers={"Authorization": "Bearer s3cret-token-0123456789"})
+        assert status == 200 and zlib_level_class(base64.b64decode(answer["data"][0]["b64_json"])) == 3
         assert get(s.url, "/healthz")[0] == 200  # health checks need no key
 
 
@@ -459,6 +482,8 @@ def test_cli_errors_name_flags(fp32_exports, tmp_path, capsys):
 
     assert main(["serve", "--onnx", str(fp32_exports["dev"]), "--queue-size", "0"]) == 2
     assert "--queue-size must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["serve", "--onnx", str(fp32_exports["dev"]), "--png-compress-level", "10"]) == 2
+    assert "--png-compress-level must be an integer in 0..9, got 10" in capsys.readouterr().err
     assert main(["serve", "--onnx", str(fp32_exports["dev"]), "--cuda-graph"]) == 2
     assert "--cuda-graph replays the ort-cuda transformer" in capsys.readouterr().err
     assert main(["serve", "--onnx", str(tmp_path / "none")]) == 2
@@ -483,6 +508,9 @@ def test_bench_serve_writes_rows_for_every_mode_and_concurrency(fp32_exports, tm
         for c in (1, 3):
             r = rows[(mode, c)]
             assert 0 < r["overhead_p50_ms"] <= r["overhead_p99_ms"] and r["overhead_p50_ms"] < r["p50_ms"], r
+            parts = r["overhead_parts_p50_ms"]  # each from the server's Server-Timing, each under the whole
+            assert set(parts) == {"parse", "queue", "encode", "outside"} and parts["encode"] > 0 < parts["outside"], r
+            assert all(0 <= v < r["p50_ms"] for v in parts.values()), r
     s = report["summary"]
     assert s["overhead_p50_ms"] == rows[("server", 1)]["overhead_p50_ms"]
     assert s["server_minus_direct_p50_ms"] == pytest.approx(rows[("server", 1)]["p50_ms"] - rows[("direct", 1)]["p50_ms"])
