@@ -1,5 +1,9 @@
 """Load a FLUX.1 checkpoint from local files: a diffusers-layout folder, optionally with
-Black Forest Labs single-file safetensors for the transformer and/or the autoencoder.
+Black Forest Labs single-file safetensors for the transformer and/or the autoencoder, or a ComfyUI-style
+full checkpoint that bundles the transformer (``model.diffusion_model.``) with the autoencoder (``vae.`` or
+``first_stage_model.``) and the text encoders (``text_encoders.clip_l.transformer.``,
+``text_encoders.t5xxl.transformer.``); the folder then gives the configs, tokenizers and scheduler. Weights
+stored in float8 (community "fp8" files, scaled or not) are upcast (export/weights.py).
 
 Nothing is ever downloaded.  Every file is checked before torch touches it, so a missing
 shard, a truncated file or a wrong key set is reported by name.  Weights are read through
@@ -19,7 +23,8 @@ from fluxrt.components import ModelDims
 from fluxrt.errors import CheckpointError
 from fluxrt.export import bfl
 from fluxrt.export.weights import (
-    TORCH_DTYPES, assign_weights, match_prefix, module_on_meta, read_state_dict, safetensors_header, weight_files,
+    DROPPED_FP8_KEYS, DROPPED_FP8_SUFFIXES, TORCH_DTYPES, WEIGHT_SCALES, assign_weights, match_prefix, module_on_meta,
+    read_state_dict, safetensors_header, weight_files,
 )
 from fluxrt.files import read_json
 
@@ -27,6 +32,37 @@ SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TRANSFORMERS_WEIGHTS = "model.safetensors"
 __all__ = ["Checkpoint", "TORCH_DTYPES"]
+# a ComfyUI-style full checkpoint: each component under its prefix (the first of several that the file uses)
+BUNDLE_PREFIXES = {"transformer": ("model.diffusion_model.",), "vae": ("vae.", "first_stage_model."),
+                   "clip": ("text_encoders.clip_l.transformer.",), "t5": ("text_encoders.t5xxl.transformer.",)}
+
+
+def weight_keys(keys) -> list[str]:
+    """A file's tensor names less float8 scales and markers (consumed when the weights are upcast)."""
+    return [k for k in keys if k != "__metadata__" and k.rsplit(".", 1)[-1] not in DROPPED_FP8_KEYS
+            and not k.endswith(DROPPED_FP8_SUFFIXES + WEIGHT_SCALES)]
+
+
+def bundle_prefixes(path: Path, keys: list[str]) -> dict[str, str]:
+    """``{component: prefix}`` of a ComfyUI-style full checkpoint; ``{}`` for a file that holds the transformer
+    alone (BFL's, with or without ``model.diffusion_model.``). A bundle without a transformer, or with keys under
+    none of the prefixes, is refused with those keys."""
+    found = {}
+    for component, prefixes in BUNDLE_PREFIXES.items():
+        for prefix in prefixes:
+            if any(k.startswith(prefix) for k in keys):
+                found[component] = prefix
+                break
+    if set(found) <= {"transformer"}:
+        return {}
+    if "transformer" not in found:
+        raise CheckpointError(f"{path} bundles {sorted(found)} (keys under {sorted(found.values())}) but no "
+                              f"transformer: expected its keys under 'model.diffusion_model.'")
+    stray = sorted(k for k in weight_keys(keys) if not k.startswith(tuple(found.values())))
+    if stray:
+        raise CheckpointError(f"{path}: a full checkpoint (components under {found}), but {len(stray)} keys belong "
+                              f"to none of them (e.g. {stray[:4]})")
+    return found
 
 
 @dataclass(frozen=True)
@@ -37,6 +73,11 @@ class Checkpoint:
     root: Path
     transformer_file: Path | None = None
     vae_file: Path | None = None
+    bundle: tuple = ()  # ((component, prefix), ...) when transformer_file is a full checkpoint
+
+    def bundled(self, component: str) -> str | None:
+        """The key prefix of ``component`` in the full checkpoint ``transformer_file``, or None."""
+        return dict(self.bundle).get(component)
 
     @classmethod
     def open(cls, root: str | Path, transformer_file: str | Path | None = None,
@@ -49,11 +90,15 @@ class Checkpoint:
             raise CheckpointError(
                 f"{root / 'model_index.json'}: _class_name is {index.get('_class_name')!r}, expected 'FluxPipeline'"
             )
+        bundle = {}
+        if transformer_file:
+            bundle = bundle_prefixes(Path(transformer_file), list(safetensors_header(Path(transformer_file))))
         need = [s for s in SUBFOLDERS if not (root / s).is_dir()
-                and not (s == "transformer" and transformer_file) and not (s == "vae" and vae_file)]
+                and not (s == "transformer" and transformer_file) and not (s == "vae" and (vae_file or "vae" in bundle))]
         if need:
             raise CheckpointError(f"checkpoint {root} lacks the subfolders {need}; a diffusers FLUX folder has {list(SUBFOLDERS)}")
-        ckpt = cls(root, Path(transformer_file) if transformer_file else None, Path(vae_file) if vae_file else None)
+        ckpt = cls(root, Path(transformer_file) if transformer_file else None, Path(vae_file) if vae_file else None,
+                   tuple(sorted(bundle.items())))
         ckpt.dims()  # validates the configs now rather than halfway through an export
         ckpt.check_configs()
         ckpt.check_variant()
@@ -63,11 +108,14 @@ class Checkpoint:
     def check_weights(self, components) -> None:
         """Every safetensors header of ``components`` (user names: clip, t5, transformer, vae) checked before
         anything is written: float dtypes, shapes, offsets inside the file."""
-        files = {"clip": lambda: weight_files(self.root / "text_encoder", TRANSFORMERS_WEIGHTS),
-                 "t5": lambda: weight_files(self.root / "text_encoder_2", TRANSFORMERS_WEIGHTS),
+        files = {"clip": lambda: [self.transformer_file] if self.bundled("clip") else
+                 weight_files(self.root / "text_encoder", TRANSFORMERS_WEIGHTS),
+                 "t5": lambda: [self.transformer_file] if self.bundled("t5") else
+                 weight_files(self.root / "text_encoder_2", TRANSFORMERS_WEIGHTS),
                  "transformer": lambda: [self.transformer_file] if self.transformer_file else
                  weight_files(self.root / "transformer", DIFFUSERS_WEIGHTS),
-                 "vae": lambda: [self.vae_file] if self.vae_file else weight_files(self.root / "vae", DIFFUSERS_WEIGHTS)}
+                 "vae": lambda: [self.vae_file] if self.vae_file else [self.transformer_file] if self.bundled("vae")
+                 else weight_files(self.root / "vae", DIFFUSERS_WEIGHTS)}
         for c in components:
             for path in files[c]():
                 safetensors_header(Path(path))
@@ -111,7 +159,7 @@ class Checkpoint:
 
         if not self.transformer_file:
             check_config(FluxTransformer2DModel, self.config("transformer"), f"{self.root / 'transformer'}/config.json")
-        if not self.vae_file:
+        if not self.vae_file and not self.bundled("vae"):
             check_config(AutoencoderKL, self.config("vae"), f"{self.root / 'vae'}/config.json")
 
     # ---- configs -------------------------------------------------------------------------
@@ -125,7 +173,7 @@ class Checkpoint:
         return self.config("transformer")
 
     def vae_config(self) -> dict:
-        if self.vae_file:
+        if self.vae_file or self.bundled("vae"):
             return self._bfl_vae()[1]
         return self.config("vae")
 
@@ -157,7 +205,8 @@ class Checkpoint:
     def load_vae(self, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import AutoencoderKL
 
-        return self._load_diffusers("vae", AutoencoderKL, self.vae_file, self._bfl_vae, dtype)
+        return self._load_diffusers("vae", AutoencoderKL, self.vae_file or (self.transformer_file if self.bundled("vae")
+                                    else None), self._bfl_vae, dtype)
 
     def _load_diffusers(self, sub: str, cls, bfl_file: Path | None, bfl_loader, dtype: torch.dtype):
         """A diffusers model from its subfolder, or from the BFL single file that overrides it."""
@@ -180,7 +229,7 @@ class Checkpoint:
         from transformers import CLIPTextConfig, CLIPTextModel
 
         config = CLIPTextConfig(**self.config("text_encoder"))
-        state = read_state_dict(weight_files(self.root / "text_encoder", TRANSFORMERS_WEIGHTS), dtype)
+        state = self._text_state("clip", "text_encoder", dtype)
         model = build_text_encoder(lambda: CLIPTextModel(config), f"CLIP text encoder {self.root / 'text_encoder'}")
         state = match_prefix(state, set(model.state_dict()), "text_model.")
         # position_ids: a buffer that older files carry and newer ones do not
@@ -198,7 +247,7 @@ class Checkpoint:
         from transformers import T5Config, T5EncoderModel
 
         config = T5Config(**self.config("text_encoder_2"))
-        state = read_state_dict(weight_files(self.root / "text_encoder_2", TRANSFORMERS_WEIGHTS), dtype)
+        state = self._text_state("t5", "text_encoder_2", dtype)
         # shared.weight and encoder.embed_tokens.weight are tied: files carry one or both
         tied = ("shared.weight", "encoder.embed_tokens.weight")
         present = [k for k in tied if k in state]
@@ -213,12 +262,19 @@ class Checkpoint:
         model.encoder.embed_tokens = model.shared
         return model
 
+    def _text_state(self, component: str, sub: str, dtype: torch.dtype) -> dict:
+        """A text encoder's tensors: from the full checkpoint where it bundles them, else the folder's."""
+        prefix = self.bundled(component)
+        if prefix:
+            return read_state_dict([self.transformer_file], dtype, prefix)
+        return read_state_dict(weight_files(self.root / sub, TRANSFORMERS_WEIGHTS), dtype)
+
     # ---- BFL single files ---------------------------------------------------------------------
     def _bfl_transformer(self, load: bool = False) -> tuple[dict, dict]:
         """The file's transformer. Its rotary axes are not in the weights, only their sum (the head size): the
         folder's ``axes_dims_rope`` where it has a transformer config, which must sum to the weights' head size,
         else FLUX.1's rule (:func:`bfl.rope_axes`)."""
-        state = self._bfl_state(self.transformer_file, "transformer", load)
+        state = self._bfl_state(self.transformer_file, "transformer", load, self.bundled("transformer") or "")
         folder = self.root / "transformer" / "config.json"
         axes = read_json(folder, "transformer config", CheckpointError).get("axes_dims_rope") \
             if folder.is_file() else None
@@ -234,23 +290,25 @@ class Checkpoint:
     def _bfl_vae(self, load: bool = False) -> tuple[dict, dict]:
         """The file's autoencoder as BFL's code builds it, whatever the folder's vae/config.json says: GroupNorm of
         32 groups and FLUX.1's latent scale and shift (none of them stored in the file)."""
-        state = self._bfl_state(self.vae_file, "vae", load)
+        path, prefix = (self.vae_file, "") if self.vae_file else (self.transformer_file, self.bundled("vae"))
+        state = self._bfl_state(path, "vae", load, prefix)
         try:
             return bfl.vae_bfl_to_diffusers(state)
         except CheckpointError as e:
-            raise CheckpointError(f"autoencoder {self.vae_file}: {e}") from None
+            raise CheckpointError(f"autoencoder {path}{f' ({prefix}*)' if prefix else ''}: {e}") from None
 
     @staticmethod
-    def _bfl_state(path: Path, kind: str, load: bool) -> dict:
-        """The file's tensors (``load``) or, for config inference, meta tensors of the right shapes."""
+    def _bfl_state(path: Path, kind: str, load: bool, prefix: str = "") -> dict:
+        """The file's tensors (``load``; those under ``prefix``, taken off) or, for config inference, meta tensors
+        of the right shapes (float8 scales left out: they are consumed when the weights are upcast)."""
         header = safetensors_header(path)
-        keys = [k for k in header if k != "__metadata__"]
+        keys = [k[len(prefix):] for k in weight_keys(header) if k.startswith(prefix)]
         found = bfl.detect_bfl_kind(keys)
         if found != kind:
             raise CheckpointError(f"{path} holds a BFL {found} checkpoint, expected the {kind}")
         if load:
-            return read_state_dict([path], None)
-        return {k: torch.empty(header[k]["shape"], device="meta") for k in keys}
+            return read_state_dict([path], None, prefix)
+        return {k: torch.empty(header[prefix + k]["shape"], device="meta") for k in keys}
 
     # ---- provenance ----------------------------------------------------------------------------
     def fingerprint(self) -> str:

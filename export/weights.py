@@ -47,7 +47,14 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
-FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}  # safetensors names of the weights fluxrt converts
+FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1}  # the weights fluxrt converts
+# float8 files as the community ships them: a ``<layer>.weight`` in float8 with, optionally, its scale beside it
+# (ComfyUI's "scaled fp8": ``<layer>.scale_weight`` and a ``scaled_fp8`` marker; ModelOpt's and compressed-tensors':
+# ``<layer>.weight_scale``), per tensor or per output channel: weight = float8 value * scale. Activation scales
+# (``scale_input``, ``input_scale``) mean nothing once the weights are upcast and are dropped.
+WEIGHT_SCALES = (".scale_weight", ".weight_scale")
+DROPPED_FP8_KEYS = ("scaled_fp8",)
+DROPPED_FP8_SUFFIXES = (".scale_input", ".input_scale")
 INDEX_DTYPES = {"I64": 8, "I32": 4}  # position ids that older CLIP files carry
 
 
@@ -60,7 +67,7 @@ def check_entry(path: Path, key: str, entry) -> None:
     sizes = dict(FLOAT_DTYPES, **(INDEX_DTYPES if key.endswith("position_ids") else {}))
     if dtype not in sizes:
         raise CheckpointError(f"{path}: tensor {key!r} is {dtype}; fluxrt takes float weights "
-                              f"({', '.join(FLOAT_DTYPES)}), not quantized or integer ones")
+                              f"({', '.join(FLOAT_DTYPES)}), not integer ones")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise CheckpointError(f"{path}: tensor {key!r} has shape {shape!r}, expected a list of non-negative integers")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
@@ -95,17 +102,60 @@ def weight_files(folder: Path, single_name: str) -> list[Path]:
     raise CheckpointError(f"{folder} holds no weights: expected {single_name} or {single_name}.index.json")
 
 
-def read_state_dict(files: list[Path], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def read_state_dict(files: list[Path], dtype: torch.dtype | None, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of ``files`` (only the keys under ``prefix``, which is taken off), in ``dtype`` (None: as stored,
+    float8 upcast to float32). float8 weights are upcast with their scales (see ``WEIGHT_SCALES``)."""
     from safetensors import safe_open
 
     state: dict[str, torch.Tensor] = {}
     for path in files:
         safetensors_header(path)
         with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            raw = {key[len(prefix):]: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
+        for key, t in upcast_fp8(raw, str(path)).items():
+            state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     return state
+
+
+FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def upcast_fp8(raw: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``raw`` with every float8 tensor in float32, a weight multiplied by its scale where one is stored beside it
+    (a scalar, [1], [N] or [N, 1] for a weight of N output rows); the scales and markers consumed. A scale without
+    a float8 weight, or of another shape, is refused by name."""
+    if not any(t.dtype in FP8_TYPES for t in raw.values()):
+        return raw
+    out, used = {}, set()
+    for key, t in raw.items():
+        if key in DROPPED_FP8_KEYS or key.endswith(DROPPED_FP8_SUFFIXES) or key.endswith(WEIGHT_SCALES):
+            continue
+        if t.dtype not in FP8_TYPES:
+            out[key] = t
+            continue
+        value = t.to(torch.float32)
+        base = key.removesuffix(".weight")
+        scales = [base + s for s in WEIGHT_SCALES if key.endswith(".weight") and base + s in raw]
+        if len(scales) > 1:
+            raise CheckpointError(f"{what}: the float8 weight {key!r} has two scales, {scales}; expected one")
+        if scales:
+            scale = raw[scales[0]].to(torch.float32)
+            rows = value.shape[0] if value.dim() else 1
+            if scale.numel() == 1:
+                value = value * scale.reshape(())
+            elif scale.numel() == rows and scale.dim() in (1, 2) and scale.shape[0] == rows:
+                value = value * scale.reshape(rows, *([1] * (value.dim() - 1)))
+            else:
+                raise CheckpointError(f"{what}: scale {scales[0]!r} has shape {list(scale.shape)}; for the float8 "
+                                      f"weight {key!r} of shape {list(value.shape)} expected one value or one per "
+                                      f"output row ({rows})")
+            used.add(scales[0])
+        out[key] = value
+    orphans = sorted(k for k in raw if k.endswith(WEIGHT_SCALES) and k not in used)
+    if orphans:
+        raise CheckpointError(f"{what}: weight scales without a float8 weight beside them: {orphans[:4]} (a scale "
+                              f"belongs to '<layer>.weight' stored in float8)")
+    return out
 
 
 def check_keys(state: dict, expected: set[str], what: str, optional: set[str] = frozenset()) -> None:

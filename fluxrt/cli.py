@@ -561,8 +561,12 @@ def parser() -> argparse.ArgumentParser:
                         "RMS norms, rotary embedding and adaptive LayerNorm as ONNX Runtime's fused kernels "
                         "(ONNX Runtime only); ort-kernels: ort plus fluxrt's own fused kernels for the remaining "
                         "element-wise work (ONNX Runtime with the library of `fluxrt ort-ops build`)")
-    e.add_argument("--transformer", type=Path, help="Black Forest Labs single-file transformer (flux1-*.safetensors)")
-    e.add_argument("--vae", type=Path, help="Black Forest Labs single-file autoencoder (ae.safetensors)")
+    e.add_argument("--transformer", type=Path, help="Black Forest Labs single-file transformer (flux1-*.safetensors, "
+                                                    "keys bare or under model.diffusion_model.), or a ComfyUI-style "
+                                                    "full checkpoint that also bundles the VAE and text encoders "
+                                                    "(each then taken from it); float8 files are upcast")
+    e.add_argument("--vae", type=Path, help="Black Forest Labs single-file autoencoder (ae.safetensors; over a "
+                                            "full checkpoint's own)")
     e.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="merge a LoRA file (diffusers/peft or kohya layout) into the exported transformer for good, "
                         "at SCALE, a finite number (default 1); repeat to stack them, merged in the order given; "

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from bfl_writers import transformer_diffusers_to_bfl, vae_diffusers_to_bfl
 from fluxrt.errors import CheckpointError
@@ -185,3 +185,115 @@ def test_cli_tiny_model(tmp_path, capsys):
     r = subprocess.run([sys.executable, "-m", "fluxrt.cli", "tiny-model", str(tmp_path / "m")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- ComfyUI-style full checkpoints and float8 files --------------------------------------------------------------
+def write_bundle(root, path, drop=(), extra=None):
+    """A ComfyUI-style full checkpoint of ``root``'s weights: BFL's transformer under model.diffusion_model., BFL's
+    autoencoder under vae., the transformers text encoders under text_encoders.{clip_l,t5xxl}.transformer."""
+    ckpt = Checkpoint.open(root)
+    parts = {"model.diffusion_model.": transformer_diffusers_to_bfl(ckpt.load_transformer(torch.float32).state_dict()),
+             "vae.": vae_diffusers_to_bfl(ckpt.load_vae(torch.float32).state_dict()),
+             "text_encoders.clip_l.transformer.": ckpt.load_clip(torch.float32).state_dict(),
+             "text_encoders.t5xxl.transformer.": ckpt.load_t5(torch.float32).state_dict()}
+    state = {prefix + k: v.clone().contiguous() for prefix, sd in parts.items() for k, v in sd.items()}
+    state = {k: v for k, v in state.items() if k not in drop and not k.endswith("position_ids")}
+    save_file(dict(state, **(extra or {})), path)
+    return path
+
+
+def test_full_checkpoint_gives_every_component_of_its_own(tiny_checkpoints, tmp_path):
+    """The trained tiny model (a BFL-expressible autoencoder) as one ComfyUI-style file beside its folder: all four
+    modules equal the folder's weights, the autoencoder read as BFL's (32 groups, FLUX.1's latent scale)."""
+    root = tiny_checkpoints["trained"]
+    bundle = write_bundle(root, tmp_path / "flux1-tiny-full.safetensors")
+    plain, single = Checkpoint.open(root), Checkpoint.open(root, transformer_file=bundle)
+    assert dict(single.bundle) == {"transformer": "model.diffusion_model.", "vae": "vae.",
+                                   "clip": "text_encoders.clip_l.transformer.", "t5": "text_encoders.t5xxl.transformer."}
+    single.check_weights(("clip", "t5", "transformer", "vae"))
+    assert single.dims() == plain.dims() and single.vae_config()["scaling_factor"] == 0.3611
+    for load in ("load_transformer", "load_vae", "load_clip", "load_t5"):
+        a = getattr(plain, load)(torch.float32).state_dict()
+        b = getattr(single, load)(torch.float32).state_dict()
+        assert set(a) == set(b), load
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_incomplete_or_foreign_full_checkpoints_are_refused_by_key(tiny_checkpoints, tmp_path):
+    root = tiny_checkpoints["trained"]
+    lacking = write_bundle(root, tmp_path / "lacking.safetensors",
+                           drop={"text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight"})
+    with pytest.raises(CheckpointError, match=r"wrong key set: 1 missing \(e.g. \['encoder.final_layer_norm.weight'\]\)"):
+        Checkpoint.open(root, transformer_file=lacking).load_t5(torch.float32)
+    stray = write_bundle(root, tmp_path / "stray.safetensors", extra={"cond_stage_model.x.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"a full checkpoint \(components under .*\), but 1 keys belong to none "
+                                              r"of them \(e.g. \['cond_stage_model.x.weight'\]\)"):
+        Checkpoint.open(root, transformer_file=stray)
+    state = {k: v for k, v in load_file(write_bundle(root, tmp_path / "b.safetensors")).items()
+             if not k.startswith("model.diffusion_model.")}
+    save_file(state, tmp_path / "no-transformer.safetensors")
+    with pytest.raises(CheckpointError, match=r"bundles \['clip', 't5', 'vae'\] .* but no transformer: expected its "
+                                              r"keys under 'model.diffusion_model.'"):
+        Checkpoint.open(root, transformer_file=tmp_path / "no-transformer.safetensors")
+
+
+def fp8_file(sd: dict, path, scales: str | None):
+    """``sd`` with its matrices in float8 E4M3: cast as they are (``scales`` None), or divided by a per-tensor scale
+    stored as '<layer>.scale_weight' with ComfyUI's 'scaled_fp8' marker ("comfy"), or by per-row scales stored as
+    '<layer>.weight_scale' ("rows"). Returns the weights the file means (float8 value times scale)."""
+    out, meant = {}, {}
+    for k, v in sd.items():
+        if v.dim() != 2 or not k.endswith(".weight"):
+            out[k] = meant[k] = v.contiguous()
+            continue
+        base = k.removesuffix(".weight")
+        if scales is None:
+            s = torch.ones(())
+        elif scales == "comfy":
+            s = (v.abs().max() / 448).clamp(min=1e-12)
+            out[f"{base}.scale_weight"] = s.reshape(1)
+        else:
+            s = (v.abs().amax(dim=1) / 448).clamp(min=1e-12)
+            out[f"{base}.weight_scale"] = s
+        s = s.reshape(-1, 1) if s.dim() else s
+        out[k] = (v / s).to(torch.float8_e4m3fn)
+        meant[k] = out[k].float() * s
+    if scales == "comfy":
+        out["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    save_file(out, path)
+    return meant
+
+
+@pytest.mark.parametrize("scales", [None, "comfy", "rows"], ids=["plain-fp8", "comfy-scaled-fp8", "row-scaled-fp8"])
+def test_float8_transformer_files_are_upcast_with_their_scales(tiny_checkpoints, tmp_path, scales):
+    """Community "fp8" files: the E4M3 weights times their scales, exactly; within E4M3's rounding (2^-4 of each
+    tensor's largest value, 2^-3 unscaled: small weights fall below E4M3's normal range) of the source weights."""
+    root = tiny_checkpoints["dev"]
+    bfl_sd = transformer_diffusers_to_bfl(Checkpoint.open(root).load_transformer(torch.float32).state_dict())
+    meant = fp8_file(bfl_sd, tmp_path / "fp8.safetensors", scales)
+    from fluxrt.export import bfl
+
+    want = bfl.transformer_bfl_to_diffusers(meant)[0]
+    got = Checkpoint.open(root, transformer_file=tmp_path / "fp8.safetensors").load_transformer(torch.float32)
+    source = Checkpoint.open(root).load_transformer(torch.float32).state_dict()
+    for k, v in got.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0, msg=k)
+        bound = source[k].abs().max() * (2 ** -3 if scales is None else 2 ** -4)
+        assert (v - source[k]).abs().max() <= bound + 1e-6, k
+
+
+def test_float8_scales_that_fit_no_weight_are_refused_by_name(tiny_checkpoints, tmp_path):
+    root = tiny_checkpoints["dev"]
+    bfl_sd = transformer_diffusers_to_bfl(Checkpoint.open(root).load_transformer(torch.float32).state_dict())
+    fp8_file(bfl_sd, tmp_path / "ok.safetensors", "comfy")
+    state = load_file(tmp_path / "ok.safetensors")
+    save_file(dict(state, **{"txt_in.scale_weight": torch.ones(3)}), tmp_path / "shape.safetensors")
+    with pytest.raises(CheckpointError, match=r"scale 'txt_in.scale_weight' has shape \[3\]; for the float8 weight "
+                                              r"'txt_in.weight' of shape \[\d+, \d+\] expected one value or one per "
+                                              r"output row"):
+        Checkpoint.open(root, transformer_file=tmp_path / "shape.safetensors").load_transformer(torch.float32)
+    save_file(dict(state, **{"img_in.bias.scale_weight": torch.ones(1)}), tmp_path / "orphan.safetensors")
+    with pytest.raises(CheckpointError, match=r"weight scales without a float8 weight beside them: "
+                                              r"\['img_in.bias.scale_weight'\]"):
+        Checkpoint.open(root, transformer_file=tmp_path / "orphan.safetensors").load_transformer(torch.float32)
