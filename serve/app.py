@@ -97,7 +97,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/images/generations")
     async def generations(request: Request):
-        began = time.perf_counter()
+        began, began_mono = time.perf_counter(), time.monotonic()  # the job's arrival is on the monotonic clock
         try:
             if expected is not None:
                 given = request.headers.get("authorization", "").encode()
@@ -106,7 +106,6 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
                                    type="invalid_request_error")
             body = parse_body(await read_body(request))
             job = service.submit(body)
-            parsed = time.perf_counter()
             result = await wait_for(job, request, service.settings.timeout_s)
         except ApiError as e:
             answered(e.status, began)
@@ -116,7 +115,8 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         done = time.perf_counter()
         answered(200, began)
         return JSONResponse({"created": int(time.time()), "data": [{"b64_json": png} for png in pngs]},
-                            headers={"Server-Timing": server_timing(parse=parsed - began, queue=job.queued_s(),
+                            headers={"Server-Timing": server_timing(parse=job.arrived - began_mono,
+                                                                    queue=job.queued_s(),
                                                                     generate=result.generate_s,
                                                                     encode=done - encoding, server=done - began)})
 
@@ -124,8 +124,8 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
 
 
 def server_timing(**seconds: float) -> str:
-    """A Server-Timing header of the request's phases, in milliseconds: ``parse`` (the body read, parsed, checked
-    and queued), ``queue`` (accepted until its pipeline call began), ``generate`` (that call, a direct user's),
+    """A Server-Timing header of the request's phases, in milliseconds: ``parse`` (the body read, parsed, checked,
+    until it is queued), ``queue`` (queued until its pipeline call began), ``generate`` (that call, a direct user's),
     ``encode`` (its PNGs and base64) and ``server`` (the handler's start to the answer's images encoded)."""
     return ", ".join(f"{name};dur={s * 1000:.3f}" for name, s in seconds.items())
 

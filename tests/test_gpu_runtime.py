@@ -147,3 +147,39 @@ def test_bf16_inputs_from_the_host_give_the_numbers_they_hold(exports, cuda_grap
     assert np.array_equal(got, want)  # the same bf16 values in: the same numbers out
     as_numpy_bf16 = [a.astype(dtypes.numpy_dtype("bfloat16")) for a in host]
     assert np.array_equal(cupy.asnumpy(loop.denoise(transformer, x, *as_numpy_bf16, ids, sigmas, 3.5)), want)
+
+
+@pytest.mark.parametrize("vel, inp", [("uint16", "bfloat16"), ("float16", "float16"), ("float32", "float32"),
+                                      ("float32", "bfloat16")])
+def test_fused_euler_step_equals_the_array_operations(vel, inp):
+    """The loop's one kernel per step on a GPU (runtime/loop.py fused_step) against the array operations it
+    replaces, run by numpy on the host: the same float32 latents and the same next input, bit for bit; a NaN or
+    an Inf in the velocity raises its flag. Needs cupy and a GPU only."""
+    cupy = pytest.importorskip("cupy", reason="cupy is not installed: no GPU backend here")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            pytest.skip("no CUDA device")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA driver")
+    from fluxrt import dtypes
+    from fluxrt.runtime import loop, sampling
+
+    g = np.random.default_rng(0)
+    latents = (g.standard_normal((2, 257, 64)) * 3).astype(np.float32)
+    v32 = (g.standard_normal((2, 257, 64)) * 2).astype(np.float32)
+    host_v = v32.astype(dtypes.numpy_dtype("bfloat16")) if vel == "uint16" else v32.astype(vel)
+    device_v = cupy.asarray(host_v.view(np.uint16) if vel == "uint16" else host_v)
+    sigma, sigma_next = np.float32(0.71), np.float32(0.6383)
+    want = sampling.euler_step(latents, host_v.astype(np.float32), float(sigma), float(sigma_next))
+    want_input = dtypes.cast(want, inp)
+    got, got_input, flag = loop.fused_step(device_v, cupy.asarray(latents), sigma_next - sigma, inp)
+    np.testing.assert_array_equal(cupy.asnumpy(got), want)
+    np.testing.assert_array_equal(cupy.asnumpy(got_input),
+                                  want_input.view(np.uint16) if inp == "bfloat16" else want_input)
+    assert int(flag.get()[0]) == 0
+    for bad in (np.nan, np.inf):
+        v = host_v.copy()
+        v.reshape(-1)[1234] = bad
+        _, _, flag = loop.fused_step(cupy.asarray(v.view(np.uint16) if vel == "uint16" else v),
+                                     cupy.asarray(latents), sigma_next - sigma, inp)
+        assert int(flag.get()[0]) != 0

@@ -223,7 +223,7 @@ def empty_folder(sub: str):
 
 
 CHECKPOINT_FAULTS = [
-    ("int8-weights", corrupt_int8, "is I8; fluxrt takes float weights (F32, F16, BF16, F64), not quantized"),
+    ("int8-weights", corrupt_int8, "is I8; fluxrt takes float weights (F32, F16, BF16, F64, F8_E4M3, F8_E5M2), not integer ones"),
     ("header-list", lambda ck: write_safetensors_header(ck / "vae" / "diffusion_pytorch_model.safetensors", [1, 2]),
      "its header is a JSON list, expected an object of tensors"),
     ("no-offsets", lambda ck: write_safetensors_header(ck / "vae" / "diffusion_pytorch_model.safetensors",
