@@ -43,7 +43,6 @@ def pipe(fp32_exports):
     return FluxPipeline.load(fp32_exports["dev"])
 
 
-@pytest.mark.slow  # two to four minutes on two cores, and its timing is not yet steady beside other test workers
 def test_two_replicas_serve_and_survive_one_killed(fp32_exports, pipe, tmp_path):
     if replica_pids():
         pytest.skip("another fluxrt Ray deployment runs on this machine")
