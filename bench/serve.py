@@ -70,6 +70,7 @@ def percentiles(seconds: list[float]) -> dict:
 
 
 OVERHEAD_PARTS = ("parse", "queue", "encode", "outside")
+REPLICA_HEADER = "X-Fluxrt-Replica"
 
 
 def drive(call, n: int, concurrency: int) -> dict:
@@ -79,6 +80,7 @@ def drive(call, n: int, concurrency: int) -> dict:
     latencies: list[float] = []
     overheads: list[float] = []
     parts: dict[str, list[float]] = {k: [] for k in OVERHEAD_PARTS}
+    replicas: dict[str, int] = {}
     errors: list[str] = []
     lock = threading.Lock()
     next_i = iter(range(n))
@@ -100,6 +102,9 @@ def drive(call, n: int, concurrency: int) -> dict:
             with lock:
                 latencies.append(took)
                 if timings is not None:
+                    replica = timings.pop("replica", None)
+                    if replica is not None:
+                        replicas[replica] = replicas.get(replica, 0) + 1
                     overheads.append(took - timings["generate"])
                     for k in ("parse", "queue", "encode"):
                         parts[k].append(timings.get(k, float("nan")))
@@ -118,6 +123,8 @@ def drive(call, n: int, concurrency: int) -> dict:
         ms = np.asarray(overheads) * 1000
         row.update(overhead_p50_ms=float(np.percentile(ms, 50)), overhead_p99_ms=float(np.percentile(ms, 99)),
                    overhead_parts_p50_ms={k: float(np.percentile(np.asarray(v) * 1000, 50)) for k, v in parts.items()})
+    if replicas:
+        row["replicas"] = dict(sorted(replicas.items()))
     if errors:
         row["first_error"] = errors[0]
     return row
@@ -130,7 +137,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, folder: Path, kind: str, backend: str | None, cuda_graph: bool, flags: list[str]):
+    def __init__(self, folder: Path, kind: str, backend: str | None, cuda_graph: bool, flags: list[str],
+                 env: dict | None = None):
         self.port = free_port()
         cmd = [sys.executable, "-m", "fluxrt.cli", "serve", f"--{kind}", str(folder), "--port", str(self.port),
                *flags]
@@ -138,7 +146,8 @@ class ServerProcess:
             cmd += ["--backend", backend]
         if cuda_graph:
             cmd.append("--cuda-graph")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env=None if env is None else {**os.environ, **env})
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -176,7 +185,10 @@ def server_call(port: int, body_of):
         data = response.read()
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
-        return server_timings(response.getheader("Server-Timing"))
+        timings: dict = server_timings(response.getheader("Server-Timing"))
+        if response.getheader(REPLICA_HEADER):
+            timings["replica"] = response.getheader(REPLICA_HEADER)
+        return timings
 
     return call
 
@@ -246,6 +258,69 @@ def bench_serve(folder: Path, kind: str, backend: str | None, cuda_graph: bool, 
     return report
 
 
+def bench_serve_ray(folder: Path, kind: str, backend: str | None, cuda_graph: bool, s: ServeBenchSettings,
+                    replicas: tuple, out: Path, say=print, start_s: float = 300) -> dict:
+    """``fluxrt serve --ray --replicas N`` on a local Ray cluster for each N of ``replicas``, one after the other, at
+    each concurrency: rows ``ray xN`` with the requests each replica answered (its X-Fluxrt-Replica: process and
+    the GPU Ray gave it), and the summary's throughput of the most replicas against one's and their p50 at
+    concurrency 1. Each deployment is warmed until every replica has answered (within ``start_s``)."""
+    if not replicas or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in replicas):
+        raise ValueError(f"replicas must be integers >= 1, got {replicas!r}")
+    size = f"{s.width}x{s.height}"
+
+    def body(i: int) -> dict:
+        return {"prompt": f"a red circle on a blue background {i}", "size": size, "num_inference_steps": s.steps,
+                "seed": s.seed + i}
+
+    rows = []
+    for n in replicas:
+        server = ServerProcess(folder, kind, backend, cuda_graph,
+                               ["--ray", "--replicas", str(n), "--max-batch", str(s.max_batch), "--batch-wait-ms",
+                                str(s.batch_wait_ms), "--queue-size", "1024"],
+                               env={"RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"})
+        try:
+            call = server_call(server.port, body)
+            seen, deadline = set(), time.monotonic() + start_s
+            while len(seen) < n:  # every replica up and answering before the rows are timed
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {len(seen)} of {n} Ray replicas answered within {start_s:g} s: "
+                                       f"{sorted(seen)}")
+                warm = drive(call, max(2 * n, s.warmup), 2 * n)
+                seen |= set(warm.get("replicas", {}))
+            for c in s.concurrency:
+                rows.append(dict(mode=f"ray x{n}", concurrency=c, replicas_deployed=n, max_batch=s.max_batch,
+                                 **drive(call, s.requests, c)))
+                say(f"ray x{n} c={c}: {rows[-1]}")
+        finally:
+            server.close()
+    report = {"settings": asdict(s), "folder": str(folder), "backend": backend or "default", "cuda_graph": cuda_graph,
+              "ray_replicas": list(replicas),
+              "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "node": platform.node()},
+              "rows": rows, "summary": ray_summary(rows, replicas)}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "bench-serve.json", report)
+    atomic_write_text(out / "bench-serve.md", markdown(report))
+    return report
+
+
+def ray_summary(rows: list[dict], replicas: tuple) -> dict:
+    """The most replicas against one: images/s ratio per concurrency, p50 ratio at concurrency 1, and the
+    placement (the distinct GPUs their answers named)."""
+    at = {(r["replicas_deployed"], r["concurrency"]): r for r in rows}
+    out: dict = {}
+    top = max(replicas)
+    if top > 1 and 1 in replicas:
+        for (n, c), r in at.items():
+            if n == top and (1, c) in at and at[(1, c)]["images_per_s"]:
+                out[f"throughput_x{top}_vs_x1_c{c}"] = r["images_per_s"] / at[(1, c)]["images_per_s"]
+        if (top, 1) in at and (1, 1) in at and at[(1, 1)].get("p50_ms"):
+            out[f"p50_x{top}_vs_x1_c1"] = at[(top, 1)]["p50_ms"] / at[(1, 1)]["p50_ms"]
+    answered = {k for (n, _), r in at.items() if n == top for k in r.get("replicas", {})}
+    out["replicas_answering"] = len(answered)
+    out["gpus"] = sorted({k.split("gpu=", 1)[-1] for k in answered})
+    return out
+
+
 def warm_server(call, max_batch: int, rounds: int) -> None:
     """``rounds`` requests alone, then with batching ``rounds`` rounds of k requests at once for k = 2..max_batch."""
     for i in range(rounds):
@@ -269,6 +344,11 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+def summary_text(summary: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+                     if v is not None)
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# fluxrt bench-serve: {report['folder']} ({report['backend']}), {s['width']}x{s['height']}, "
@@ -283,5 +363,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['mode']} | {r['concurrency']} | {r.get('p50_ms', float('nan')):.1f} | "
                      f"{r.get('p99_ms', float('nan')):.1f} | {r['images_per_s']:.2f} | {overhead} | {parts} | "
                      f"{r['failed']} |")
-    lines += ["", "Summary: " + ", ".join(f"{k} {v:.3f}" for k, v in report["summary"].items() if v is not None), ""]
+    for r in report["rows"]:
+        if "replicas" in r:
+            lines.append(f"- {r['mode']} at concurrency {r['concurrency']}, requests per replica: "
+                         + ", ".join(f"`{k}` {v}" for k, v in r["replicas"].items()))
+    lines += ["", "Summary: " + summary_text(report["summary"]), ""]
     return "\n".join(lines)

@@ -376,7 +376,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:
-    from fluxrt.bench.serve import ServeBenchSettings, bench_serve
+    from fluxrt.bench.serve import ServeBenchSettings, bench_serve, bench_serve_ray, summary_text
 
     try:
         import fastapi  # noqa: F401 - the server needs the serve extra
@@ -388,9 +388,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     try:
         width, height = (int(v) for v in args.size.split("x"))
         concurrency = tuple(int(v) for v in args.concurrency.split(","))
+        replicas = tuple(int(v) for v in args.ray_replicas.split(",")) if args.ray_replicas else None
     except ValueError:
-        raise UsageError(f"--size must be WIDTHxHEIGHT and --concurrency N[,N...], got {args.size!r} and "
-                         f"{args.concurrency!r}") from None
+        raise UsageError(f"--size must be WIDTHxHEIGHT, --concurrency N[,N...] and --ray-replicas N[,N...], got "
+                         f"{args.size!r}, {args.concurrency!r} and {args.ray_replicas!r}") from None
+    if replicas is not None and any(n < 1 for n in replicas):
+        raise UsageError(f"--ray-replicas must be integers >= 1, got {args.ray_replicas!r}")
     try:
         settings = ServeBenchSettings(width=width, height=height, steps=args.steps, requests=args.requests,
                                       concurrency=concurrency, max_batch=args.max_batch,
@@ -404,10 +407,16 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     folder = args.engines or args.onnx
     if open_folder(folder).kind != folder_kind:
         raise UsageError(f"--{kind} {folder} is not an {folder_kind} folder")
-    report = bench_serve(folder, kind, args.backend, args.cuda_graph, settings, args.out,
-                         say=lambda line: print(f"fluxrt bench-serve: {line}", file=sys.stderr))
-    print(f"wrote {args.out / 'bench-serve.json'}, bench-serve.md: " +
-          ", ".join(f"{k} {v:.3f}" for k, v in report["summary"].items() if v is not None))
+    say = lambda line: print(f"fluxrt bench-serve: {line}", file=sys.stderr)  # noqa: E731
+    if replicas is not None:
+        try:
+            import ray.serve  # noqa: F401
+        except ImportError as e:
+            raise UsageError(f"--ray-replicas runs fluxrt serve --ray, which needs the ray extra: {e}") from None
+        report = bench_serve_ray(folder, kind, args.backend, args.cuda_graph, settings, replicas, args.out, say=say)
+    else:
+        report = bench_serve(folder, kind, args.backend, args.cuda_graph, settings, args.out, say=say)
+    print(f"wrote {args.out / 'bench-serve.json'}, bench-serve.md: " + summary_text(report["summary"]))
 
 
 def cmd_bench_synthetic(args: argparse.Namespace) -> None:
@@ -660,6 +669,9 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--batch-wait-ms", type=float, default=10.0, help="the batching server's --batch-wait-ms "
                                                                       "(default 10)")
     bs.add_argument("--warmup", type=int, default=2, help="untimed requests per mode first, >= 0 (default 2)")
+    bs.add_argument("--ray-replicas", metavar="N[,N...]", help="instead of the direct and single-process rows: fluxrt "
+                                                              "serve --ray with each replica count in turn (one GPU "
+                                                              "each where there are GPUs), e.g. 1,2")
     bs.set_defaults(func=cmd_bench_serve)
 
     v = sub.add_parser("serve", help="serve OpenAI's images API over one pipeline (needs the serve extra)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
 
 from fastapi import FastAPI, Request
@@ -60,6 +61,8 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     metrics.queue_depth.set_function(lambda: 0 if service.batcher is None else service.batcher.depth())
     metrics.running.set_function(lambda: 0 if service.batcher is None else len(service.batcher.running))
     expected = None if api_key is None else f"Bearer {api_key}".encode()
+    # which process answered, on which GPU (what Ray gives a replica of num_gpus 1): placement, told per answer
+    replica = f"pid={os.getpid()}; gpu={os.environ.get('CUDA_VISIBLE_DEVICES') or 'none'}"
 
     def answered(status: int, began: float) -> None:
         metrics.requests.labels(status=str(status)).inc()
@@ -115,7 +118,8 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         done = time.perf_counter()
         answered(200, began)
         return JSONResponse({"created": int(time.time()), "data": [{"b64_json": png} for png in pngs]},
-                            headers={"Server-Timing": server_timing(parse=job.arrived - began_mono,
+                            headers={"X-Fluxrt-Replica": replica,
+                                     "Server-Timing": server_timing(parse=job.arrived - began_mono,
                                                                     queue=job.queued_s(),
                                                                     generate=result.generate_s,
                                                                     encode=done - encoding, server=done - began)})

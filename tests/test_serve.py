@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -209,6 +210,7 @@ def test_images_equal_the_pipeline_and_carry_their_settings(server, pipe):
         assert 0 < generate_s < took, (headers["Server-Timing"], took)
         t = server_timings(headers["Server-Timing"])  # the server's phases, each within its whole
         assert list(t) == ["parse", "queue", "generate", "encode", "server"], headers["Server-Timing"]
+        assert re.fullmatch(r"pid=\d+; gpu=\S+", headers["X-Fluxrt-Replica"]), headers["X-Fluxrt-Replica"]
         assert min(t.values()) >= 0 and t["encode"] > 0
         assert t["parse"] + t["queue"] + t["generate"] + t["encode"] <= t["server"] + 1e-4 < took + 1e-4
         # --png-compress-level's default, 1: zlib's fastest class (the pixels are the same at every level)

@@ -105,3 +105,33 @@ def get_ok(url: str, path: str) -> bool:
         return get(url, path)[0] == 200
     except OSError:
         return False
+
+
+def test_bench_serve_ray_rows_for_one_and_two_replicas(fp32_exports, tmp_path):
+    """``fluxrt bench-serve --ray-replicas 1,2`` on CPU replicas of the tiny model: rows for each count and
+    concurrency, every request answered, the answers told apart by replica (X-Fluxrt-Replica: process and GPU),
+    two replicas both answering, the summary's ratios the rows' arithmetic."""
+    if replica_pids():
+        pytest.skip("another fluxrt Ray deployment runs on this machine")
+    import json
+
+    from cli_calls import cli
+
+    out = tmp_path / "bench"
+    code, stderr = cli(["bench-serve", "--onnx", fp32_exports["dev"], "--out", out, "--size", "32x32", "--steps", "1",
+                        "--requests", "6", "--concurrency", "1,2", "--max-batch", "2", "--ray-replicas", "1,2"])
+    assert code == 0, stderr
+    report = json.loads((out / "bench-serve.json").read_text())
+    rows = {(r["mode"], r["concurrency"]): r for r in report["rows"]}
+    assert set(rows) == {(m, c) for m in ("ray x1", "ray x2") for c in (1, 2)}
+    assert all(r["failed"] == 0 and r["requests"] == 6 and sum(r["replicas"].values()) == 6 for r in rows.values())
+    assert all(len(r["replicas"]) == 1 for m, r in rows.items() if m[0] == "ray x1")
+    assert all(k.startswith("pid=") and k.endswith("; gpu=none") for r in rows.values() for k in r["replicas"])
+    s = report["summary"]
+    assert s["replicas_answering"] == 2 and s["gpus"] == ["none"]
+    assert s["throughput_x2_vs_x1_c2"] == pytest.approx(rows[("ray x2", 2)]["images_per_s"]
+                                                        / rows[("ray x1", 2)]["images_per_s"])
+    assert s["p50_x2_vs_x1_c1"] == pytest.approx(rows[("ray x2", 1)]["p50_ms"] / rows[("ray x1", 1)]["p50_ms"])
+    assert "requests per replica: `pid=" in (out / "bench-serve.md").read_text()
+    code, stderr = cli(["bench-serve", "--onnx", fp32_exports["dev"], "--out", out, "--ray-replicas", "0"])
+    assert code == 2 and "--ray-replicas must be integers >= 1, got '0'" in stderr
