@@ -492,6 +492,18 @@ def test_cli_errors_name_flags(fp32_exports, tmp_path, capsys):
     assert str(tmp_path / "none") in capsys.readouterr().err
 
 
+def bench_report(folder, out, *flags) -> tuple[dict, dict]:
+    """``fluxrt bench-serve --onnx folder --out out --size 32x32 --steps 1 --requests 6 flags...``: its report and
+    rows by (mode, concurrency)."""
+    from cli_calls import cli
+
+    code, stderr = cli(["bench-serve", "--onnx", folder, "--out", out, "--size", "32x32", "--steps", "1",
+                        "--requests", "6", *flags])
+    assert code == 0, stderr
+    report = json.loads((out / "bench-serve.json").read_text())
+    return report, {(r["mode"], r["concurrency"]): r for r in report["rows"]}
+
+
 def test_bench_serve_writes_rows_for_every_mode_and_concurrency(fp32_exports, tmp_path):
     """``fluxrt bench-serve`` on the tiny model: direct calls, the server without and with batching, at two
     concurrencies; every request answered, the server's overhead per request (latency minus its Server-Timing
@@ -499,11 +511,7 @@ def test_bench_serve_writes_rows_for_every_mode_and_concurrency(fp32_exports, tm
     from cli_calls import cli
 
     out = tmp_path / "bench"
-    code, stderr = cli(["bench-serve", "--onnx", fp32_exports["dev"], "--out", out, "--size", "32x32", "--steps", "1",
-                        "--requests", "6", "--concurrency", "1,3", "--max-batch", "3", "--warmup", "1"])
-    assert code == 0, stderr
-    report = json.loads((out / "bench-serve.json").read_text())
-    rows = {(r["mode"], r["concurrency"]): r for r in report["rows"]}
+    report, rows = bench_report(fp32_exports["dev"], out, "--concurrency", "1,3", "--max-batch", "3", "--warmup", "1")
     assert set(rows) == {(m, c) for m in ("direct", "server", "server+batching") for c in (1, 3)}
     assert all(r["failed"] == 0 and r["requests"] == 6 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows.values())
     for mode in ("server", "server+batching"):  # latency minus the server's own pipeline-call time, per request

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from test_serve import free_port, get, pngs, post, reference
+from test_serve import bench_report, free_port, get, pngs, post, reference
 
 pytest.importorskip("ray.serve")
 pytest.importorskip("fastapi")
@@ -113,16 +113,11 @@ def test_bench_serve_ray_rows_for_one_and_two_replicas(fp32_exports, tmp_path):
     two replicas both answering, the summary's ratios the rows' arithmetic."""
     if replica_pids():
         pytest.skip("another fluxrt Ray deployment runs on this machine")
-    import json
-
     from cli_calls import cli
 
     out = tmp_path / "bench"
-    code, stderr = cli(["bench-serve", "--onnx", fp32_exports["dev"], "--out", out, "--size", "32x32", "--steps", "1",
-                        "--requests", "6", "--concurrency", "1,2", "--max-batch", "2", "--ray-replicas", "1,2"])
-    assert code == 0, stderr
-    report = json.loads((out / "bench-serve.json").read_text())
-    rows = {(r["mode"], r["concurrency"]): r for r in report["rows"]}
+    report, rows = bench_report(fp32_exports["dev"], out, "--concurrency", "1,2", "--max-batch", "2",
+                                "--ray-replicas", "1,2")
     assert set(rows) == {(m, c) for m in ("ray x1", "ray x2") for c in (1, 2)}
     assert all(r["failed"] == 0 and r["requests"] == 6 and sum(r["replicas"].values()) == 6 for r in rows.values())
     assert all(len(r["replicas"]) == 1 for m, r in rows.items() if m[0] == "ray x1")
