@@ -206,14 +206,31 @@ class RandomCheckpoint(Checkpoint):
 
 
 def export(root: str | Path, precision: str, components=("clip", "t5", "transformer", "vae"),
-           attention: str = "ort-kernels", device: str = "cpu", seed: int = 0) -> dict:
-    """fluxrt's exporter on ROOT/checkpoint into ROOT/onnx-PRECISION; returns the manifest."""
+           attention: str = "ort-kernels", device: str = "cpu", seed: int = 0, others_from: str | None = None) -> dict:
+    """fluxrt's exporter on ROOT/checkpoint into ROOT/onnx-PRECISION; returns the manifest. ``others_from``: the
+    precision of an export in ROOT whose graphs this one lacks are linked in (hard links, no second copy: a full-size
+    fp16 transformer beside the bf16 export's text encoders and VAE fits a disk that two whole exports do not); the
+    manifest lists them under ``borrowed`` and each keeps its own record (its precision included)."""
     from fluxrt.export.onnx_export import ExportRequest, export_checkpoint
 
     root = Path(root)
+    if others_from is not None and not (root / f"onnx-{others_from}" / "manifest.json").is_file():
+        raise InvalidInputError(f"--others-from {others_from}: {root / f'onnx-{others_from}'} holds no export")
     ckpt = RandomCheckpoint.open_random(root / CHECKPOINT, seed=seed, device=device)
-    return export_checkpoint(ckpt, root / f"onnx-{precision}", ExportRequest(tuple(components), precision,
-                                                                              attention=attention))
+    out = root / f"onnx-{precision}"
+    manifest = export_checkpoint(ckpt, out, ExportRequest(tuple(components), precision, attention=attention))
+    if others_from is None:
+        return manifest
+    from fluxrt.artifacts import ExportFolder, write_export_manifest
+    from fluxrt.engines.quantize import copy_verified
+
+    source = ExportFolder.open(root / f"onnx-{others_from}")
+    borrowed = [name for name in source.components() if name not in manifest["components"]]
+    records = {name: copy_verified(source, name, out) for name in borrowed}
+    write_export_manifest(out, dict(manifest, components={**manifest["components"], **records},
+                                    borrowed=dict(source=str(source.root.resolve()), components=borrowed)))
+    log(f"export: {out} has {borrowed} linked from {source.root}")
+    return ExportFolder.open(out).manifest
 
 
 # ---- the run ----------------------------------------------------------------------------------------
@@ -301,10 +318,13 @@ def kernel_profile(fn, iters: int, device: str) -> dict:
     return profile(fn, iters, device)
 
 
-def stage_rows(results: Results, common: dict, stats: dict, layers) -> None:
+def stage_rows(results: Results, common: dict, stats: dict, layers, graph_precision: dict | None = None) -> None:
+    """One row per stage; ``graph_precision``: each stage's graph's own precision (an fp16 folder's fp32 VAE, or a
+    graph linked in from another export) where it differs from the configuration's."""
     for component, st in stats.items():
+        own = (graph_precision or {}).get(component)
         results.add(component=component, layers=layers if component in ("transformer", "generation") else None,
-                    **common, **st)
+                    **common, **st, **({"graph_precision": own} if own and own != common.get("precision") else {}))
 
 
 def glue_per_step(stats: dict, steps: int) -> float | None:
@@ -404,7 +424,8 @@ def run_fluxrt(label: str, folder: Path, s: RunSettings, device: str, ref: Refer
         common = dict(backend=f"{backend}+kernels" if manifest["components"]["transformer"].get("attention")
                       == "ort-kernels" else backend, precision=pipe.folder.precision, label=label,
                       cuda_graph=device == "cuda", gpu_used_gib=(bench.gpu_memory_used_bytes() or 0) / 2**30 or None)
-        stage_rows(results, common, {k: v for k, v in stats.items() if k != "generation"}, layers)
+        graphs = {k: rec.get("precision") for k, rec in manifest["components"].items()}
+        stage_rows(results, common, {k: v for k, v in stats.items() if k != "generation"}, layers, graphs)
         results.add(component="generation", layers=layers, **common, **stats["generation"], load_s=load_s,
                     steps=s.steps, image_std=float(np.std(images)), glue_ms_per_step=glue_per_step(stats, s.steps),
                     loop_host_ms_per_step=host_ms, loop_host_fraction=host_ms / stats["transformer"]["p50_ms"],
@@ -747,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--attention", default="ort-kernels", choices=("portable", "ort", "ort-kernels"))
     e.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where the seeded modules are made")
     e.add_argument("--weights-seed", type=int, default=0, help="the seed of the random weights")
+    e.add_argument("--others-from", metavar="PRECISION", help="link the graphs --components leaves out from the "
+                                                             "export ROOT/onnx-PRECISION (e.g. an fp16 transformer "
+                                                             "beside bf16's text encoders and VAE)")
     r = sub.add_parser("run", help="time and compare the configurations (see the module doc)")
     r.add_argument("root", type=Path)
     r.add_argument("--out", type=Path, required=True)
@@ -764,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
             print(prepare(args.root, args.model))
         elif args.command == "export":
             export(args.root, args.precision, tuple(args.components.split(",")), args.attention, args.device,
-                   args.weights_seed)
+                   args.weights_seed, args.others_from)
         elif args.command == "run":
             settings = RunSettings(**{f: getattr(args, f) for f in asdict(RunSettings())})
             run(args.root, args.out, [x for x in args.precisions.split(",") if x],

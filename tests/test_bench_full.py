@@ -158,3 +158,30 @@ def test_report_shows_the_profiled_kernel_time(bench_root, tmp_path):
     assert "GPU kernel time by kind" not in (root / "out" / "results.md").read_text()
     with pytest.raises(InvalidInputError, match="--profile must be at least 0, got -1"):
         full.RunSettings(profile=-1)
+
+
+def test_an_export_of_the_transformer_alone_links_the_rest_from_another(bench_root):
+    """``export ROOT --precision fp16 --components transformer --others-from fp32``: the fp16 transformer beside the
+    fp32 export's text encoders and VAE as hard links (the same files, no second copy), each graph keeping its
+    record; the folder loads and draws; a missing source is refused by its flag."""
+    import os
+
+    from fluxrt.artifacts import ExportFolder
+    from fluxrt.runtime import FluxPipeline
+
+    root, _ = bench_root
+    with pytest.raises(InvalidInputError, match=r"--others-from bf16: .*onnx-bf16 holds no export"):
+        full.export(root, "fp16", ("transformer",), device="cpu", others_from="bf16")
+    # portable attention: fluxrt's CPU kernels compute in float32 only
+    manifest = full.export(root, "fp16", ("transformer",), "portable", device="cpu", others_from="fp32")
+    source = ExportFolder.open(root / "onnx-fp32")
+    borrowed = sorted(manifest["borrowed"]["components"])
+    assert borrowed == sorted(n for n in source.components() if n != "transformer")
+    assert {n: r["precision"] for n, r in manifest["components"].items()} == {
+        **{n: "fp32" for n in borrowed}, "transformer": "fp16"}
+    for name in borrowed:
+        for file in manifest["components"][name]["fingerprint"]["files"]:
+            assert os.stat(root / "onnx-fp16" / file).st_ino == os.stat(root / "onnx-fp32" / file).st_ino
+    images = FluxPipeline.load(root / "onnx-fp16")("a lighthouse", height=64, width=64, num_inference_steps=2,
+                                                    max_sequence_length=16, seed=1, output_type="np").images
+    assert images.shape == (1, 64, 64, 3) and images.std() > 1e-3

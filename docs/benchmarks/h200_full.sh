@@ -5,7 +5,8 @@
 #   bash docs/benchmarks/h200_full.sh start ROOT OUT   # prepare, export bf16, quantize fp8, run: in the background
 #   bash docs/benchmarks/h200_full.sh poll ROOT OUT    # the log's tail; copies OUT's files to $OUT when done
 #   bash docs/benchmarks/h200_full.sh gpu-tests        # the GPU tests of fluxrt's kernels, FP8 too (log in $OUT)
-# FP8_ATTENTION=1 quantizes with --fp8-attention, FP8_FAST=1 with --fp8-fast-accumulation; PRECISIONS (default bf16,fp8) and TORCH_MODES pick the rows;
+# FP16=1 first runs bf16 beside an fp16 transformer (exported alone, the rest linked from bf16; results in OUT-fp16,
+# with FP16_TORCH's rows, default eager), then deletes it; FP8_ATTENTION=1 quantizes with --fp8-attention, FP8_FAST=1 with --fp8-fast-accumulation; PRECISIONS (default bf16,fp8) and TORCH_MODES pick the rows;
 # CALIBRATION_STEPS (default 1) the sampling steps FP8 is calibrated on; PROFILE=N profiles N transformer steps of
 # every row under CUPTI (kernel time by kind in results.md).
 set -uo pipefail
@@ -31,6 +32,11 @@ case "$1" in
       set -e
       date; python3 -m fluxrt.bench.full prepare $root
       python3 -m fluxrt.bench.full export $root --precision bf16 --device cuda
+      if [ -n \"${FP16:-}\" ]; then  # bf16 beside fp16 first (the disk holds no third full-size transformer)
+        python3 -m fluxrt.bench.full export $root --precision fp16 --components transformer --others-from bf16 --device cuda
+        python3 -m fluxrt.bench.full run $root --out $out-fp16 --precisions bf16,fp16 --torch ${FP16_TORCH:-eager} --device cuda --iters 5 --generation-iters 2
+        rm -rf $root/onnx-fp16; date
+      fi
       date; python3 -m fluxrt.cli quantize $root/onnx-bf16 --out $root/onnx-fp8 --calibration-prompts 1 \
         --calibration-steps ${CALIBRATION_STEPS:-1} --calibration-size 1024 --calibration-text-length 512 --calibration-backend ort-cuda \
         ${FP8_ATTENTION:+--fp8-attention} ${FP8_FAST:+--fp8-fast-accumulation}
@@ -41,7 +47,8 @@ case "$1" in
   poll)
     root=$2; out=$3
     tail -c 6000 $root.log; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
-    mkdir -p "$OUT/full"; cp $root.log "$OUT/full/run.log"; cp $out/* "$OUT/full/" 2>/dev/null; true ;;
+    mkdir -p "$OUT/full" "$OUT/full-fp16"; cp $root.log "$OUT/full/run.log"; cp $out/* "$OUT/full/" 2>/dev/null
+    cp $out-fp16/* "$OUT/full-fp16/" 2>/dev/null; true ;;
   gpu-tests)
     # from /tmp: in the checkout, its fluxrt/ folder (the shared layer alone) would shadow /tmp/pkg's package
     cd /tmp && python3 -m pytest "$repo/tests/test_fp8_kernels.py" "$repo/tests/test_ort_kernels.py" -m gpu -q -s \
