@@ -188,6 +188,10 @@ def export_graph(name: str, ckpt: Checkpoint, precision: str, out_dir: Path, att
                 custom_translation_table=graphs.translation_table(attention) if name == "transformer" else None,
             )
             fusions = fuse_graph(program.model) if name == "transformer" and attention == "ort" else None
+            if name == "transformer" and attention == "ort-kernels":
+                from fluxrt.export.ort_kernels import tag_value_biases
+
+                tag_value_biases(program.model, module)
         log(f"{name}: traced in {time.perf_counter() - t1:.1f}s; writing")
         external = nbytes > external_data_bytes
         path = out_dir / f"{name}.onnx"

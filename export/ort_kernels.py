@@ -26,7 +26,10 @@ Runs on ONNX Runtime with the library registered (runtime/ort_ops/), CPU (float3
 
 from __future__ import annotations
 
+import ast
+import base64
 import functools
+import re
 from typing import Optional
 
 import torch
@@ -263,6 +266,42 @@ class SplitProjection(nn.Module):
         if value_bias is not None:
             bias = bias + self.attn.weight.float() @ value_bias.detach().float()
         self.bias = nn.Parameter(bias.to(w.dtype), requires_grad=False)
+        # what was folded, kept for the graph's metadata (tag_value_biases): a LoRA on proj_out changes W_attn,
+        # so the runtime adds its update's W_attn part times this to the bias (plain attribute: not traced)
+        self.value_bias = None if value_bias is None else value_bias.detach().float().cpu().clone()
+
+
+VALUE_BIAS_KEY = "fluxrt.value_bias"  # metadata of a single block's attention-columns product (tag_value_biases)
+SPLIT_SCOPE = re.compile(r"^(?:model\.)?single_transformer_blocks\.0\.proj\.(\d+)\.attn$")
+
+
+def tag_value_biases(model, module: nn.Module) -> int:
+    """Each single block's attention-columns MatMul in the exported ``model`` (onnx_ir) given the value bias folded
+    into its block's bias, as ``fluxrt.value_bias``: little-endian float32, base64 (``"none"`` without one), so that
+    a LoRA on ``proj_out`` can be merged at run time (runtime/lora.py). Returns how many were tagged."""
+    stacks = [m for m in module.modules() if isinstance(m, KernelSingleStack)]
+    if not stacks:
+        return 0
+    biases = {i: p.value_bias for i, p in enumerate(stacks[0].proj)}
+    tagged = set()
+    for node in model.graph:
+        if node.op_type != "MatMul":
+            continue
+        try:
+            scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            continue
+        m = SPLIT_SCOPE.match(scopes[-2]) if len(scopes) >= 2 else None
+        if m is None or int(m[1]) not in biases:
+            continue
+        value = biases[int(m[1])]
+        node.metadata_props[VALUE_BIAS_KEY] = ("none" if value is None else
+                                               base64.b64encode(value.numpy().astype("<f4").tobytes()).decode())
+        tagged.add(int(m[1]))
+    if tagged != set(biases):
+        raise ExportError(f"single blocks {sorted(set(biases) - tagged)}: no attention-columns MatMul of proj_out "
+                          f"found in the exported graph to record the folded value bias on")
+    return len(tagged)
 
 
 class KernelSingleStack(nn.Module):

@@ -6,8 +6,10 @@ of a Gemm with ``transB=1``, stored [out, in]. Biases stay apart (a Gemm's C, an
 so a LoRA changes weights only. ``--attention ort-kernels`` renames the module tree (a double block's
 linears under ``.block``, the single blocks as one stack, ``single_transformer_blocks.0.blocks.I``) and
 splits each single block's ``proj_out`` into its attention and MLP column blocks (``.proj.I.attn``,
-``.proj.I.mlp``). Such a ``proj_out`` is found but takes no LoRA: its bias holds ``to_v``'s bias folded
-through the attention columns (``W_attn @ b_v``), which a new weight changes and the graph does not keep.
+``.proj.I.mlp``), its bias holding ``to_v``'s bias folded through the attention columns (``b + W_attn @ b_v``). The
+export records ``b_v`` on the attention-columns product (``fluxrt.value_bias``), so a LoRA on such a ``proj_out`` is
+merged into both column blocks and its bias becomes the stored one plus ``ΔW_attn @ b_v`` (added, from the graph's
+own bias: nothing subtracted). Graphs exported before that record, and FP8 ones, refuse it.
 
 Under FP8 (a ``fluxrt quantize`` folder of an ort-kernels export), a linear is an ``Fp8Linear``: E4M3 weights
 [out, in] with one float32 scale per output feature, or a band of rows of a fused product (the
@@ -49,6 +51,11 @@ KERNEL_SPLIT = re.compile(r"^single_transformer_blocks\.0\.proj\.(\d+)\.(attn|ml
 FOLDED_BIAS = ("in this --attention ort-kernels graph it is split into two products and its bias holds to_v's bias "
                "folded through its attention columns, which a new weight would change and the graph does not keep "
                "apart: merge the LoRA at export (fluxrt export --lora) or use an --attention ort or portable export")
+OLD_SPLIT = (FOLDED_BIAS + "; graphs exported by this fluxrt record to_v's bias and take it: export again")
+FP8_SPLIT = ("in this FP8 graph of an --attention ort-kernels export it is two FP8 products whose bias holds to_v's "
+             "bias folded through the attention columns; LoRA on it is not supported under FP8: merge the LoRA at "
+             "export (fluxrt export --lora) before fluxrt quantize")
+VALUE_BIAS_KEY = "fluxrt.value_bias"  # export/ort_kernels.py tag_value_biases
 
 Loras = Sequence[tuple[LoraFile, float]]  # (file, scale), in load order
 FP8_MAX = 448.0
@@ -79,6 +86,26 @@ class Fp8Slot:
 
 
 @dataclass(frozen=True)
+class SplitSlot:
+    """An ort-kernels single block's ``proj_out``: its attention and MLP column blocks, and the bias the value bias
+    was folded into (``value_bias`` None: nothing folded, the bias stays)."""
+
+    attn: Slot
+    mlp: Slot
+    bias: Slot | None
+    value_bias: np.ndarray | None  # float32 [attention width]
+
+    @property
+    def dtype(self) -> str:
+        return self.attn.dtype
+
+    @property
+    def external(self):  # GraphLinears.inline: a split slot is inline where any of its parts is
+        parts = [self.attn, self.mlp] + ([self.bias] if self.bias is not None else [])
+        return None if any(p.external is None for p in parts) else parts[0].external
+
+
+@dataclass(frozen=True)
 class GraphLinears:
     path: Path
     shapes: dict[str, tuple[int, int]]  # module path -> (out, in), every linear found
@@ -88,7 +115,11 @@ class GraphLinears:
     @property
     def inline(self) -> set[str]:
         """The initializers of ``slots`` stored in the graph file itself (not in external data)."""
-        inline = {slot.initializer for slot in self.slots.values() if slot.external is None}
+        inline = {slot.initializer for slot in self.slots.values()
+                  if not isinstance(slot, SplitSlot) and slot.external is None}
+        for slot in self.slots.values():
+            if isinstance(slot, SplitSlot):
+                inline |= {p.initializer for p in (slot.attn, slot.mlp, slot.bias) if p is not None and p.external is None}
         return inline | {slot.scale for slot in self.slots.values()
                          if isinstance(slot, Fp8Slot) and slot.scale_external is None}
 
@@ -119,6 +150,9 @@ class GraphLinears:
             slot = self.slots[module]
             if isinstance(slot, Fp8Slot):
                 continue
+            if isinstance(slot, SplitSlot):
+                out.update(merged_split(read, module, slot, loras))
+                continue
             w = read(slot)  # float32 [out, in], pristine
             for lora, scale in loras:
                 if module in lora.deltas:
@@ -126,6 +160,27 @@ class GraphLinears:
             w = dtypes.cast(w, slot.dtype)
             out[slot.initializer] = np.ascontiguousarray(w.T if slot.transposed else w)
         return out
+
+
+def merged_split(read, module: str, slot: SplitSlot, loras: Loras) -> dict[str, np.ndarray]:
+    """A split proj_out's two column blocks and (with a folded value bias) its bias, merged from the stored ones."""
+    width = slot.attn.dims[0]  # stored [in, out]: the attention columns' in-features
+    attn, mlp = read(slot.attn), read(slot.mlp)  # float32 [out, in] each
+    bias = read(slot.bias) if slot.bias is not None and slot.value_bias is not None else None
+    for lora, scale in loras:
+        if module in lora.deltas:
+            delta = lora.deltas[module].matrix(scale)  # [out, attention + mlp]
+            attn += delta[:, :width]
+            mlp += delta[:, width:]
+            if bias is not None:
+                bias += delta[:, :width] @ slot.value_bias
+    out = {}
+    for part, w in ((slot.attn, attn), (slot.mlp, mlp)):
+        w = dtypes.cast(w, part.dtype)
+        out[part.initializer] = np.ascontiguousarray(w.T if part.transposed else w)
+    if bias is not None:
+        out[slot.bias.initializer] = np.ascontiguousarray(dtypes.cast(bias, slot.bias.dtype))
+    return out
 
 
 def diffusers_path(scope: str) -> str:
@@ -144,7 +199,7 @@ def graph_linears(path: str | Path) -> GraphLinears:
     graph = onnx.load(str(path), load_external_data=False).graph
     tensors = {t.name: t for t in graph.initializer}
     uses = Counter(name for node in graph.node for name in node.input)
-    shapes, slots, fixed, split = {}, {}, {}, {}
+    shapes, slots, fixed, split, split_nodes = {}, {}, {}, {}, {}
     tagged = 0
     for node in graph.node:
         if node.op_type == "Fp8Linear" and node.domain == "fluxrt":
@@ -159,6 +214,7 @@ def graph_linears(path: str | Path) -> GraphLinears:
         weight, tensor = node.input[1], tensors.get(node.input[1])
         if (m := KERNEL_SPLIT.match(origin[0].removeprefix("model."))) is not None:
             split.setdefault(f"single_transformer_blocks.{m[1]}.proj_out", {})[m[2]] = tensor
+            split_nodes.setdefault(f"single_transformer_blocks.{m[1]}.proj_out", {})[m[2]] = node
             continue
         module = diffusers_path(origin[0])
         if module in shapes or module in fixed:
@@ -188,8 +244,42 @@ def graph_linears(path: str | Path) -> GraphLinears:
         if sorted(parts) != ["attn", "mlp"] or None in parts.values():
             raise EngineError(f"{path}: {module}'s attention and MLP products are not two stored weights; cannot map it")
         shapes[module] = (parts["attn"].dims[1], parts["attn"].dims[0] + parts["mlp"].dims[0])
-        fixed[module] = FOLDED_BIAS
+        slot = split_slot(graph, tensors, uses, split_nodes[module], parts)
+        if isinstance(slot, str):
+            fixed[module] = slot
+        else:
+            slots[module] = slot
     return GraphLinears(path, shapes, slots, fixed)
+
+
+def split_slot(graph, tensors, uses, nodes: dict, parts: dict) -> SplitSlot | str:
+    """The SplitSlot of a split proj_out (its MatMuls ``nodes``, weights ``parts``), or why a LoRA cannot change it:
+    the value bias must be recorded on the attention product, and the bias it was folded into must be the stored
+    bias input of the one GatedResidual that sums the two products."""
+    meta = {p.key: p.value for p in nodes["attn"].metadata_props}
+    if VALUE_BIAS_KEY not in meta:
+        return OLD_SPLIT
+    for name, tensor in parts.items():
+        if uses[tensor.name] > 1 or dtypes.from_onnx(tensor.data_type) not in WEIGHT_DTYPES or len(tensor.dims) != 2:
+            return f"its {name} columns' weight {tensor.name!r} is shared, not a matrix or not float"
+    part_slots = {name: Slot(t.name, dtypes.from_onnx(t.data_type), tuple(t.dims), True, external_location(t))
+                  for name, t in parts.items()}
+    if meta[VALUE_BIAS_KEY] == "none":
+        return SplitSlot(part_slots["attn"], part_slots["mlp"], None, None)
+    import base64
+
+    value_bias = np.frombuffer(base64.b64decode(meta[VALUE_BIAS_KEY]), dtype="<f4").astype(np.float32)
+    if value_bias.shape != (parts["attn"].dims[0],):
+        return f"its recorded value bias has {value_bias.size} values for {parts['attn'].dims[0]} attention columns"
+    product = nodes["attn"].output[0]
+    users = [n for n in graph.node if product in n.input]
+    if len(users) != 1 or users[0].op_type != "GatedResidual" or list(users[0].input).index(product) != 1:
+        return "its attention product does not go straight into one GatedResidual, which holds the folded bias"
+    bias = tensors.get(users[0].input[2]) if len(users[0].input) > 2 else None
+    if bias is None or uses[bias.name] > 1 or len(bias.dims) != 1 or bias.dims[0] != parts["attn"].dims[1]:
+        return "the bias its value bias was folded into is not a stored vector of its own"
+    bias_slot = Slot(bias.name, dtypes.from_onnx(bias.data_type), tuple(bias.dims), False, external_location(bias))
+    return SplitSlot(part_slots["attn"], part_slots["mlp"], bias_slot, value_bias)
 
 
 def fp8_linears(path: Path, node, tensors, uses, shapes, slots, fixed) -> int:
@@ -210,7 +300,7 @@ def fp8_linears(path: Path, node, tensors, uses, shapes, slots, fixed) -> int:
             # its two column blocks, each an Fp8Linear of its own: the in-features add up
             out_f, in_f = shapes.get(module, (0, 0))
             shapes[module] = (weight.dims[0], in_f + weight.dims[1]) if weight is not None else (out_f, in_f)
-            fixed[module] = FOLDED_BIAS
+            fixed[module] = FP8_SPLIT
             continue
         module = diffusers_path(scope)
         if module in shapes or module in fixed:

@@ -21,7 +21,7 @@ from fluxrt.cli import main
 from fluxrt.errors import CheckpointError, ExportError, InvalidInputError
 from fluxrt.lora import read_lora, transformer_linears
 from fluxrt.runtime import FluxPipeline
-from fluxrt.runtime.lora import graph_linears, weight_reader
+from fluxrt.runtime.lora import SplitSlot, graph_linears, weight_reader
 
 pytest.importorskip("peft")
 from test_lora import kohya_file, peft_lora, peft_pair, save  # noqa: E402  (the LoRA makers of test_lora)
@@ -181,12 +181,12 @@ def test_every_linear_is_found_in_each_graph(graphs, config, name):
     assert found.shapes == transformer_linears(config)
     assert sorted({**found.slots, **found.fixed}) == sorted(found.shapes)
     assert {s.dtype for s in found.slots.values()} == {GRAPH_DTYPES[name]}
-    assert all((s.external is not None) == (name in EXTERNAL) for s in found.slots.values())
-    if "kernels" in name:  # proj_out split in two, to_v's bias folded into its bias
-        assert sorted(found.fixed) == SINGLE_PROJ_OUT
-        assert all("folded" in reason for reason in found.fixed.values())
-    else:
-        assert found.fixed == {}
+    assert all(((s.attn if isinstance(s, SplitSlot) else s).external is not None) == (name in EXTERNAL)
+               for s in found.slots.values())
+    assert found.fixed == {}
+    # ort-kernels: proj_out split in two, to_v's bias folded into its bias and recorded beside it
+    assert sorted(m for m, s in found.slots.items() if isinstance(s, SplitSlot)) == \
+        (SINGLE_PROJ_OUT if "kernels" in name else [])
 
 
 @pytest.mark.parametrize("precision,rtol", [("fp16", 2**-10), ("bf16", 2**-7)])
@@ -289,16 +289,66 @@ def test_export_merges_as_the_runtime_does_and_records_the_files(variant_exports
         ExportFolder.from_manifest(folder.root, stale)
 
 
-def test_ort_kernels_graph_merges_from_external_data_but_refuses_split_projections(graphs, config, loras):
-    files = [(read_lora(loras["mlp-bf16"], config), 0.7), (read_lora(loras["ctx-fp16"], config), 1.3)]
+def test_ort_kernels_graph_merges_from_external_data_and_its_split_projections(graphs, config, loras, tmp_path):
+    """The ort-kernels bf16 graph's merged weights equal the portable graph's bit for bit, a split proj_out's two
+    column blocks included (each the same float32 sums, cast once); its bias moves by ΔW_attn @ b_v from the stored
+    one. A graph exported before the value bias was recorded refuses a LoRA on proj_out by name."""
+    import onnx
+
+    files = [(read_lora(loras["mlp-bf16"], config), 0.7), (read_lora(loras["ctx-fp16"], config), 1.3),
+             (read_lora(loras["attn"], config), 1.0)]
     kernels, portable = graph_linears(graphs["ort-kernels-bf16"]), graph_linears(graphs["portable-bf16"])
     got, want = kernels.merged(files), portable.merged(files)
     for module in {m for lora, _ in files for m in lora.deltas}:
-        a, b = got[kernels.slots[module].initializer], want[portable.slots[module].initializer]
-        assert a.dtype == b.dtype and np.array_equal(a.view(np.uint16), b.view(np.uint16)), module
-    with pytest.raises(InvalidInputError, match=r"attn.safetensors: it changes 'single_transformer_blocks.0.proj_out', "
-                                                r"which the transformer graph .* cannot take: .*to_v's bias folded"):
-        kernels.check([(read_lora(loras["attn"], config), 1.0)])
+        slot = kernels.slots[module]
+        b = want[portable.slots[module].initializer]  # [in, out] as stored
+        if isinstance(slot, SplitSlot):
+            width = slot.attn.dims[0]
+            pairs = [(got[slot.attn.initializer], b[:width]), (got[slot.mlp.initializer], b[width:])]
+            read = weight_reader(kernels.path)
+            delta = sum(lora.deltas[module].matrix(scale) for lora, scale in files if module in lora.deltas)
+            bias = read(slot.bias) + delta[:, :width] @ slot.value_bias
+            np.testing.assert_array_equal(got[slot.bias.initializer].astype(np.float32),
+                                          bias.astype(got[slot.bias.initializer].dtype).astype(np.float32))
+        else:
+            pairs = [(got[slot.initializer], b)]
+        for a, w in pairs:
+            assert a.dtype == w.dtype and np.array_equal(a.view(np.uint16), w.view(np.uint16)), module
+    old = onnx.load(str(graphs["ort-kernels-bf16"]), load_external_data=False)
+    for node in old.graph.node:
+        kept = [p for p in node.metadata_props if p.key != "fluxrt.value_bias"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    stale = graphs["ort-kernels-bf16"].parent / "stale-transformer.onnx"  # beside its external data
+    onnx.save_model(old, str(stale))
+    try:
+        with pytest.raises(InvalidInputError, match=r"attn.safetensors: it changes 'single_transformer_blocks.0.proj_out', "
+                                                    r"which the transformer graph .* cannot take: .*to_v's bias folded.*"
+                                                    r"graphs exported by this fluxrt record to_v's bias and take it"):
+            graph_linears(stale).check([(read_lora(loras["attn"], config), 1.0)])
+    finally:
+        stale.unlink()
+
+
+@pytest.mark.parametrize("case", [[("attn", 1.0)], [("kohya", 0.8)]], ids=["peft-proj_out", "kohya-linear2"])
+def test_ort_kernels_images_with_loras_on_the_split_projection_equal_diffusers(theirs, kernels_dev, ops_library,
+                                                                              loras, case, monkeypatch):
+    """LoRAs on every single block's proj_out (peft's proj_out, kohya's linear2) on the fp32 ort-kernels export:
+    diffusers' images with the same adapters within IMAGE_TOL; unloading gives the base images bit for bit."""
+    from fluxrt.runtime import ort_ops
+
+    monkeypatch.setenv(ort_ops.ENV_LIBRARY, str(ops_library))
+    files = [(loras[key], scale) for key, scale in case]
+    want = diffusers_images(theirs, files)
+    pipe = FluxPipeline.load(kernels_dev, backend="ort-cpu")
+    plain = images(pipe)
+    for path, scale in files:
+        pipe.load_lora(path, scale)
+    got = images(pipe)
+    pipe.unload_lora()
+    assert np.abs(got - want).max() < IMAGE_TOL
+    assert np.abs(got - plain).max() > 50 * IMAGE_TOL
+    np.testing.assert_array_equal(images(pipe), plain)
 
 
 # ---- errors ---------------------------------------------------------------------------------------------
