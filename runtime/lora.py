@@ -53,8 +53,8 @@ FOLDED_BIAS = ("in this --attention ort-kernels graph it is split into two produ
                "apart: merge the LoRA at export (fluxrt export --lora) or use an --attention ort or portable export")
 OLD_SPLIT = (FOLDED_BIAS + "; graphs exported by this fluxrt record to_v's bias and take it: export again")
 FP8_SPLIT = ("in this FP8 graph of an --attention ort-kernels export it is two FP8 products whose bias holds to_v's "
-             "bias folded through the attention columns; LoRA on it is not supported under FP8: merge the LoRA at "
-             "export (fluxrt export --lora) before fluxrt quantize")
+             "bias folded through the attention columns, which the graph does not record (quantized from an export "
+             "made before fluxrt recorded it): export again and quantize, or merge the LoRA at export")
 VALUE_BIAS_KEY = "fluxrt.value_bias"  # export/ort_kernels.py tag_value_biases
 
 Loras = Sequence[tuple[LoraFile, float]]  # (file, scale), in load order
@@ -106,6 +106,26 @@ class SplitSlot:
 
 
 @dataclass(frozen=True)
+class SplitFp8Slot:
+    """SplitSlot's FP8 form: the two column blocks as Fp8Linears of their own, the folded bias their attention
+    product's (cuBLASLt's epilogue bias)."""
+
+    attn: Fp8Slot
+    mlp: Fp8Slot
+    bias: Slot | None
+    value_bias: np.ndarray | None
+
+
+def slot_initializers(slot) -> list[tuple[str, tuple[str, int] | None]]:
+    """(initializer, external location) of everything a slot's merge writes."""
+    if isinstance(slot, (SplitSlot, SplitFp8Slot)):
+        return [pair for part in (slot.attn, slot.mlp, slot.bias) if part is not None for pair in slot_initializers(part)]
+    if isinstance(slot, Fp8Slot):
+        return [(slot.initializer, slot.external), (slot.scale, slot.scale_external)]
+    return [(slot.initializer, slot.external)]
+
+
+@dataclass(frozen=True)
 class GraphLinears:
     path: Path
     shapes: dict[str, tuple[int, int]]  # module path -> (out, in), every linear found
@@ -115,13 +135,7 @@ class GraphLinears:
     @property
     def inline(self) -> set[str]:
         """The initializers of ``slots`` stored in the graph file itself (not in external data)."""
-        inline = {slot.initializer for slot in self.slots.values()
-                  if not isinstance(slot, SplitSlot) and slot.external is None}
-        for slot in self.slots.values():
-            if isinstance(slot, SplitSlot):
-                inline |= {p.initializer for p in (slot.attn, slot.mlp, slot.bias) if p is not None and p.external is None}
-        return inline | {slot.scale for slot in self.slots.values()
-                         if isinstance(slot, Fp8Slot) and slot.scale_external is None}
+        return {name for slot in self.slots.values() for name, external in slot_initializers(slot) if external is None}
 
     def check(self, loras: Loras) -> None:
         """Raise naming the file and the module unless every linear the LoRAs target can take them."""
@@ -153,6 +167,9 @@ class GraphLinears:
             if isinstance(slot, SplitSlot):
                 out.update(merged_split(read, module, slot, loras))
                 continue
+            if isinstance(slot, SplitFp8Slot):
+                out.update(merged_split_fp8(self.path, read, module, slot, loras))
+                continue
             w = read(slot)  # float32 [out, in], pristine
             for lora, scale in loras:
                 if module in lora.deltas:
@@ -183,6 +200,30 @@ def merged_split(read, module: str, slot: SplitSlot, loras: Loras) -> dict[str, 
     return out
 
 
+def merged_split_fp8(path: Path, read, module: str, slot: SplitFp8Slot, loras: Loras) -> dict[str, np.ndarray]:
+    """A split proj_out under FP8: each column block's E4M3 weight merged and re-quantized as any Fp8Linear's
+    (merged_fp8, with the update's columns of that block), and the folded bias moved by dW_attn @ b_v."""
+    from fluxrt.lora import Delta
+
+    width = slot.attn.dims[1]  # [N, K]: the attention block's in-features
+    parts = {f"{module}#attn": slot.attn, f"{module}#mlp": slot.mlp}
+    sliced = []
+    for lora, scale in loras:
+        if module in lora.deltas:
+            d = lora.deltas[module]
+            deltas = {f"{module}#attn": Delta(d.down[:, :width], d.up, d.multiplier),
+                      f"{module}#mlp": Delta(d.down[:, width:], d.up, d.multiplier)}
+            sliced.append((LoraFile(lora.path, lora.layout, lora.sha256, deltas), scale))
+    out = merged_fp8(path, parts, sliced)
+    if slot.bias is not None and slot.value_bias is not None:
+        bias = read(slot.bias)
+        for lora, scale in loras:
+            if module in lora.deltas:
+                bias += lora.deltas[module].matrix(scale)[:, :width] @ slot.value_bias
+        out[slot.bias.initializer] = np.ascontiguousarray(dtypes.cast(bias, slot.bias.dtype))
+    return out
+
+
 def diffusers_path(scope: str) -> str:
     """A node's module scope (under the export's ``TransformerGraph.model``) as diffusers' module path."""
     path = scope.removeprefix("model.")
@@ -199,11 +240,11 @@ def graph_linears(path: str | Path) -> GraphLinears:
     graph = onnx.load(str(path), load_external_data=False).graph
     tensors = {t.name: t for t in graph.initializer}
     uses = Counter(name for node in graph.node for name in node.input)
-    shapes, slots, fixed, split, split_nodes = {}, {}, {}, {}, {}
+    shapes, slots, fixed, split, split_nodes, fp8_split = {}, {}, {}, {}, {}, {}
     tagged = 0
     for node in graph.node:
         if node.op_type == "Fp8Linear" and node.domain == "fluxrt":
-            tagged += fp8_linears(path, node, tensors, uses, shapes, slots, fixed)
+            tagged += fp8_linears(path, node, tensors, uses, shapes, slots, fixed, fp8_split)
             continue
         origin = module_origin(node) if node.op_type in ("MatMul", "Gemm") else None
         if origin is None:
@@ -249,7 +290,42 @@ def graph_linears(path: str | Path) -> GraphLinears:
             fixed[module] = slot
         else:
             slots[module] = slot
+    for module, parts in fp8_split.items():
+        slot = split_fp8_slot(tensors, uses, parts)
+        if not isinstance(slot, str):
+            slots[module] = slot
+            fixed.pop(module, None)
+        elif slot != FP8_SPLIT:
+            fixed[module] = slot
     return GraphLinears(path, shapes, slots, fixed)
+
+
+def split_fp8_slot(tensors, uses, parts: dict) -> SplitFp8Slot | str:
+    """The SplitFp8Slot of a split proj_out's two Fp8Linears ``parts`` ({"attn"|"mlp": node}), or why not."""
+    if sorted(parts) != ["attn", "mlp"]:
+        return "its attention and MLP products are not two Fp8Linears"
+    made = {}
+    for name, node in parts.items():
+        weight, scale = tensors.get(node.input[2]), tensors.get(node.input[3])
+        if (weight is None or scale is None or len(weight.dims) != 2 or uses[node.input[2]] > 1
+                or uses[node.input[3]] > 1 or any(p.key == FUSED_KEY for p in node.metadata_props)):
+            return f"its {name} columns' FP8 weight {node.input[2]!r} is not a stored initializer of its own"
+        made[name] = Fp8Slot(node.input[2], node.input[3], tuple(int(d) for d in weight.dims),
+                             (0, int(weight.dims[0])), external_location(weight), external_location(scale))
+    meta = {p.key: p.value for p in parts["attn"].metadata_props}
+    if VALUE_BIAS_KEY not in meta:
+        return FP8_SPLIT
+    if meta[VALUE_BIAS_KEY] == "none":
+        return SplitFp8Slot(made["attn"], made["mlp"], None, None)
+    import base64
+
+    value_bias = np.frombuffer(base64.b64decode(meta[VALUE_BIAS_KEY]), dtype="<f4").astype(np.float32)
+    bias = tensors.get(parts["attn"].input[4]) if len(parts["attn"].input) > 4 else None
+    if (value_bias.shape != (made["attn"].dims[1],) or bias is None or uses[bias.name] > 1 or len(bias.dims) != 1
+            or bias.dims[0] != made["attn"].dims[0]):
+        return "the bias its value bias was folded into is not a stored vector of its attention product's own"
+    bias_slot = Slot(bias.name, dtypes.from_onnx(bias.data_type), tuple(bias.dims), False, external_location(bias))
+    return SplitFp8Slot(made["attn"], made["mlp"], bias_slot, value_bias)
 
 
 def split_slot(graph, tensors, uses, nodes: dict, parts: dict) -> SplitSlot | str:
@@ -282,9 +358,10 @@ def split_slot(graph, tensors, uses, nodes: dict, parts: dict) -> SplitSlot | st
     return SplitSlot(part_slots["attn"], part_slots["mlp"], bias_slot, value_bias)
 
 
-def fp8_linears(path: Path, node, tensors, uses, shapes, slots, fixed) -> int:
+def fp8_linears(path: Path, node, tensors, uses, shapes, slots, fixed, fp8_split: dict) -> int:
     """The linears an Fp8Linear computes (one, or a fused product's members by their rows) into ``shapes`` and
-    ``slots`` (or ``fixed``, with why); returns how many were found."""
+    ``slots`` (or ``fixed``, with why; a split proj_out's column blocks into ``fp8_split``); returns how many were
+    found."""
     meta = {p.key: p.value for p in node.metadata_props}
     if FUSED_KEY in meta:
         members = [(m["module"], tuple(m["columns"])) for m in json.loads(meta[FUSED_KEY])]
@@ -300,7 +377,8 @@ def fp8_linears(path: Path, node, tensors, uses, shapes, slots, fixed) -> int:
             # its two column blocks, each an Fp8Linear of its own: the in-features add up
             out_f, in_f = shapes.get(module, (0, 0))
             shapes[module] = (weight.dims[0], in_f + weight.dims[1]) if weight is not None else (out_f, in_f)
-            fixed[module] = FP8_SPLIT
+            fixed[module] = FP8_SPLIT  # until both column blocks are found (graph_linears)
+            fp8_split.setdefault(module, {})[m[2]] = node
             continue
         module = diffusers_path(scope)
         if module in shapes or module in fixed:
