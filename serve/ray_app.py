@@ -140,5 +140,14 @@ def run_ray(path, backend, cuda_graph, loras, settings: ServeSettings, host: str
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    serve.shutdown()
-    ray.shutdown()
+    # the shutdown is decided: a later SIGTERM (Ray's own process teardown, a supervisor repeating itself) must not
+    # turn it into a kill; Ray's handlers, if any of its calls sets one again, are overridden the same way
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        serve.shutdown()
+        ray.shutdown()
+    except SystemExit:  # Ray's own SIGTERM handler (sys.exit(15)), set again during its teardown: finish it
+        log.info("Ray Serve: a signal came during the shutdown; finishing it")
+        ray.shutdown()
+    log.info("Ray Serve: stopped")

@@ -654,21 +654,16 @@ def small_lora(path, targets, seed=0, rank=2, size=0.3):
     return path
 
 
-def test_lora_under_fp8_is_requantized_and_close_to_the_source_with_it(kernels_exports, tmp_path):
-    """LoRA on an FP8 folder: each targeted linear's rows merged into its dequantized E4M3 weights and
-    re-quantized per output feature (new weight scales), the activation scales kept, the untargeted rows of a
-    fused product byte for byte as they were. Its images are as close to the fp32 source's with the same LoRA as the
-    FP8 base is to the source's base; unloading gives the FP8 base images bit for bit."""
-    from fluxrt.lora import read_lora
+def check_fp8_lora_images(source, out, lora_path, scale: float = 0.9):
+    """The FP8 folder ``out`` and its fp32 source, each with the LoRA at ``scale``: FP8 + LoRA within 40 dB PSNR of
+    fp32 + LoRA and 8 dB closer than the LoRA's own change of the image (under 35 dB); unloading gives the FP8 base
+    bit for bit. Returns the FP8 pipeline (no LoRA loaded)."""
     from fluxrt.runtime import FluxPipeline
-    from fluxrt.runtime.lora import Fp8Slot, graph_linears
 
-    source, out = kernels_exports
-    lora_path = small_lora(tmp_path / "lora.safetensors", FP8_LORA_TARGETS)
     fp8, fp32 = FluxPipeline.load(out), FluxPipeline.load(source)
     base8, base32 = fp8(**CALL).images, fp32(**CALL).images
-    name = fp8.load_lora(lora_path, 0.9)
-    fp32.load_lora(lora_path, 0.9)
+    name = fp8.load_lora(lora_path, scale)
+    fp32.load_lora(lora_path, scale)
     with8, with32 = fp8(**CALL).images, fp32(**CALL).images
 
     def psnr(a, b):
@@ -676,11 +671,24 @@ def test_lora_under_fp8_is_requantized_and_close_to_the_source_with_it(kernels_e
 
     print(f"\nFP8 + LoRA vs fp32 + LoRA: {psnr(with8, with32):.1f} dB (FP8 vs fp32 without: {psnr(base8, base32):.1f} "
           f"dB); the LoRA's own effect: {psnr(with32, base32):.1f} dB")
-    # measured: 45.8 dB with the LoRA (54.1 without), the LoRA itself 25.5 dB from the base image
     assert psnr(with32, base32) < 35  # the LoRA moves the image well beyond FP8's error
     assert psnr(with8, with32) > 40 and psnr(with8, with32) > psnr(with32, base32) + 8
     fp8.unload_lora(name)
     np.testing.assert_array_equal(fp8(**CALL).images, base8)
+    return fp8
+
+
+def test_lora_under_fp8_is_requantized_and_close_to_the_source_with_it(kernels_exports, tmp_path):
+    """LoRA on an FP8 folder: each targeted linear's rows merged into its dequantized E4M3 weights and
+    re-quantized per output feature (new weight scales), the activation scales kept, the untargeted rows of a
+    fused product byte for byte as they were. Its images are as close to the fp32 source's with the same LoRA as the
+    FP8 base is to the source's base; unloading gives the FP8 base images bit for bit."""
+    from fluxrt.lora import read_lora
+    from fluxrt.runtime.lora import Fp8Slot, graph_linears
+
+    source, out = kernels_exports
+    lora_path = small_lora(tmp_path / "lora.safetensors", FP8_LORA_TARGETS)
+    fp8 = check_fp8_lora_images(source, out, lora_path)  # measured: 45.8 dB with the LoRA (54.1 without), 25.5 dB
 
     linears = graph_linears(out / "transformer.onnx")
     config = fp8.folder.transformer_config()
@@ -714,28 +722,12 @@ def test_lora_under_fp8_on_the_split_projection_is_close_to_the_source_with_it(k
     the folded bias (the attention product's epilogue bias) moved by dW_attn @ b_v. Its images are as close to the
     fp32 source's with the same LoRA as FP8 is without one; unloading gives the FP8 base bit for bit. An FP8 graph
     whose source did not record the value bias refuses it by name."""
-    from fluxrt.runtime import FluxPipeline
     from fluxrt.runtime.lora import SplitFp8Slot, graph_linears
 
     source, out = kernels_exports
     targets = {f"single_transformer_blocks.{i}.proj_out": (64, 320) for i in range(2)}
     path = small_lora(tmp_path / "proj.safetensors", targets, size=0.6)
-    fp8, fp32 = FluxPipeline.load(out), FluxPipeline.load(source)
-    base8, base32 = fp8(**CALL).images, fp32(**CALL).images
-    name = fp8.load_lora(path, 0.9)
-    fp32.load_lora(path, 0.9)
-    with8, with32 = fp8(**CALL).images, fp32(**CALL).images
-
-    def psnr(a, b):
-        return 10 * np.log10(1 / ((a.astype(np.float64) - b) ** 2).mean())
-
-    print(f"\nFP8 + proj_out LoRA vs fp32 + it: {psnr(with8, with32):.1f} dB (FP8 vs fp32 without: "
-          f"{psnr(base8, base32):.1f} dB); the LoRA's own effect: {psnr(with32, base32):.1f} dB")
-    # measured: 45.1 dB with the LoRA (54.1 without), the LoRA itself 18.6 dB from the base image
-    assert psnr(with32, base32) < 35  # the LoRA moves the image well beyond FP8's error
-    assert psnr(with8, with32) > 40 and psnr(with8, with32) > psnr(with32, base32) + 8
-    fp8.unload_lora(name)
-    np.testing.assert_array_equal(fp8(**CALL).images, base8)
+    fp8 = check_fp8_lora_images(source, out, path)  # measured: 45.1 dB with the LoRA (54.1 without), 18.6 dB
     linears = graph_linears(out / "transformer.onnx")
     assert all(isinstance(linears.slots[m], SplitFp8Slot) and linears.slots[m].bias is not None for m in targets)
 
