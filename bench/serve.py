@@ -215,16 +215,35 @@ def generation_seconds(header: str | None) -> float:
     return server_timings(header)["generate"]
 
 
-def bench_serve(folder: Path, kind: str, backend: str | None, cuda_graph: bool, s: ServeBenchSettings,
-                out: Path, say=print) -> dict:
-    from fluxrt.runtime import FluxPipeline
-
+def request_body(s: ServeBenchSettings):
+    """Request ``i``'s JSON body: its own prompt and seed, the settings' size and steps."""
     size = f"{s.width}x{s.height}"
 
     def body(i: int) -> dict:
         return {"prompt": f"a red circle on a blue background {i}", "size": size, "num_inference_steps": s.steps,
                 "seed": s.seed + i}
 
+    return body
+
+
+def write_report(out: Path, folder: Path, backend: str | None, cuda_graph: bool, s: ServeBenchSettings, rows: list,
+                 summary_: dict, **extra) -> dict:
+    """bench-serve.json and bench-serve.md in ``out``; returns the report."""
+    report = {"settings": asdict(s), "folder": str(folder), "backend": backend or "default", "cuda_graph": cuda_graph,
+              **extra, "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                   "node": platform.node()},
+              "rows": rows, "summary": summary_}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "bench-serve.json", report)
+    atomic_write_text(out / "bench-serve.md", markdown(report))
+    return report
+
+
+def bench_serve(folder: Path, kind: str, backend: str | None, cuda_graph: bool, s: ServeBenchSettings,
+                out: Path, say=print) -> dict:
+    from fluxrt.runtime import FluxPipeline
+
+    body = request_body(s)
     rows = []
     pipe = FluxPipeline.load(folder, backend=backend, cuda_graph=cuda_graph)
 
@@ -249,13 +268,7 @@ def bench_serve(folder: Path, kind: str, backend: str | None, cuda_graph: bool, 
                 say(f"{mode} c={c}: {rows[-1]}")
         finally:
             server.close()
-    report = {"settings": asdict(s), "folder": str(folder), "backend": backend or "default", "cuda_graph": cuda_graph,
-              "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "node": platform.node()},
-              "rows": rows, "summary": summary(rows)}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "bench-serve.json", report)
-    atomic_write_text(out / "bench-serve.md", markdown(report))
-    return report
+    return write_report(out, folder, backend, cuda_graph, s, rows, summary(rows))
 
 
 def bench_serve_ray(folder: Path, kind: str, backend: str | None, cuda_graph: bool, s: ServeBenchSettings,
@@ -266,12 +279,7 @@ def bench_serve_ray(folder: Path, kind: str, backend: str | None, cuda_graph: bo
     concurrency 1. Each deployment is warmed until every replica has answered (within ``start_s``)."""
     if not replicas or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in replicas):
         raise ValueError(f"replicas must be integers >= 1, got {replicas!r}")
-    size = f"{s.width}x{s.height}"
-
-    def body(i: int) -> dict:
-        return {"prompt": f"a red circle on a blue background {i}", "size": size, "num_inference_steps": s.steps,
-                "seed": s.seed + i}
-
+    body = request_body(s)
     rows = []
     for n in replicas:
         server = ServerProcess(folder, kind, backend, cuda_graph,
@@ -293,14 +301,8 @@ def bench_serve_ray(folder: Path, kind: str, backend: str | None, cuda_graph: bo
                 say(f"ray x{n} c={c}: {rows[-1]}")
         finally:
             server.close()
-    report = {"settings": asdict(s), "folder": str(folder), "backend": backend or "default", "cuda_graph": cuda_graph,
-              "ray_replicas": list(replicas),
-              "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "node": platform.node()},
-              "rows": rows, "summary": ray_summary(rows, replicas)}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "bench-serve.json", report)
-    atomic_write_text(out / "bench-serve.md", markdown(report))
-    return report
+    return write_report(out, folder, backend, cuda_graph, s, rows, ray_summary(rows, replicas),
+                        ray_replicas=list(replicas))
 
 
 def ray_summary(rows: list[dict], replicas: tuple) -> dict:

@@ -23,8 +23,8 @@ from fluxrt.components import ModelDims
 from fluxrt.errors import CheckpointError
 from fluxrt.export import bfl
 from fluxrt.export.weights import (
-    DROPPED_FP8_KEYS, DROPPED_FP8_SUFFIXES, TORCH_DTYPES, WEIGHT_SCALES, assign_weights, match_prefix, module_on_meta,
-    read_state_dict, safetensors_header, weight_files,
+    TORCH_DTYPES, assign_weights, match_prefix, module_on_meta, read_state_dict, safetensors_header, weight_files,
+    weight_keys,
 )
 from fluxrt.files import read_json
 
@@ -35,12 +35,6 @@ __all__ = ["Checkpoint", "TORCH_DTYPES"]
 # a ComfyUI-style full checkpoint: each component under its prefix (the first of several that the file uses)
 BUNDLE_PREFIXES = {"transformer": ("model.diffusion_model.",), "vae": ("vae.", "first_stage_model."),
                    "clip": ("text_encoders.clip_l.transformer.",), "t5": ("text_encoders.t5xxl.transformer.",)}
-
-
-def weight_keys(keys) -> list[str]:
-    """A file's tensor names less float8 scales and markers (consumed when the weights are upcast)."""
-    return [k for k in keys if k != "__metadata__" and k.rsplit(".", 1)[-1] not in DROPPED_FP8_KEYS
-            and not k.endswith(DROPPED_FP8_SUFFIXES + WEIGHT_SCALES)]
 
 
 def bundle_prefixes(path: Path, keys: list[str]) -> dict[str, str]:
@@ -137,21 +131,21 @@ class Checkpoint:
             return
         dev = self._bfl_transformer()[1]["guidance_embeds"]
         variant = "dev" if dev else "schnell"
-        scheduler = self.config("scheduler")
-        if bool(scheduler.get("use_dynamic_shifting", False)) != dev:
-            raise CheckpointError(
-                f"{self.transformer_file} holds FLUX.1-{variant} weights (guidance_in "
-                f"{'present' if dev else 'absent'}), but {self.root / 'scheduler'}/scheduler_config.json is a "
-                f"FLUX.1-{'schnell' if dev else 'dev'} scheduler (use_dynamic_shifting "
-                f"{scheduler.get('use_dynamic_shifting', False)}): give the folder of the {variant} variant")
+
+        def mismatch(what: str) -> CheckpointError:
+            return CheckpointError(f"{self.transformer_file} holds FLUX.1-{variant} weights (guidance_in "
+                                   f"{'present' if dev else 'absent'}), but {what}: give the folder of the {variant} "
+                                   f"variant")
+
+        shifting = self.config("scheduler").get("use_dynamic_shifting", False)
+        if bool(shifting) != dev:
+            raise mismatch(f"{self.root / 'scheduler'}/scheduler_config.json is a FLUX.1-{'schnell' if dev else 'dev'} "
+                           f"scheduler (use_dynamic_shifting {shifting})")
         folder = self.root / "transformer" / "config.json"
         if folder.is_file():
             given = read_json(folder, "transformer config", CheckpointError).get("guidance_embeds", False)
             if bool(given) != dev:
-                raise CheckpointError(
-                    f"{self.transformer_file} holds FLUX.1-{variant} weights (guidance_in "
-                    f"{'present' if dev else 'absent'}), but {folder} says guidance_embeds {given}: give the folder "
-                    f"of the {variant} variant")
+                raise mismatch(f"{folder} says guidance_embeds {given}")
 
     def check_configs(self) -> None:
         """The diffusers models' configs against their classes: every key a parameter, integers integers."""

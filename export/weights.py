@@ -102,6 +102,12 @@ def weight_files(folder: Path, single_name: str) -> list[Path]:
     raise CheckpointError(f"{folder} holds no weights: expected {single_name} or {single_name}.index.json")
 
 
+def weight_keys(keys) -> list[str]:
+    """A file's tensor names less float8 scales and markers (consumed when the weights are upcast)."""
+    return [k for k in keys if k != "__metadata__" and k.rsplit(".", 1)[-1] not in DROPPED_FP8_KEYS
+            and not k.endswith(DROPPED_FP8_SUFFIXES + WEIGHT_SCALES)]
+
+
 def read_state_dict(files: list[Path], dtype: torch.dtype | None, prefix: str = "") -> dict[str, torch.Tensor]:
     """The tensors of ``files`` (only the keys under ``prefix``, which is taken off), in ``dtype`` (None: as stored,
     float8 upcast to float32). float8 weights are upcast with their scales (see ``WEIGHT_SCALES``)."""

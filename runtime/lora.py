@@ -9,7 +9,8 @@ splits each single block's ``proj_out`` into its attention and MLP column blocks
 ``.proj.I.mlp``), its bias holding ``to_v``'s bias folded through the attention columns (``b + W_attn @ b_v``). The
 export records ``b_v`` on the attention-columns product (``fluxrt.value_bias``), so a LoRA on such a ``proj_out`` is
 merged into both column blocks and its bias becomes the stored one plus ``ΔW_attn @ b_v`` (added, from the graph's
-own bias: nothing subtracted). Graphs exported before that record, and FP8 ones, refuse it.
+own bias: nothing subtracted); under FP8 both column blocks are re-quantized and the bias is the attention product's
+epilogue bias. Graphs exported before that record refuse it.
 
 Under FP8 (a ``fluxrt quantize`` folder of an ort-kernels export), a linear is an ``Fp8Linear``: E4M3 weights
 [out, in] with one float32 scale per output feature, or a band of rows of a fused product (the
@@ -99,11 +100,6 @@ class SplitSlot:
     def dtype(self) -> str:
         return self.attn.dtype
 
-    @property
-    def external(self):  # GraphLinears.inline: a split slot is inline where any of its parts is
-        parts = [self.attn, self.mlp] + ([self.bias] if self.bias is not None else [])
-        return None if any(p.external is None for p in parts) else parts[0].external
-
 
 @dataclass(frozen=True)
 class SplitFp8Slot:
@@ -183,21 +179,28 @@ def merged_split(read, module: str, slot: SplitSlot, loras: Loras) -> dict[str, 
     """A split proj_out's two column blocks and (with a folded value bias) its bias, merged from the stored ones."""
     width = slot.attn.dims[0]  # stored [in, out]: the attention columns' in-features
     attn, mlp = read(slot.attn), read(slot.mlp)  # float32 [out, in] each
-    bias = read(slot.bias) if slot.bias is not None and slot.value_bias is not None else None
     for lora, scale in loras:
         if module in lora.deltas:
             delta = lora.deltas[module].matrix(scale)  # [out, attention + mlp]
             attn += delta[:, :width]
             mlp += delta[:, width:]
-            if bias is not None:
-                bias += delta[:, :width] @ slot.value_bias
-    out = {}
+    out = moved_bias(read, module, slot, loras, width)
     for part, w in ((slot.attn, attn), (slot.mlp, mlp)):
         w = dtypes.cast(w, part.dtype)
         out[part.initializer] = np.ascontiguousarray(w.T if part.transposed else w)
-    if bias is not None:
-        out[slot.bias.initializer] = np.ascontiguousarray(dtypes.cast(bias, slot.bias.dtype))
     return out
+
+
+def moved_bias(read, module: str, slot: SplitSlot | SplitFp8Slot, loras: Loras, width: int) -> dict[str, np.ndarray]:
+    """``{bias initializer: the stored bias + Σ ΔW_attn @ b_v}`` for a split proj_out with a folded value bias
+    (``width``: its attention columns), ``{}`` without one."""
+    if slot.bias is None or slot.value_bias is None:
+        return {}
+    bias = read(slot.bias)
+    for lora, scale in loras:
+        if module in lora.deltas:
+            bias += lora.deltas[module].matrix(scale)[:, :width] @ slot.value_bias
+    return {slot.bias.initializer: np.ascontiguousarray(dtypes.cast(bias, slot.bias.dtype))}
 
 
 def merged_split_fp8(path: Path, read, module: str, slot: SplitFp8Slot, loras: Loras) -> dict[str, np.ndarray]:
@@ -214,14 +217,7 @@ def merged_split_fp8(path: Path, read, module: str, slot: SplitFp8Slot, loras: L
             deltas = {f"{module}#attn": Delta(d.down[:, :width], d.up, d.multiplier),
                       f"{module}#mlp": Delta(d.down[:, width:], d.up, d.multiplier)}
             sliced.append((LoraFile(lora.path, lora.layout, lora.sha256, deltas), scale))
-    out = merged_fp8(path, parts, sliced)
-    if slot.bias is not None and slot.value_bias is not None:
-        bias = read(slot.bias)
-        for lora, scale in loras:
-            if module in lora.deltas:
-                bias += lora.deltas[module].matrix(scale)[:, :width] @ slot.value_bias
-        out[slot.bias.initializer] = np.ascontiguousarray(dtypes.cast(bias, slot.bias.dtype))
-    return out
+    return {**merged_fp8(path, parts, sliced), **moved_bias(read, module, slot, loras, width)}
 
 
 def diffusers_path(scope: str) -> str:
@@ -312,39 +308,49 @@ def split_fp8_slot(tensors, uses, parts: dict) -> SplitFp8Slot | str:
             return f"its {name} columns' FP8 weight {node.input[2]!r} is not a stored initializer of its own"
         made[name] = Fp8Slot(node.input[2], node.input[3], tuple(int(d) for d in weight.dims),
                              (0, int(weight.dims[0])), external_location(weight), external_location(scale))
-    meta = {p.key: p.value for p in parts["attn"].metadata_props}
-    if VALUE_BIAS_KEY not in meta:
+    value_bias = recorded_value_bias(parts["attn"])
+    if isinstance(value_bias, str):
         return FP8_SPLIT
-    if meta[VALUE_BIAS_KEY] == "none":
+    if value_bias is None:
         return SplitFp8Slot(made["attn"], made["mlp"], None, None)
+    bias = tensors.get(parts["attn"].input[4]) if len(parts["attn"].input) > 4 else None
+    width, rows = made["attn"].dims[1], made["attn"].dims[0]
+    if value_bias.shape != (width,) or bias is None or uses[bias.name] > 1 or list(bias.dims) != [rows]:
+        return "the bias its value bias was folded into is not a stored vector of its attention product's own"
+    return SplitFp8Slot(made["attn"], made["mlp"], vector_slot(bias), value_bias)
+
+
+def recorded_value_bias(node) -> np.ndarray | None | str:
+    """The value bias the export recorded on a split proj_out's attention product (VALUE_BIAS_KEY): float32, None
+    when nothing was folded, or "absent" for a graph exported before the record."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    if VALUE_BIAS_KEY not in meta:
+        return "absent"
+    if meta[VALUE_BIAS_KEY] == "none":
+        return None
     import base64
 
-    value_bias = np.frombuffer(base64.b64decode(meta[VALUE_BIAS_KEY]), dtype="<f4").astype(np.float32)
-    bias = tensors.get(parts["attn"].input[4]) if len(parts["attn"].input) > 4 else None
-    if (value_bias.shape != (made["attn"].dims[1],) or bias is None or uses[bias.name] > 1 or len(bias.dims) != 1
-            or bias.dims[0] != made["attn"].dims[0]):
-        return "the bias its value bias was folded into is not a stored vector of its attention product's own"
-    bias_slot = Slot(bias.name, dtypes.from_onnx(bias.data_type), tuple(bias.dims), False, external_location(bias))
-    return SplitFp8Slot(made["attn"], made["mlp"], bias_slot, value_bias)
+    return np.frombuffer(base64.b64decode(meta[VALUE_BIAS_KEY]), dtype="<f4").astype(np.float32)
+
+
+def vector_slot(tensor) -> Slot:
+    return Slot(tensor.name, dtypes.from_onnx(tensor.data_type), tuple(tensor.dims), False, external_location(tensor))
 
 
 def split_slot(graph, tensors, uses, nodes: dict, parts: dict) -> SplitSlot | str:
     """The SplitSlot of a split proj_out (its MatMuls ``nodes``, weights ``parts``), or why a LoRA cannot change it:
     the value bias must be recorded on the attention product, and the bias it was folded into must be the stored
     bias input of the one GatedResidual that sums the two products."""
-    meta = {p.key: p.value for p in nodes["attn"].metadata_props}
-    if VALUE_BIAS_KEY not in meta:
+    value_bias = recorded_value_bias(nodes["attn"])
+    if isinstance(value_bias, str):
         return OLD_SPLIT
     for name, tensor in parts.items():
         if uses[tensor.name] > 1 or dtypes.from_onnx(tensor.data_type) not in WEIGHT_DTYPES or len(tensor.dims) != 2:
             return f"its {name} columns' weight {tensor.name!r} is shared, not a matrix or not float"
     part_slots = {name: Slot(t.name, dtypes.from_onnx(t.data_type), tuple(t.dims), True, external_location(t))
                   for name, t in parts.items()}
-    if meta[VALUE_BIAS_KEY] == "none":
+    if value_bias is None:
         return SplitSlot(part_slots["attn"], part_slots["mlp"], None, None)
-    import base64
-
-    value_bias = np.frombuffer(base64.b64decode(meta[VALUE_BIAS_KEY]), dtype="<f4").astype(np.float32)
     if value_bias.shape != (parts["attn"].dims[0],):
         return f"its recorded value bias has {value_bias.size} values for {parts['attn'].dims[0]} attention columns"
     product = nodes["attn"].output[0]
@@ -354,8 +360,7 @@ def split_slot(graph, tensors, uses, nodes: dict, parts: dict) -> SplitSlot | st
     bias = tensors.get(users[0].input[2]) if len(users[0].input) > 2 else None
     if bias is None or uses[bias.name] > 1 or len(bias.dims) != 1 or bias.dims[0] != parts["attn"].dims[1]:
         return "the bias its value bias was folded into is not a stored vector of its own"
-    bias_slot = Slot(bias.name, dtypes.from_onnx(bias.data_type), tuple(bias.dims), False, external_location(bias))
-    return SplitSlot(part_slots["attn"], part_slots["mlp"], bias_slot, value_bias)
+    return SplitSlot(part_slots["attn"], part_slots["mlp"], vector_slot(bias), value_bias)
 
 
 def fp8_linears(path: Path, node, tensors, uses, shapes, slots, fixed, fp8_split: dict) -> int:

@@ -41,6 +41,13 @@ def model(K: int, N: int, seed: int, fast: bool):
     return m, w8.astype(np.float64) * w_scale[:, None].astype(np.float64), bias.astype(np.float64)
 
 
+def gpu_name() -> str:
+    import subprocess
+
+    return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                          text=True).stdout.strip().splitlines()[0]
+
+
 def main(out: str) -> None:
     opts = ort.SessionOptions()
     opts.register_custom_ops_library(os.environ["FLUXRT_ORT_OPS"])
@@ -78,7 +85,7 @@ def main(out: str) -> None:
         print(json.dumps(row), flush=True)
     total = {k: sum(r[f"{k}_ms"] for r in rows) for k in ("fp32", "fast")}
     with open(out, "w") as f:
-        json.dump(dict(rows=rows, total_ms=total, onnxruntime=ort.__version__), f, indent=1)
+        json.dump(dict(rows=rows, total_ms=total, onnxruntime=ort.__version__, gpu=gpu_name()), f, indent=1)
     print("| product | M x K x N | fp32 acc. ms (TFLOP/s) | fast acc. ms (TFLOP/s) | fast / fp32 | rel. RMS error fp32 / fast | max error fp32 / fast |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
