@@ -98,7 +98,7 @@ def serve(service: Service, host: str, port: int, api_key: str | None) -> int:
     service.loader.start()
     log.info("listening on http://%s:%d (loading %s)", host, port, service.model)
     try:
-        asyncio.run(server.serve())
+        server.run()  # uvicorn's loop: uvloop where it is installed (the serve extra), else asyncio's
     except KeyboardInterrupt:
         pass
     if service.state == "failed":
