@@ -101,14 +101,16 @@ def to_float32(x: Array) -> Array:
 
 
 def cast(x: Array, dtype: str) -> Array:
-    """``x`` in ``dtype``; bfloat16 on a device array gives round-to-nearest-even bit patterns."""
+    """``x`` in ``dtype``; bfloat16 on a device array gives round-to-nearest-even bit patterns, and a device
+    array of bfloat16 bits is read as the numbers it holds (a bf16 T5's output fed to an fp16 transformer),
+    never as the integers of its bits."""
     xp = array_module(x)
+    if is_bf16_bits(x):
+        return x if dtype == "bfloat16" else to_float32(x).astype(dtype, copy=False)
     if dtype != "bfloat16":
         return x.astype(dtype, copy=False)
     if xp is np:
         return x.astype(numpy_dtype("bfloat16"))
-    if is_bf16_bits(x):
-        return x
     bits = xp.ascontiguousarray(x.astype(xp.float32)).view(xp.uint32)
     rounded = bits + xp.uint32(0x7FFF) + ((bits >> 16) & xp.uint32(1))
     return (rounded >> 16).astype(xp.uint16)

@@ -183,3 +183,29 @@ def test_fused_euler_step_equals_the_array_operations(vel, inp):
         _, _, flag = loop.fused_step(cupy.asarray(v.view(np.uint16) if vel == "uint16" else v),
                                      cupy.asarray(latents), sigma_next - sigma, inp)
         assert int(flag.get()[0]) != 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+def test_device_bf16_bits_cast_by_value(dtype):
+    """A device array of bfloat16 bits (a bf16 T5's or CLIP's output on ORT CUDA) cast for a runner that takes
+    another dtype (an fp16 transformer beside bf16 text encoders) gives the numbers the bits stand for, as the
+    host's bfloat16 array does: the ninth H200 run cast the bits as integers (up to 65535, Inf in fp16) and the
+    fp16 transformer's first call gave NaN. Needs cupy and a GPU only."""
+    cupy = pytest.importorskip("cupy", reason="cupy is not installed: no GPU backend here")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            pytest.skip("no CUDA device")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA driver")
+    from fluxrt import dtypes
+
+    host = (np.random.default_rng(1).standard_normal((3, 77, 64)) * 5).astype(dtypes.numpy_dtype("bfloat16"))
+    device = dtypes.to_cupy(host)  # uint16 bits
+    got = cupy.asnumpy(dtypes.cast(device, dtype))
+    want = dtypes.cast(host, dtype)
+    if dtype == "bfloat16":
+        np.testing.assert_array_equal(got, want.view(np.uint16))
+    else:
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(got, want)
+        assert float(np.abs(got).max()) < 100  # numbers of order 5, not bit patterns of order 16000-65535
