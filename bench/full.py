@@ -25,6 +25,13 @@ Quality, against the reference configuration (bf16; the first one given otherwis
 latents and prompt embeddings (so the error is the transformer's alone, step by step), as relative RMS; and
 the final images of each configuration's own whole run: max/mean absolute difference, PSNR and SSIM.
 
+LoRA (``--lora-rank R``): a seeded LoRA of rank R on every attention linear (``random_lora``, written to
+ROOT/lora-rR.safetensors) is swapped into each fluxrt configuration's loaded pipeline and out again, as a service
+would: the load's seconds (merged in float32, re-quantized under FP8, a new transformer session), the first
+generation after it (CUDA graphs captured again) and the next, the unload's; the LoRA image against the
+configuration's own base image (what the LoRA does) and against the reference configuration's LoRA image (what
+the precision does to a LoRA'd model).
+
 ``OUT/results.json`` gets each row as soon as it is measured (a run stopped by its time limit keeps what it
 measured): ``component`` (clip, t5, transformer, vae_decoder, generation), ``backend``, ``precision``,
 ``layers`` (double and single blocks, for the transformer and the generation), ``p50_ms``, ``p90_ms``,
@@ -249,12 +256,13 @@ class RunSettings:
     generation_warmup: int = 1
     generation_iters: int = 3
     profile: int = 0  # transformer steps profiled under CUPTI after timing (GPU kernel time by kernel and kind)
+    lora_rank: int = 0  # > 0: a seeded LoRA of this rank on every attention linear, swapped in and out per config
 
     def __post_init__(self) -> None:
         for name in ("height", "width", "steps", "text_length", "iters", "generation_iters"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup", "generation_warmup", "profile"):
+        for name in ("warmup", "generation_warmup", "profile", "lora_rank"):
             if getattr(self, name) < 0:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
 
@@ -303,6 +311,7 @@ class Reference:
     text: np.ndarray
     sigmas: np.ndarray
     images: np.ndarray
+    lora_images: np.ndarray | None = None
 
 
 def kernel_profile(fn, iters: int, device: str) -> dict:
@@ -348,8 +357,66 @@ def loop_host_ms(transformer, latents, pooled, text, img_ids, sigmas, guidance) 
     return (time.perf_counter() - start - sum(calls)) / (len(sigmas) - 1) * 1e3
 
 
+LORA_DOUBLE = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+LORA_SINGLE = ("to_q", "to_k", "to_v")
+LORA_STRENGTH = 0.3  # each update's RMS over its weight's
+
+
+def random_lora(root: Path, path: Path, rank: int, seed: int = 1) -> dict:
+    """A LoRA file in the diffusers/peft layout (bf16, no metadata: m = 1) on every attention linear of the
+    checkpoint's transformer, as trained FLUX LoRAs commonly target: A normal(0, 1/fan-in), B normal(0,
+    LORA_STRENGTH/sqrt(rank)), so that each update's RMS is LORA_STRENGTH times its weight's (1/sqrt(fan-in)).
+    Returns what it wrote (path, rank, targets, parameters, bytes)."""
+    from safetensors.torch import save_file
+
+    from fluxrt.files import atomic_path
+
+    config = json.loads((root / CHECKPOINT / "transformer" / "config.json").read_text())
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    names = [f"transformer_blocks.{i}.attn.{m}" for i in range(config["num_layers"]) for m in LORA_DOUBLE]
+    names += [f"single_transformer_blocks.{i}.attn.{m}" for i in range(config["num_single_layers"])
+              for m in LORA_SINGLE]
+    for name in names:
+        a = torch.randn(rank, dim, generator=g) / dim ** 0.5
+        b = torch.randn(dim, rank, generator=g) * (LORA_STRENGTH / rank ** 0.5)
+        tensors[f"transformer.{name}.lora_A.weight"] = a.to(torch.bfloat16).contiguous()
+        tensors[f"transformer.{name}.lora_B.weight"] = b.to(torch.bfloat16).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+    return {"path": str(path), "rank": rank, "targets": len(names),
+            "parameters": sum(t.numel() for t in tensors.values()), "bytes": path.stat().st_size}
+
+
+def lora_swap(pipe, lora: dict, generate, ref: Reference | None, images: np.ndarray) -> tuple[dict, np.ndarray]:
+    """The LoRA swapped into a loaded pipeline and out again, as a service would: the load (merge, re-quantize
+    under FP8, the new session), the first generation after it (CUDA graphs captured again) and one more, the
+    unload, and whether the next image is the base one bit for bit; the LoRA image against this configuration's
+    own base image, and against the reference's LoRA image."""
+    out = dict(lora)
+    start = time.perf_counter()
+    name = pipe.load_lora(lora["path"])
+    out["load_s"] = time.perf_counter() - start
+    for key in ("first_generation_s", "generation_s"):
+        start = time.perf_counter()
+        lora_images = generate()
+        bench.device_sync()
+        out[key] = time.perf_counter() - start
+    start = time.perf_counter()
+    pipe.unload_lora(name)
+    out["unload_s"] = time.perf_counter() - start
+    out["base_restored"] = bool(np.array_equal(generate(), images))  # unloaded: the base image, bit for bit
+    out["image_vs_base"] = bench.image_quality(lora_images, images)
+    if ref is not None and ref.lora_images is not None:
+        out["vs"] = ref.label
+        out["image"] = bench.image_quality(lora_images, ref.lora_images)
+    return out, lora_images
+
+
 def run_fluxrt(label: str, folder: Path, s: RunSettings, device: str, ref: Reference | None,
-               results: Results) -> tuple[Reference, np.ndarray]:
+               results: Results, lora: dict | None = None) -> tuple[Reference, np.ndarray]:
     from fluxrt.runtime import loop, sampling
     from fluxrt.runtime.pipeline import FluxPipeline
 
@@ -418,6 +485,16 @@ def run_fluxrt(label: str, folder: Path, s: RunSettings, device: str, ref: Refer
                 v = (nxt - ref.latents[i]) / np.float32(ref.sigmas[i + 1] - ref.sigmas[i])
                 per_step.append(rel_rms(v, ref.velocities[i]))
             quality = dict(vs=ref.label, per_step_rel_rms=per_step, image=bench.image_quality(images, ref.images))
+        if lora is not None:
+            log(f"{label}: LoRA rank {lora['rank']} swapped in and out")
+
+            def generate_once():
+                generate()
+                return outputs[-1]
+
+            quality["lora"], lora_images = lora_swap(pipe, lora, generate_once, ref, images)
+            if ref.lora_images is None:
+                ref.lora_images = lora_images
         manifest = pipe.folder.manifest
         config = manifest.get("transformer_config") or {}
         layers = [config.get("num_layers"), config.get("num_single_layers")]
@@ -605,8 +682,9 @@ def run(root: str | Path, out: str | Path, precisions: list[str], torch_modes: l
     results.data["exports"] = export_records(root, precisions)
     order = sorted(precisions, key=lambda p: p != ("bf16" if "bf16" in precisions else precisions[0]))
     ref, latents, sheet = None, None, {}
+    lora = random_lora(root, root / f"lora-r{s.lora_rank}.safetensors", s.lora_rank) if s.lora_rank else None
     for precision in order:
-        ref, images = run_fluxrt(f"fluxrt {precision}", root / f"onnx-{precision}", s, device, ref, results)
+        ref, images = run_fluxrt(f"fluxrt {precision}", root / f"onnx-{precision}", s, device, ref, results, lora)
         sheet[f"fluxrt {precision}"] = images
     if torch_modes:
         from fluxrt.runtime import sampling
@@ -681,6 +759,16 @@ def report(results_file: Path, out: Path, images: dict | None = None) -> None:
                         "step_rms_median": f"{float(np.median(steps)):.3g}", "step_rms_max": f"{max(steps):.3g}",
                         "max_abs": f"{r['image']['max_abs']:.4f}", "mean_abs": f"{r['image']['mean_abs']:.5f}",
                         "psnr": f"{r['image']['psnr_db']:.2f}", "ssim": f"{r['image'].get('ssim', float('nan')):.4f}"})
+    loras = []
+    for r in rows:
+        lo = r.get("lora") if r["component"] == "generation" else None
+        if lo:
+            loras.append({"config": r["label"], "rank": lo["rank"], "targets": lo["targets"],
+                          "load_s": f"{lo['load_s']:.2f}", "first_s": f"{lo['first_generation_s']:.2f}",
+                          "gen_s": f"{lo['generation_s']:.3f}", "unload_s": f"{lo['unload_s']:.2f}",
+                          "restored": "yes" if lo["base_restored"] else "NO",
+                          "vs_base": f"{lo['image_vs_base']['psnr_db']:.2f}",
+                          "vs_ref": f"{lo['image']['psnr_db']:.2f} ({lo['vs']})" if "image" in lo else ""})
     kernels, top = [], []
     for r in rows:
         k = r.get("kernels")
@@ -718,6 +806,14 @@ def report(results_file: Path, out: Path, images: dict | None = None) -> None:
                                            ("step_rms_median", "median step"), ("step_rms_max", "worst step"),
                                            ("max_abs", "image max |diff|"), ("mean_abs", "mean |diff|"),
                                            ("psnr", "PSNR dB"), ("ssim", "SSIM")]),
+            *(["\n## LoRA swapped in and out of the loaded pipeline (seconds; image PSNR dB)\n",
+               bench.markdown_table(loras, [("config", "configuration"), ("rank", "rank"), ("targets", "linears"),
+                                            ("load_s", "load"), ("first_s", "first generation"),
+                                            ("gen_s", "next generation"), ("unload_s", "unload"),
+                                            ("restored", "base image after unload"),
+                                            ("vs_base", "LoRA image vs its base image"),
+                                            ("vs_ref", "vs the reference's LoRA image")])]
+              if loras else []),
             *(["\n## One transformer step's GPU kernel time by kind (CUPTI, ms per step)\n",
                bench.markdown_table(kernels, [("config", "configuration"), ("wall", "p50 wall"), ("gpu", "kernels"),
                                               ("launches", "launches")] + [(c, c) for c in classes]),

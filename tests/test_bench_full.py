@@ -17,6 +17,7 @@ from fluxrt.runtime import ort_ops
 
 SETTINGS = full.RunSettings(height=64, width=64, steps=3, text_length=16, warmup=1, iters=2, generation_warmup=1,
                             generation_iters=1)
+LORA_SETTINGS = full.RunSettings(**{**SETTINGS.__dict__, "lora_rank": 4})
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def bench_root(tmp_path_factory, ops_library):
         assert main(["quantize", str(root / "onnx-fp32"), "--out", str(root / "onnx-fp8"), "--calibration-prompts",
                      "1", "--calibration-steps", "1", "--calibration-size", "64",
                      "--calibration-text-length", "16"]) == 0
-        data = full.run(root, root / "out", ["fp32", "fp8"], ["eager"], SETTINGS, device="cpu")
+        data = full.run(root, root / "out", ["fp32", "fp8"], ["eager"], LORA_SETTINGS, device="cpu")
         yield root, data
 
 
@@ -68,6 +69,45 @@ def test_every_stage_of_every_configuration_is_a_row(bench_root):
     text = (root / "out" / "results.md").read_text()
     assert "loop host ms/step" in text
     assert "| fluxrt fp8 | fluxrt fp32 |" in text and "| onnx-fp8 | transformer | fp32 |" in text
+
+
+def test_a_lora_is_swapped_into_each_fluxrt_configuration_and_out(bench_root):
+    """--lora-rank: the seeded LoRA (every attention linear: 8 per double block, 3 per single) is loaded into each
+    fluxrt configuration's pipeline, timed, and unloaded, after which the base image comes back bit for bit; the
+    LoRA moves the image (measured 32.5 dB from the base, max difference 0.15), FP8 with the LoRA stays near fp32
+    with it (measured 44.2 dB); the file is a real peft-layout LoRA: diffusers' load_lora_weights on the same
+    modules gives fluxrt fp32's LoRA image (measured max difference 2.7e-5)."""
+    from fluxrt.runtime.pipeline import FluxPipeline
+
+    root, data = bench_root
+    lora_file = root / "lora-r4.safetensors"
+    for label in ("fluxrt fp32", "fluxrt fp8"):
+        lo = rows_of(data, label)["generation"]["lora"]
+        assert lo["path"] == str(lora_file) and lo["rank"] == 4 and lo["targets"] == 2 * 8 + 2 * 3
+        assert lo["parameters"] == 22 * 2 * 4 * 64 and lo["bytes"] > lo["parameters"] * 2
+        assert lo["load_s"] > 0 and lo["first_generation_s"] > 0 and lo["generation_s"] > 0 and lo["unload_s"] > 0
+        assert lo["base_restored"] is True
+        assert 20 < lo["image_vs_base"]["psnr_db"] < 38
+    fp32, fp8 = (rows_of(data, f"fluxrt {p}")["generation"]["lora"] for p in ("fp32", "fp8"))
+    assert "image" not in fp32 and fp8["vs"] == "fluxrt fp32" and 35 < fp8["image"]["psnr_db"] < 80
+    text = (root / "out" / "results.md").read_text()
+    assert "## LoRA swapped in and out" in text and "| fluxrt fp8 | 4 | 22 |" in text
+
+    s = LORA_SETTINGS
+    pipe = FluxPipeline.load(root / "onnx-fp32", backend="ort-cpu")
+    p = pipe.params(s.prompt, s.height, s.width, s.steps, s.guidance, s.text_length, 1, s.seed)
+    latents = pipe.initial_latents(p)
+    pipe.load_lora(lora_file)
+    ours = pipe(s.prompt, height=s.height, width=s.width, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                max_sequence_length=s.text_length, latents=latents, output_type="np").images
+    ckpt = full.RandomCheckpoint.open_random(root / full.CHECKPOINT, seed=0, device="cpu")
+    ref = full.torch_pipeline(ckpt, torch.float32)
+    ref.load_lora_weights(str(lora_file))
+    with torch.inference_mode():
+        theirs = ref(prompt=[s.prompt], height=s.height, width=s.width, num_inference_steps=s.steps,
+                     guidance_scale=s.guidance, max_sequence_length=s.text_length,
+                     latents=torch.from_numpy(latents), output_type="np").images
+    assert np.abs(ours - theirs).max() < 1e-4
 
 
 def test_diffusers_over_the_same_weights_gives_fluxrts_numbers(bench_root):
@@ -135,6 +175,8 @@ def test_cli_errors_name_the_flag(bench_root, tmp_path, capsys):
     assert f"--out {tmp_path / 'file'} is not a folder" in capsys.readouterr().err
     assert full.main(["run", str(root), "--out", str(tmp_path / "o"), "--steps", "0", "--device", "cpu"]) == 2
     assert "--steps must be at least 1, got 0" in capsys.readouterr().err
+    assert full.main(["run", str(root), "--out", str(tmp_path / "o"), "--lora-rank", "-1", "--device", "cpu"]) == 2
+    assert "--lora-rank must be at least 0, got -1" in capsys.readouterr().err
     assert full.main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cpu", "--torch", "eager"]) == 2
     assert f"{tmp_path / 'checkpoint'} is not a prepared checkpoint" in capsys.readouterr().err
     assert full.main(["prepare", str(root), "--model", "tiny"]) == 2

@@ -8,7 +8,7 @@
 # FP16=1 first runs bf16 beside an fp16 transformer (exported alone, the rest linked from bf16; results in OUT-fp16,
 # with FP16_TORCH's rows, default eager; its failure does not stop the fp8 run), then deletes it; FP8_ATTENTION=1 quantizes with --fp8-attention, FP8_FAST=1 with --fp8-fast-accumulation; PRECISIONS (default bf16,fp8) and TORCH_MODES pick the rows;
 # CALIBRATION_STEPS (default 1) the sampling steps FP8 is calibrated on; PROFILE=N profiles N transformer steps of
-# every row under CUPTI (kernel time by kind in results.md).
+# every row under CUPTI (kernel time by kind in results.md); LORA_RANK=R swaps a seeded rank-R LoRA into each fluxrt row.
 set -uo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 pkg=/tmp/pkg
@@ -43,7 +43,7 @@ case "$1" in
         --calibration-steps ${CALIBRATION_STEPS:-1} --calibration-size 1024 --calibration-text-length 512 --calibration-backend ort-cuda \
         ${FP8_ATTENTION:+--fp8-attention} ${FP8_FAST:+--fp8-fast-accumulation}
       date; df -h /tmp
-      python3 -m fluxrt.bench.full run $root --out $out --precisions ${PRECISIONS:-bf16,fp8} --torch ${TORCH_MODES:-eager,compile,torchao-fp8} --device cuda --iters 5 --generation-iters 2 --profile ${PROFILE:-0}
+      python3 -m fluxrt.bench.full run $root --out $out --precisions ${PRECISIONS:-bf16,fp8} --torch ${TORCH_MODES:-eager,compile,torchao-fp8} --device cuda --iters 5 --generation-iters 2 --profile ${PROFILE:-0} --lora-rank ${LORA_RANK:-0}
       date; echo FULL-DONE" > $root.log 2>&1 < /dev/null &
     echo started ;;
   poll)
