@@ -5,6 +5,7 @@
 #   bash docs/benchmarks/h200_full.sh start ROOT OUT   # prepare, export bf16, quantize fp8, run: in the background
 #   bash docs/benchmarks/h200_full.sh poll ROOT OUT    # the log's tail; copies OUT's files to $OUT when done
 #   bash docs/benchmarks/h200_full.sh gpu-tests        # the GPU tests of fluxrt's kernels, FP8 too (log in $OUT)
+#   bash docs/benchmarks/h200_full.sh serve [DIR]      # fluxrt bench-serve, trained tiny model, fp16 ORT CUDA
 # FP16=1 first runs bf16 beside an fp16 transformer (exported alone, the rest linked from bf16; results in OUT-fp16,
 # with FP16_TORCH's rows, default eager; its failure does not stop the fp8 run), then deletes it; FP8_ATTENTION=1 quantizes with --fp8-attention, FP8_FAST=1 with --fp8-fast-accumulation; PRECISIONS (default bf16,fp8) and TORCH_MODES pick the rows;
 # CALIBRATION_STEPS (default 1) the sampling steps FP8 is calibrated on; PROFILE=N profiles N transformer steps of
@@ -51,8 +52,17 @@ case "$1" in
     tail -c 6000 $root.log; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
     mkdir -p "$OUT/full" "$OUT/full-fp16"; cp $root.log "$OUT/full/run.log"; cp $out/* "$OUT/full/" 2>/dev/null
     cp $out-fp16/* "$OUT/full-fp16/" 2>/dev/null; true ;;
+  serve)
+    # fluxrt bench-serve on the shipped trained tiny model in fp16 on ORT CUDA (needs the serve wheels in .gpu/wheels)
+    set -e
+    out=${2:-$OUT/serve}; mkdir -p "$out"; cd /tmp
+    [ -d /tmp/trained ] || python3 -m fluxrt.cli tiny-model /tmp/trained --trained
+    [ -d /tmp/onnx-trained-fp16 ] || python3 -m fluxrt.cli export /tmp/trained --out /tmp/onnx-trained-fp16 --precision fp16
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt"
+    python3 -m fluxrt.cli bench-serve --onnx /tmp/onnx-trained-fp16 --backend ort-cuda --size 128x128 --steps 12 \
+      --requests 32 --concurrency ${SERVE_CONCURRENCY:-1,4,8,16} --max-batch 8 --out "$out" 2>&1 | tee "$out/run.log" | tail -8 ;;
   gpu-tests)
     # from /tmp: in the checkout, its fluxrt/ folder (the shared layer alone) would shadow /tmp/pkg's package
-    cd /tmp && python3 -m pytest "$repo/tests/test_fp8_kernels.py" "$repo/tests/test_ort_kernels.py" -m gpu -q -s \
+    cd /tmp && python3 -m pytest "$repo/tests/test_fp8_kernels.py" "$repo/tests/test_ort_kernels.py" "$repo/tests/test_gpu_runtime.py" -m gpu -q -s \
       -p no:cacheprovider --rootdir "$repo" 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 ;;
 esac
