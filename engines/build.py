@@ -178,11 +178,13 @@ def peak_rss_bytes() -> int | None:
 def build_engine(onnx_path: str | Path, spec: ComponentSpec, dims: ModelDims, envelope: ShapeEnvelope,
                  out_plan_path: str | Path, *, trt_module: ModuleType | None = None, optimization_level: int = 3,
                  workspace_bytes: int | None = None, timing_cache: str | Path | None = None,
-                 compute_capabilities: Iterable[str | int] | None = None, progress: bool = True) -> dict:
+                 compute_capabilities: Iterable[str | int] | None = None, progress: bool = True,
+                 refittable: bool = False) -> dict:
     """Build ``spec``'s ONNX graph into a plan at ``out_plan_path``; return the build record.
 
     ``workspace_bytes=None`` leaves TensorRT's default (the GPU's memory); ``compute_capabilities=None``
-    leaves TensorRT-RTX's default targets (SM80, 86, 89, 120 and later).
+    leaves TensorRT-RTX's default targets (SM80, 86, 89, 120 and later); ``refittable`` builds with
+    ``BuilderFlag.REFIT``, so that the runtime's refitter can replace the weights (LoRA) without a rebuild.
     """
     onnx_path, out_plan_path = Path(onnx_path), Path(out_plan_path)
     what = f"{spec.name}: {onnx_path}"
@@ -205,6 +207,8 @@ def build_engine(onnx_path: str | Path, spec: ComponentSpec, dims: ModelDims, en
 
     config = builder.create_builder_config()
     config.builder_optimization_level = optimization_level
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     targets = None if compute_capabilities is None else set_compute_capabilities(trt, config, compute_capabilities)
@@ -220,7 +224,10 @@ def build_engine(onnx_path: str | Path, spec: ComponentSpec, dims: ModelDims, en
 
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineError(f"{what}: TensorRT could not build the engine: {'; '.join(logger.errors) or 'no message'}")
+        hint = (f" (a refittable plan: {trt.__name__} {trt.__version__} may need a GPU to build one; build without "
+                f"--refittable, or on the GPU)" if refittable and is_rtx(trt) else "")
+        raise EngineError(f"{what}: TensorRT could not build the engine{hint}: "
+                          f"{'; '.join(logger.errors) or 'no message'}")
     atomic_write_bytes(out_plan_path, plan)
     if cache is not None:
         atomic_write_bytes(Path(timing_cache), config.get_timing_cache().serialize())
@@ -236,6 +243,7 @@ def build_engine(onnx_path: str | Path, spec: ComponentSpec, dims: ModelDims, en
         **library_info(trt),
         "compute_capabilities": targets,
         "optimization_level": optimization_level,
+        "refittable": refittable,
         "workspace_bytes": workspace_bytes,
         "envelope": envelope.to_json(),
         "io": network_io(network, profile),

@@ -40,6 +40,7 @@ class BuildSettings:
     compute_capabilities: tuple[str, ...] | None = None  # TensorRT-RTX targets; None: the library's default
     components: tuple[str, ...] = STAGES
     fp8: object = None  # fluxrt.engines.fp8.Fp8Settings for --precision fp8; None: its defaults
+    refittable: bool = False  # the transformer's plan built with BuilderFlag.REFIT (LoRA by the refitter)
 
     def __post_init__(self) -> None:
         if self.precision not in ENGINE_PRECISIONS:
@@ -68,7 +69,8 @@ class BuildSettings:
         return json.loads(json.dumps({
             "envelope": self.envelope.to_json(), "optimization_level": self.optimization_level,
             "fp8_calibration": self.fp8_settings_dict(), "workspace_bytes": self.workspace_bytes,
-            "compute_capabilities": list(self.compute_capabilities) if self.compute_capabilities else None}))
+            "compute_capabilities": list(self.compute_capabilities) if self.compute_capabilities else None,
+            **({"refittable": True} if self.refittable else {})}))
 
 
 def up_to_date(out_dir: Path, name: str, onnx_fingerprint: str, settings: BuildSettings, lib: dict) -> str | None:
@@ -134,6 +136,14 @@ def check_settings(export: ExportFolder, settings: BuildSettings, trt: ModuleTyp
                 compute_capability(trt, value)
             except ValueError as e:
                 raise EngineError(f"--compute-capability: {e}") from None
+    if settings.refittable and settings.precision == "fp8":
+        raise EngineError("--refittable with --precision fp8: TensorRT refits weights, not the FP8 quantization "
+                          "around them, so a LoRA merged into FP8 weights needs them quantized again; fluxrt does "
+                          "that on ONNX Runtime: run the FP8 export folder (fluxrt quantize) with --backend ort-cuda "
+                          "and --lora, or build fp16/bf16 plans with --refittable")
+    if settings.refittable and "transformer" not in settings.components:
+        raise EngineError(f"--refittable makes the transformer's plan refittable (the one a LoRA changes), but "
+                          f"--components {','.join(settings.components)} builds no transformer")
     fp8 = settings.fp8_settings()
     if fp8 is not None and not (export.precision == "fp8"):
         from fluxrt.engines.fp8 import check_calibration
@@ -219,7 +229,8 @@ def build_folder(export_dir: str | Path, out_dir: str | Path, settings: BuildSet
             record = build_engine(onnx_path, component_spec(name, export.dims), export.dims, settings.envelope, plan,
                                   trt_module=trt, optimization_level=settings.optimization_level,
                                   workspace_bytes=settings.workspace_bytes, timing_cache=settings.timing_cache,
-                                  compute_capabilities=settings.compute_capabilities, progress=progress)
+                                  compute_capabilities=settings.compute_capabilities, progress=progress,
+                                  refittable=settings.refittable and name == "transformer")
             # the plan is already in place: a sidecar that is written last is what marks it as complete
             write_sidecar(out_dir, name, dict(
                 record, onnx_fingerprint=fingerprint, plan_sha256=sha256_file(plan), settings=settings.cache_key(),

@@ -215,7 +215,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         run_ray(path, args.backend, args.cuda_graph, loras, settings, args.host, args.port, api_key, args.replicas,
                 choices)
-        return
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(0)  # shut down: Ray's exit hooks (ray.shutdown again, its signal handlers) have nothing left to do
     folder_kind = "engines" if args.engines else "export"
     from fluxrt.artifacts import open_folder
 
@@ -328,7 +330,7 @@ def cmd_build(args: argparse.Namespace) -> None:
             workspace_bytes=int(args.workspace_gib * 2**30) if args.workspace_gib else None,
             timing_cache=str(args.timing_cache) if args.timing_cache else None,
             compute_capabilities=tuple(args.compute_capability.split(",")) if args.compute_capability else None,
-            components=components, fp8=fp8_settings(args))
+            components=components, fp8=fp8_settings(args), refittable=args.refittable)
     except ValueError as e:
         raise UsageError(str(e)) from None
     trt = import_trt(args.library)
@@ -619,6 +621,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--components", help="comma-separated subset of clip,t5,transformer,vae_decoder,vae_encoder "
                                         "(default: the text-to-image stages clip,t5,transformer,vae_decoder; add "
                                         "vae_encoder for image-to-image)")
+    b.add_argument("--refittable", action="store_true", help="build the transformer's plan refittable, so that "
+                                                               "LoRA files load without a rebuild (fp16/bf16; "
+                                                               "TensorRT-RTX may need a GPU to build it)")
     add_calibration_flags(b, "fp8 from an fp16/bf16 export: ")
     b.set_defaults(func=cmd_build)
 

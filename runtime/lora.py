@@ -33,7 +33,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -147,12 +147,17 @@ class GraphLinears:
                     raise InvalidInputError(f"LoRA file {lora.path}: its update of {module!r} is [out, in] = "
                                             f"{list(delta.shape)}; the graph's linear is {list(self.shapes[module])}")
 
-    def merged(self, loras: Loras) -> dict[str, np.ndarray]:
-        """``{initializer: merged weight}`` for every linear the LoRAs target, in the stored dtype and layout."""
+    def merged(self, loras: Loras, modules: Iterable[str] = ()) -> dict[str, np.ndarray]:
+        """``{initializer: merged weight}`` for every linear the LoRAs target, and each of ``modules`` (a linear no
+        LoRA targets gets the graph's own weight: what a refit that drops a LoRA writes back), in the stored dtype
+        and layout."""
         self.check(loras)
         read = weight_reader(self.path)
         out = {}
-        targeted = sorted({m for lora, _ in loras for m in lora.deltas})
+        unknown = sorted(set(modules) - set(self.slots))
+        if unknown:
+            raise InvalidInputError(f"the transformer graph {self.path} has no linears {unknown[:4]}")
+        targeted = sorted({m for lora, _ in loras for m in lora.deltas} | set(modules))
         fp8 = [m for m in targeted if isinstance(self.slots[m], Fp8Slot)]
         if fp8:
             out.update(merged_fp8(self.path, {m: self.slots[m] for m in fp8}, loras))

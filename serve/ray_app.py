@@ -130,24 +130,33 @@ def run_ray(path, backend, cuda_graph, loras, settings: ServeSettings, host: str
     from ray import serve
 
     logging.basicConfig(level=logging.INFO, format="fluxrt serve: %(message)s")
+    stop = threading.Event()
+
+    def on_signals(handler) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
     ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    on_signals(lambda *_: stop.set())  # in place of the driver's own (ray.init's sys.exit(15)) from here on
     serve.start(http_options={"host": host, "port": port})
     serve.run(deployment(str(path), backend, cuda_graph, loras, settings, replicas, api_key=api_key,
                          lora_choices=lora_choices),
               name="fluxrt", route_prefix="/")
+    on_signals(lambda *_: stop.set())  # again, should starting Serve have set one of Ray's
     log.info("Ray Serve: %d replica(s) of %s on http://%s:%d", replicas, path, host, port)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    try:
+        stop.wait()
+    except SystemExit:  # a handler of Ray's that ran in ours' place: the signal asked for the same shutdown
+        pass
     # the shutdown is decided: a later SIGTERM (Ray's own process teardown, a supervisor repeating itself) must not
     # turn it into a kill; Ray's handlers, if any of its calls sets one again, are overridden the same way
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+    on_signals(signal.SIG_IGN)
     try:
         serve.shutdown()
         ray.shutdown()
     except SystemExit:  # Ray's own SIGTERM handler (sys.exit(15)), set again during its teardown: finish it
         log.info("Ray Serve: a signal came during the shutdown; finishing it")
+        on_signals(signal.SIG_IGN)
         ray.shutdown()
+    on_signals(signal.SIG_IGN)
     log.info("Ray Serve: stopped")

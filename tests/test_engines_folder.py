@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from fluxrt.artifacts import EngineFolder, ExportFolder, current_gpu, graph_fing
 from fluxrt.components import ShapeEnvelope, component_spec
 from fluxrt.engines.folder import BuildSettings, build_folder, up_to_date
 from fluxrt.engines.profiles import profile_shapes
-from fluxrt.errors import EngineError, ExportError
+from fluxrt.errors import EngineError, ExportError, InvalidInputError
 from fluxrt.trt import library_info
 
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (fluxrt[trt-rtx]) is not installed")
@@ -268,3 +269,140 @@ def test_cli_refuses_sizes_outside_the_engines_before_loading(engine_dirs, tmp_p
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "height 256 is outside the engines' range 32..128 pixels" in r.stderr
+
+
+# ---- LoRA on TensorRT: refittable plans and the refitter (runtime/trt.py) ----------------------------------------
+
+def peft_file(path, module: str, dim: int, seed: int = 0, rank: int = 2):
+    """A diffusers/peft LoRA file of one linear (no metadata: m = 1)."""
+    from safetensors.numpy import save_file
+
+    g = np.random.default_rng(seed)
+    save_file({f"transformer.{module}.lora_A.weight": (g.standard_normal((rank, dim)) * 0.1).astype(np.float32),
+               f"transformer.{module}.lora_B.weight": (g.standard_normal((dim, rank)) * 0.1).astype(np.float32)},
+              str(path))
+    return path
+
+
+def tiny_dim(folder) -> int:
+    config = folder.transformer_config()
+    return config["num_attention_heads"] * config["attention_head_dim"]
+
+
+def test_refittable_builds_are_asked_of_tensorrt_and_refused_where_they_cannot_work(half_exports, tmp_path):
+    """``--refittable``: BuilderFlag.REFIT on the transformer's plan, recorded in its sidecar and settings (plans
+    built before keep their settings key). CI's TensorRT-RTX 1.7 has no GPU and cannot build such a plan (its
+    Myelin compiler checks for CUDA): the error says so and names the flag. FP8 and a build without the
+    transformer are refused before anything is built."""
+    assert "refittable" not in settings("fp16").cache_key()
+    assert settings("fp16", refittable=True).cache_key()["refittable"] is True
+    with pytest.raises(EngineError, match=r"--refittable with --precision fp8: TensorRT refits weights, not the FP8 "
+                                          r"quantization around them"):
+        build_folder(half_exports["fp16"], tmp_path / "a", settings("fp8", refittable=True), trt_module=trt,
+                     progress=False)
+    with pytest.raises(EngineError, match=r"--refittable makes the transformer's plan refittable .* but --components "
+                                          r"clip builds no transformer"):
+        build_folder(half_exports["fp16"], tmp_path / "b", settings("fp16", refittable=True, components=("clip",)),
+                     trt_module=trt, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    out = tmp_path / "c"
+    one = settings("fp16", refittable=True, components=("transformer",))
+    if current_gpu() is None:
+        with pytest.raises(EngineError, match=r"TensorRT could not build the engine \(a refittable plan: "
+                                              r"tensorrt_rtx_bindings .* may need a GPU to build one; build without "
+                                              r"--refittable, or on the GPU\)"):
+            build_folder(half_exports["fp16"], out, one, trt_module=trt, progress=False)
+        assert not list(out.glob("transformer.plan*"))
+    else:
+        assert build_folder(half_exports["fp16"], out, one, trt_module=trt, progress=False) == {"transformer": "built"}
+        meta = EngineFolder.open(out).sidecar("transformer")
+        assert meta["refittable"] is True and meta["settings"]["refittable"] is True
+
+
+def test_lora_on_tensorrt_needs_a_refittable_plan_and_its_source_graph(engine_dirs, tmp_path):
+    """A plan built without --refittable refuses a LoRA, naming the flag; one whose sidecar says refittable takes
+    its pristine weights from the export it was built from, which must still hold that graph (the export
+    manifest's fingerprint against the sidecar's), and checks a LoRA against that graph's linears before any
+    refit (no GPU needed for either)."""
+    from fluxrt.lora import read_lora
+    from fluxrt.runtime.trt import TrtRunner, refit_source
+
+    folder = EngineFolder.open(engine_dirs["fp16"])
+    config = folder.transformer_config()
+    dim = tiny_dim(folder)
+    good = read_lora(peft_file(tmp_path / "q.safetensors", "transformer_blocks.0.attn.to_q", dim), config)
+    runner = TrtRunner.from_engine_folder(folder, "transformer", trt)
+    assert runner.refit_source is None
+    with pytest.raises(InvalidInputError, match=r"transformer \(trt\): plan .*transformer.plan was built without "
+                                                r"--refittable, so TensorRT cannot change its weights; rebuild it "
+                                                r"with fluxrt build ... --refittable \(fp16/bf16\), or run the export "
+                                                r"folder on ort-cuda for LoRA"):
+        runner.set_loras([(good, 1.0)])
+    runner.set_loras([])  # nothing loaded, nothing asked: no refit, no error
+
+    copy = tmp_path / "eng"
+    shutil.copytree(engine_dirs["fp16"], copy)
+    sidecar = copy / "transformer.plan.json"
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps(dict(meta, refittable=True)))
+    refittable = EngineFolder.open(copy)
+    export = Path(refittable.meta["export"]["path"])
+    assert refit_source(refittable, "transformer") == ExportFolder.open(export).graph_path("transformer")
+    runner = TrtRunner(refittable.spec("transformer"), "fp16", copy / "transformer.plan", trt,
+                       refit_source(refittable, "transformer"))
+    runner.set_loras([(good, 0.5)])  # checked against the source graph; refitted when the runner activates
+    assert runner._loras == ((good, 0.5),)
+    linears = runner.linears()  # the source graph's: where the refit's weights come from and go
+    assert linears.path == refit_source(refittable, "transformer")
+    assert linears.shapes["transformer_blocks.0.attn.to_q"] == (dim, dim)
+    merged = linears.merged([(good, 0.5)], {"transformer_blocks.1.attn.to_k"})  # a dropped LoRA's linear: its own
+    assert len(merged) == 2 and all(str(w.dtype) == "float16" for w in merged.values())
+
+    index = copy / "engines.json"
+    data = json.loads(index.read_text())
+    index.write_text(json.dumps(dict(data, export=dict(data["export"], path=str(tmp_path / "gone")))))
+    assert "which cannot be read" in refit_source(EngineFolder.open(copy), "transformer")
+    sidecar.write_text(json.dumps(dict(meta, refittable=True, onnx_fingerprint="0" * 64)))
+    index.write_text(json.dumps(data))
+    reason = refit_source(EngineFolder.open(copy), "transformer")
+    assert f"the export folder {export} no longer holds the transformer graph plan" in reason
+    runner = TrtRunner(refittable.spec("transformer"), "fp16", copy / "transformer.plan", trt, reason)
+    with pytest.raises(InvalidInputError, match=r"no longer holds the transformer graph plan .*\(exported again since\?\)"):
+        runner.set_loras([(good, 1.0)])
+
+
+@pytest.mark.trt
+def test_refitted_lora_images_equal_onnx_runtimes_and_unload_restores_the_plan(half_exports, tmp_path):
+    """Runs where a GPU and TensorRT exist: a refittable fp16 plan with a LoRA loaded gives the transformer
+    output ONNX Runtime gives with the same LoRA merged (fp16 tolerance), and after unloading the plan's own
+    output again, bit for bit."""
+    module, gpu = gpu_trt()
+    from fluxrt.lora import read_lora
+    from fluxrt.runtime.ort import OrtRunner
+    from fluxrt.runtime.trt import TrtRunner
+
+    targets = None if module.__name__ == "tensorrt" else (gpu["compute_capability"],)
+    out = tmp_path / "eng"
+    build_folder(half_exports["fp16"], out, BuildSettings(precision="fp16", envelope=ENVELOPE, refittable=True,
+                                                          compute_capabilities=targets,
+                                                          components=("transformer",)), trt_module=module)
+    folder = EngineFolder.open(out)
+    lora = read_lora(peft_file(tmp_path / "q.safetensors", "transformer_blocks.0.attn.to_q", tiny_dim(folder), rank=4),
+                     folder.transformer_config())
+    export = ExportFolder.open(half_exports["fp16"])
+    spec = export.spec("transformer")
+    rng = np.random.default_rng(0)
+    feed = {t.name: (rng.standard_normal([2 if d == "B" else (16 if isinstance(d, str) else d) for d in t.shape])
+                     .astype(np.float32)) for t in spec.inputs}
+    trt_runner = TrtRunner.from_engine_folder(folder, "transformer", module).activate()
+    feed = {k: v.astype(trt_runner.input_dtype(k)) for k, v in feed.items()}
+    base = trt_runner.infer(feed)["latent"].get()
+    trt_runner.set_loras([(lora, 1.0)])
+    got = trt_runner.infer(feed)["latent"].get()
+    ort_runner = OrtRunner(spec, "fp16", export.verified_graph("transformer"), "ort-cuda").activate()
+    ort_runner.set_loras([(lora, 1.0)])
+    want = ort_runner.infer(feed)["latent"].get()
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2, rtol=2e-2)
+    assert np.abs(got.astype(np.float32) - base.astype(np.float32)).max() > 1e-2  # the LoRA did something
+    trt_runner.set_loras([])
+    np.testing.assert_array_equal(trt_runner.infer(feed)["latent"].get(), base)

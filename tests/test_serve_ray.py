@@ -89,14 +89,15 @@ def test_two_replicas_serve_and_survive_one_killed(fp32_exports, pipe, tmp_path)
         assert victim not in back
         wait_until(lambda: post(url, body, timeout=60)[0] == 200, 60, "serving after the restart")
     finally:
+        err = ""
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.communicate(timeout=60)
+                err = proc.communicate(timeout=60)[1] or ""
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.communicate()
-    assert proc.returncode == 0
+                err = proc.communicate()[1] or ""
+    assert proc.returncode == 0, f"exit {proc.returncode} after SIGTERM; its stderr ends: {err[-3000:]}"
     wait_until(lambda: not replica_pids(), 30, "the replicas gone after SIGTERM")
 
 
