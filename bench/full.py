@@ -12,7 +12,7 @@ FluxPipeline (eager, torch.compile, torchao FP8 + torch.compile), on one GPU, in
         fluxrt's own exporter (``export_checkpoint``) on that checkpoint, into ROOT/onnx-PRECISION; the
         transformer with ``--attention ort-kernels`` (fluxrt's kernels). Then, as users do:
         ``fluxrt quantize ROOT/onnx-bf16 --out ROOT/onnx-fp8 ...``.
-    python -m fluxrt.bench.full run ROOT --out OUT [--precisions fp16,bf16,fp8] [--torch eager,compile,compile-emulate,torchao-fp8]
+    python -m fluxrt.bench.full run ROOT --out OUT [--precisions fp16,bf16,fp8] [--torch eager,compile,compile-emulate,compile-regional,torchao-fp8|torchao-fp8-regional]
         One process, one configuration after another, the same prompt and the same packed initial latents:
         per stage (CLIP, T5, one transformer step, VAE decode) p50/p90/p99, and the whole generation. fluxrt's
         configurations are the folders' pipelines on ONNX Runtime CUDA with the transformer replayed from a
@@ -66,7 +66,11 @@ COMPONENT_SUBFOLDERS = {"transformer": "transformer", "vae": "vae", "clip": "tex
 SEED_OFFSETS = {"transformer": 0, "t5": 1, "clip": 2, "vae": 3}  # each module its own stream of the seed
 # compile-emulate: torch.compile with inductor's emulate_precision_casts (rounds where eager rounds), to tell
 # compile's own numerics from a difference of the model
-TORCH_MODES = ("eager", "compile", "compile-emulate", "torchao-fp8")
+# *-regional: diffusers' regional compilation (compile_repeated_blocks: one compiled graph per block class, reused
+# by every block of it) in place of compiling the whole transformer: the same kernels' kind at a fraction of the
+# compile time (torchao FP8's whole-model compile took 462 s on the H200, its first generation)
+TORCH_MODES = ("eager", "compile", "compile-emulate", "compile-regional", "torchao-fp8", "torchao-fp8-regional")
+TORCHAO_MODES = ("torchao-fp8", "torchao-fp8-regional")
 FLUXRT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 STAGES = ("clip", "t5", "transformer", "vae_decoder")
 
@@ -544,6 +548,14 @@ def torch_pipeline(ckpt: RandomCheckpoint, dtype: torch.dtype):
     return pipe
 
 
+def uncompile_blocks(module: torch.nn.Module) -> None:
+    """Undo ``compile_repeated_blocks`` (``nn.Module.compile`` keeps the compiled call in ``_compiled_call_impl``):
+    the modes after a regional one run the blocks as they were."""
+    for sub in module.modules():
+        if getattr(sub, "_compiled_call_impl", None) is not None:
+            sub._compiled_call_impl = None
+
+
 def torchao_fp8(module: torch.nn.Module) -> dict:
     from fluxrt.bench.synthetic import torchao_fp8 as quantize
 
@@ -604,9 +616,16 @@ def run_torch(modes: list[str], root: Path, s: RunSettings, device: str, latents
             pipe.transformer = torch.compile(base)
         elif mode == "compile-emulate":
             pipe.transformer = torch.compile(base, options={"emulate_precision_casts": True})
+        elif mode == "compile-regional":
+            base.compile_repeated_blocks()  # in place, undone after this mode (uncompile_blocks)
+            pipe.transformer = base
         else:
             extra = torchao_fp8(base)  # in place: the last mode
-            pipe.transformer = torch.compile(base)
+            if mode == "torchao-fp8-regional":
+                base.compile_repeated_blocks()
+                pipe.transformer = base
+            else:
+                pipe.transformer = torch.compile(base)
         outputs = []
 
         def generate():
@@ -643,7 +662,9 @@ def run_torch(modes: list[str], root: Path, s: RunSettings, device: str, latents
                 quality["image_vs_torch_eager"] = bench.image_quality(images, eager_images)
         if mode == "eager":
             eager_images = images
-        common = dict(backend=f"torch-{mode}", precision="fp8" if mode == "torchao-fp8" else precision,
+        if mode == "compile-regional":
+            uncompile_blocks(base)
+        common = dict(backend=f"torch-{mode}", precision="fp8" if mode in TORCHAO_MODES else precision,
                       label=f"torch {mode}", transformer_only=mode != "eager",
                       gpu_peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
         stage_rows(results, common, {k: v for k, v in stats.items() if k != "generation"}, layers)
@@ -707,8 +728,10 @@ def check_run(root: Path, out: Path, precisions: list[str], torch_modes: list[st
         raise InvalidInputError(f"--torch {','.join(torch_modes)}: each must be one of {list(TORCH_MODES)}")
     if not precisions and not torch_modes:
         raise InvalidInputError("nothing to run: give --precisions and/or --torch")
-    if "torchao-fp8" in torch_modes and (device != "cuda" or torch_modes[-1] != "torchao-fp8"):
-        raise InvalidInputError("--torch torchao-fp8 runs on --device cuda and last (it quantizes the transformer "
+    torchao = [m for m in torch_modes if m in TORCHAO_MODES]
+    if torchao and (device != "cuda" or len(torchao) > 1 or torch_modes[-1] != torchao[0]):
+        raise InvalidInputError(f"--torch {torchao[0]} runs on --device cuda, alone of {list(TORCHAO_MODES)} and last "
+                                "(it quantizes the transformer "
                                 "in place)")
     if device not in ("cuda", "cpu"):
         raise InvalidInputError(f"--device {device!r} is not one of ['cuda', 'cpu']")

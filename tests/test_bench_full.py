@@ -154,8 +154,11 @@ def test_random_checkpoint_is_seeded_and_fingerprinted(bench_root):
     (dict(precisions=["fp4"]), r"--precisions fp4: each once, from \['fp32', 'fp16', 'bf16', 'fp8'\]"),
     (dict(precisions=["fp32", "fp32"]), r"--precisions fp32,fp32: each once"),
     (dict(precisions=["bf16"]), r"--precisions bf16: .*onnx-bf16 holds no export \(run `export .* --precision bf16`"),
-    (dict(torch_modes=["jit"]), r"--torch jit: each must be one of \['eager', 'compile', 'compile-emulate', 'torchao-fp8'\]"),
-    (dict(torch_modes=["torchao-fp8"]), r"--torch torchao-fp8 runs on --device cuda and last"),
+    (dict(torch_modes=["jit"]), r"--torch jit: each must be one of \['eager', 'compile', 'compile-emulate', 'compile-regional', "
+                                   r"'torchao-fp8', 'torchao-fp8-regional'\]"),
+    (dict(torch_modes=["torchao-fp8"]), r"--torch torchao-fp8 runs on --device cuda, alone of \['torchao-fp8', "
+                                        r"'torchao-fp8-regional'\] and last"),
+    (dict(torch_modes=["torchao-fp8-regional", "eager"]), r"--torch torchao-fp8-regional runs on --device cuda"),
     (dict(precisions=[], torch_modes=[]), r"nothing to run: give --precisions and/or --torch"),
 ])
 def test_run_refuses_bad_flags_before_loading_anything(bench_root, tmp_path, change, message):
@@ -227,3 +230,16 @@ def test_an_export_of_the_transformer_alone_links_the_rest_from_another(bench_ro
     images = FluxPipeline.load(root / "onnx-fp16")("a lighthouse", height=64, width=64, num_inference_steps=2,
                                                     max_sequence_length=16, seed=1, output_type="np").images
     assert images.shape == (1, 64, 64, 3) and images.std() > 1e-3
+
+
+def test_regional_compile_then_eager(bench_root, tmp_path):
+    """--torch compile-regional (diffusers' compile_repeated_blocks) on the CPU: its image is fluxrt fp32's (as
+    torch eager's is), and the eager mode run after it runs the blocks uncompiled again (the same image as the
+    module fixture's eager row). Inductor compiles the tiny blocks on the CPU in ~15 s."""
+    root, data = bench_root
+    out = full.run(root, tmp_path / "out", ["fp32"], ["compile-regional", "eager"], SETTINGS, device="cpu")
+    regional = rows_of(out, "torch compile-regional")["generation"]
+    assert regional["vs"] == "fluxrt fp32" and regional["backend"] == "torch-compile-regional"
+    assert regional["image"]["max_abs"] < 1e-3 and max(regional["per_step_rel_rms"]) < 1e-3
+    eager = rows_of(out, "torch eager")["generation"]
+    assert eager["image"]["max_abs"] == rows_of(data, "torch eager")["generation"]["image"]["max_abs"]
