@@ -11,14 +11,20 @@ from fluxrt.runtime import FluxPipeline
 pytestmark = pytest.mark.gpu
 
 
-def require_ort_cuda():
+def require_cupy_gpu():
+    """cupy with a CUDA device, or a skip saying what is missing."""
     cupy = pytest.importorskip("cupy", reason="cupy is not installed: no GPU backend here")
-    ort = pytest.importorskip("onnxruntime")
     try:
         if cupy.cuda.runtime.getDeviceCount() == 0:
             pytest.skip("no CUDA device")
     except cupy.cuda.runtime.CUDARuntimeError:
         pytest.skip("no CUDA driver")
+    return cupy
+
+
+def require_ort_cuda():
+    require_cupy_gpu()
+    ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider (install fluxrt[ort-gpu])")
     if hasattr(ort, "preload_dlls"):
@@ -155,12 +161,7 @@ def test_fused_euler_step_equals_the_array_operations(vel, inp):
     """The loop's one kernel per step on a GPU (runtime/loop.py fused_step) against the array operations it
     replaces, run by numpy on the host: the same float32 latents and the same next input, bit for bit; a NaN or
     an Inf in the velocity raises its flag. Needs cupy and a GPU only."""
-    cupy = pytest.importorskip("cupy", reason="cupy is not installed: no GPU backend here")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA driver")
+    cupy = require_cupy_gpu()
     from fluxrt import dtypes
     from fluxrt.runtime import loop, sampling
 
@@ -191,12 +192,7 @@ def test_device_bf16_bits_cast_by_value(dtype):
     another dtype (an fp16 transformer beside bf16 text encoders) gives the numbers the bits stand for, as the
     host's bfloat16 array does: the ninth H200 run cast the bits as integers (up to 65535, Inf in fp16) and the
     fp16 transformer's first call gave NaN. Needs cupy and a GPU only."""
-    cupy = pytest.importorskip("cupy", reason="cupy is not installed: no GPU backend here")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA driver")
+    cupy = require_cupy_gpu()
     from fluxrt import dtypes
 
     host = (np.random.default_rng(1).standard_normal((3, 77, 64)) * 5).astype(dtypes.numpy_dtype("bfloat16"))
